@@ -1,0 +1,1 @@
+"""Example handlers for the seed cases; see README "Writing a handler"."""

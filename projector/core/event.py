@@ -1,0 +1,74 @@
+"""The event envelope every decoder produces and every later stage consumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where a message was read: Kafka's coordinates. Never part of an event's identity,
+    since a replayed event comes back at another offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One decoded event.
+
+    ``stream`` is the ordering unit (``student:42``); ``seq`` its per-stream version (``None``
+    in merge mode); ``ts`` the event time in epoch milliseconds; ``id`` is derived from content
+    (a configured path, or ``stream/seq``) and is used for de-duplication and tie-breaks.
+    """
+
+    stream: str
+    seq: int | None
+    ts: int | None
+    type: str
+    data: dict[str, Any]
+    id: str
+    source: SourceRef | None = None
+    hash: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.hash:
+            object.__setattr__(self, "hash", payload_hash(self.type, self.data))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form, for the holding table and dead letters."""
+        src = self.source
+        return {
+            "stream": self.stream,
+            "seq": self.seq,
+            "ts": self.ts,
+            "type": self.type,
+            "data": self.data,
+            "id": self.id,
+            "source": None if src is None else [src.topic, src.partition, src.offset],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Event:
+        src = obj.get("source")
+        return cls(
+            stream=obj["stream"],
+            seq=obj["seq"],
+            ts=obj["ts"],
+            type=obj["type"],
+            data=obj["data"],
+            id=obj["id"],
+            source=None if src is None else SourceRef(src[0], int(src[1]), int(src[2])),
+        )
+
+
+def payload_hash(type_: str, data: dict[str, Any]) -> str:
+    """Hash of what an event says (not where it was read), to tell a true duplicate from a
+    conflicting one that reuses an id."""
+    canonical = json.dumps([type_, data], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]

@@ -1,0 +1,23 @@
+"""The raw message as the source hands it over: Kafka's record without Kafka's types, so
+decoders and tests need no broker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from projector.core.event import SourceRef
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @property
+    def source(self) -> SourceRef:
+        return SourceRef(self.topic, self.partition, self.offset)
