@@ -23,8 +23,11 @@ class Event:
     """One decoded event.
 
     ``stream`` is the ordering unit (``student:42``); ``seq`` its per-stream version (``None``
-    in merge mode); ``ts`` the event time in epoch milliseconds; ``id`` is derived from content
+    in merge mode); ``ts`` the event time (epoch milliseconds, or a log position such as a
+    Debezium LSN: any integer that orders a stream's changes); ``id`` is derived from content
     (a configured path, or ``stream/seq``) and is used for de-duplication and tie-breaks.
+    ``meta`` carries decoder facts that are not view data (Debezium's table, txId, lsn,
+    snapshot); it is not part of the payload hash.
     """
 
     stream: str
@@ -34,6 +37,7 @@ class Event:
     data: dict[str, Any]
     id: str
     source: SourceRef | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
     hash: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +55,7 @@ class Event:
             "data": self.data,
             "id": self.id,
             "source": None if src is None else [src.topic, src.partition, src.offset],
+            "meta": self.meta,
         }
 
     @classmethod
@@ -64,6 +69,7 @@ class Event:
             data=obj["data"],
             id=obj["id"],
             source=None if src is None else SourceRef(src[0], int(src[1]), int(src[2])),
+            meta=obj.get("meta") or {},
         )
 
 

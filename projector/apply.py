@@ -1,0 +1,71 @@
+"""The handler API: what user code implements and what it is handed.
+
+A handler module (named in the config, e.g. ``handlers.customers``) defines::
+
+    MIGRATIONS = ["create table customers (id text primary key, name text)"]
+
+    def handle(events: Sequence[Event], view: PgView) -> None:
+        view.executemany("insert into customers ...", [...])
+
+``handle`` gets a batch's events in apply order (per stream in sequence order) and the batch's
+store transaction. It never commits, and its SQL never names a schema: the store sets the
+``search_path`` to the projection's view schema (live or rebuild shadow). Writes are pipelined,
+so a batch costs a few round trips, not one per event. ``MIGRATIONS`` are applied in order by
+``projector migrate``, each once, in the view schema.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from projector.core.event import Event
+
+Params = Sequence[Any] | Mapping[str, Any] | None
+
+
+class PgView(Protocol):
+    """A projection's PostgreSQL views inside one batch transaction."""
+
+    def execute(self, sql: str, params: Params = None) -> None:
+        """Queue one write (sent pipelined; errors surface by the end of the batch)."""
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any] | Mapping[str, Any]]) -> None:
+        """Queue the same statement for many rows."""
+
+    def fetchall(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
+        """Read now, seeing this batch's earlier writes."""
+
+    def fetchone(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
+        """Read one row now, seeing this batch's earlier writes."""
+
+
+class PgHandler(Protocol):
+    def __call__(self, events: Sequence[Event], view: PgView) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoadedHandler:
+    """A handler function and its module's view migrations, as named in the config."""
+
+    name: str
+    handle: PgHandler
+    migrations: tuple[str, ...]
+
+
+def load_handler(path: str) -> LoadedHandler:
+    """Import ``package.module`` (its ``handle``) or ``package.module:function``."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"handler module {module_name!r} cannot be imported: {exc}") from exc
+    fn = getattr(module, attr or "handle", None)
+    if not callable(fn):
+        raise ValueError(f"handler {path!r} has no callable {attr or 'handle'!r}")
+    migrations = getattr(module, "MIGRATIONS", ())
+    if not all(isinstance(m, str) for m in migrations):
+        raise ValueError(f"{module_name}.MIGRATIONS must be a list of SQL strings")
+    return LoadedHandler(path, fn, tuple(migrations))

@@ -1,0 +1,245 @@
+"""The configuration: one YAML file, ``${ENV}`` interpolation, validated at start.
+
+Every error names the key (``projections[1].max_seq_jump``) and what to do about it. Secrets
+(``postgres.dsn``, SASL passwords in ``kafka.consumer``) are ``SecretStr`` or redacted so they
+never reach a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from projector.core.decode import load_decoder
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who has to fix it."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``"30s"``, ``"5m"``, ``"250ms"``, ``"1h"`` or a number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m, 250ms")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 5m, 250ms, 1h")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+_NAME = r"^[a-z_][a-z0-9_]{0,47}$"
+Name = Annotated[str, Field(pattern=_NAME)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Strict):
+    bootstrap_servers: str
+    group_prefix: str = "projector"
+    # Static group membership id, stable across restarts (a StatefulSet pod name). Unset: the
+    # host name plus a slot number held by a lock file, so instances on one host differ.
+    instance_id: str | None = None
+    consumer: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    producer: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class PostgresConfig(_Strict):
+    dsn: SecretStr
+    schema_: Name = Field("projector", alias="schema")
+    connect_timeout: Duration = 10.0
+
+
+class DecoderConfig(BaseModel):
+    """``kind`` (json, debezium, or ``package.module:Factory``) and that decoder's options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str = "json"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _decoder_accepts_options(self) -> DecoderConfig:
+        load_decoder(self.kind, self.options)
+        return self
+
+
+def _handler_path(value: str) -> str:
+    if not re.match(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$", value):
+        raise ValueError(f"{value!r} is not a module path; write e.g. handlers.customers")
+    return value
+
+
+class ProjectionConfig(_Strict):
+    name: Name
+    topics: list[str] = Field(min_length=1)
+    mode: Literal["sequence", "merge"] = "sequence"
+    store: Literal["postgres"] = "postgres"
+    view_schema: Name | None = None
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    decoders: dict[str, DecoderConfig] = Field(default_factory=dict)
+    handlers: list[Annotated[str, AfterValidator(_handler_path)]] = Field(min_length=1)
+    first_seq: int = 1
+    max_seq_jump: int = Field(100_000, gt=0)
+    batch_max_messages: int = Field(2000, gt=0, le=100_000)
+    poll_timeout: Duration = 0.1
+    gap_timeout: Duration = 30.0
+
+    @property
+    def schema_name(self) -> str:
+        return self.view_schema or self.name
+
+    def decoder_for(self, topic: str) -> DecoderConfig:
+        return self.decoders.get(topic, self.decoder)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProjectionConfig:
+        if len(set(self.topics)) != len(self.topics):
+            raise ValueError("topics lists a topic twice")
+        unknown = set(self.decoders) - set(self.topics)
+        if unknown:
+            raise ValueError(f"decoders names topics not in topics: {sorted(unknown)}")
+        if self.mode == "sequence":
+            for topic in self.topics:
+                dec = self.decoder_for(topic)
+                if dec.kind == "json" and not dec.options.get("seq"):
+                    raise ValueError(
+                        f"sequence mode needs a seq path: set decoder.seq (topic {topic!r})"
+                    )
+                if dec.kind == "debezium":
+                    raise ValueError(
+                        "Debezium events carry no contiguous sequence: use mode: merge"
+                    )
+        return self
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535)
+
+
+class LogConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Strict):
+    kafka: KafkaConfig
+    postgres: PostgresConfig
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+    projections: list[ProjectionConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        for what, values in (
+            ("name", [p.name for p in self.projections]),
+            ("view_schema", [p.schema_name for p in self.projections]),
+        ):
+            dup = {v for v in values if values.count(v) > 1}
+            if dup:
+                raise ValueError(f"two projections share the {what} {sorted(dup)}")
+        if self.postgres.schema_ in {p.schema_name for p in self.projections}:
+            raise ValueError("a projection's view_schema equals postgres.schema; choose another")
+        return self
+
+    def projection(self, name: str) -> ProjectionConfig:
+        for p in self.projections:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.projections)
+        raise ConfigError(f"no projection named {name!r} in the config (known: {known})")
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the parsed YAML."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{path}: environment variable {name} is not set (set it, or write ${{{name}:-default}})"
+        )
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.startswith(("function-", "literal[", "str", "int", "float", "bool")):
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def parse_config(data: Any, env: Mapping[str, str] | None = None, origin: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level")
+    data = interpolate(data, os.environ if env is None else env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{origin}: {len(exc.errors())} problem(s):"]
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {_loc(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse_config(data, env, origin=str(p))
+
+
+def redact(dsn: str) -> str:
+    """A DSN or URL with its password replaced, for logs and messages."""
+    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)

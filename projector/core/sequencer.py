@@ -1,0 +1,224 @@
+"""Sequence mode: decides, per stream, what to apply, park, drain, drop or reject.
+
+Pure: it takes a stream's stored position, its parked events and the batch's incoming events,
+and returns a plan. The store executes the plan in the batch transaction; nothing here does I/O.
+
+Rules (``last`` = last applied seq, ``first`` = the configured first seq):
+- ``seq == last + 1`` is applied, then parked successors drain in order;
+- ``seq <= last`` is a duplicate, dropped and counted; at ``seq == last`` with a different
+  payload it is a conflict (dead letter);
+- ``last + 1 < seq <= last + max_seq_jump`` is parked; the same seq parked twice with a
+  different payload is a conflict;
+- a larger jump, or ``seq < first``, is rejected (dead letter).
+A stream whose next event was dead-lettered (``blocked_seq``) applies nothing until the dead
+letter is retried or skipped; its later events are parked meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from projector.core.event import Event
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceRules:
+    first_seq: int = 1
+    max_seq_jump: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """A stream's stored progress. ``last_seq`` is ``first_seq - 1`` before anything applied."""
+
+    stream: str
+    last_seq: int
+    last_id: str | None = None
+    last_hash: str | None = None
+    blocked_seq: int | None = None
+
+    @classmethod
+    def new(cls, stream: str, rules: SequenceRules) -> StreamPosition:
+        return cls(stream, rules.first_seq - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An event the sequencer will not apply: it becomes a dead letter with this reason."""
+
+    event: Event
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    stream: str
+    position: StreamPosition
+    apply: tuple[Event, ...] = ()
+    park: tuple[Event, ...] = ()
+    unpark: tuple[int, ...] = ()
+    duplicates: int = 0
+    rejected: tuple[Rejection, ...] = ()
+    gaps: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.apply or self.park or self.unpark or self.rejected)
+
+
+@dataclass(slots=True)
+class _Work:
+    """Mutable scratch state while one stream's incoming events are folded in."""
+
+    position: StreamPosition
+    parked: dict[int, Event]
+    new_parked: dict[int, Event] = field(default_factory=dict)
+    apply: list[Event] = field(default_factory=list)
+    unpark: list[int] = field(default_factory=list)
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def held(self, seq: int) -> Event | None:
+        return self.new_parked.get(seq) or self.parked.get(seq)
+
+    def advance(self, event: Event) -> None:
+        self.apply.append(event)
+        self.position = replace(
+            self.position,
+            last_seq=self.position.last_seq + 1,
+            last_id=event.id,
+            last_hash=event.hash,
+        )
+
+    def drain(self) -> None:
+        # A blocked stream drains up to, never past, its dead-lettered seq.
+        blocked = self.position.blocked_seq
+        while (nxt := self.position.last_seq + 1) != blocked and (
+            nxt in self.parked or nxt in self.new_parked
+        ):
+            if nxt in self.new_parked:
+                self.advance(self.new_parked.pop(nxt))
+            else:
+                self.advance(self.parked.pop(nxt))
+                self.unpark.append(nxt)
+
+
+def sequence_stream(
+    position: StreamPosition,
+    parked: Mapping[int, Event],
+    incoming: Iterable[Event],
+    rules: SequenceRules,
+) -> StreamPlan:
+    """Plan one stream's batch. ``parked`` are its events already in the holding table."""
+    work = _Work(position=position, parked=dict(parked))
+    _release_dead_lettered(work)
+    work.drain()  # parked successors of a just-retried or skipped event
+    for event in incoming:
+        _place(work, event, rules)
+    return StreamPlan(
+        stream=position.stream,
+        position=work.position,
+        apply=tuple(work.apply),
+        park=tuple(sorted(work.new_parked.values(), key=_seq)),
+        unpark=tuple(work.unpark),
+        duplicates=work.duplicates,
+        rejected=tuple(work.rejected),
+        gaps=missing_ranges(work.position, [*work.parked, *work.new_parked]),
+    )
+
+
+def _release_dead_lettered(work: _Work) -> None:
+    # A parked event that has just become the stream's dead letter leaves the holding table:
+    # the dead letter now holds it.
+    blocked = work.position.blocked_seq
+    if blocked is not None and blocked in work.parked:
+        del work.parked[blocked]
+        work.unpark.append(blocked)
+
+
+def _place(work: _Work, event: Event, rules: SequenceRules) -> None:
+    seq = _seq(event)
+    last = work.position.last_seq
+    if seq < rules.first_seq:
+        work.rejected.append(
+            Rejection(
+                event, "seq_below_first", f"seq {seq} is below the first seq {rules.first_seq}"
+            )
+        )
+    elif seq <= last or seq == work.position.blocked_seq:
+        _duplicate(work, event, seq)
+    elif seq == last + 1:
+        work.advance(event)
+        work.drain()
+    elif seq - last <= rules.max_seq_jump:
+        _park(work, event, seq)
+    else:
+        work.rejected.append(
+            Rejection(
+                event,
+                "seq_jump",
+                f"seq {seq} jumps {seq - last} past the last applied seq {last}, "
+                f"more than max_seq_jump {rules.max_seq_jump}",
+            )
+        )
+
+
+def _duplicate(work: _Work, event: Event, seq: int) -> None:
+    pos = work.position
+    if seq == pos.last_seq and pos.last_hash is not None and event.hash != pos.last_hash:
+        work.rejected.append(
+            Rejection(
+                event,
+                "conflict",
+                f"seq {seq} was applied as event {pos.last_id} with another payload",
+            )
+        )
+    else:
+        work.duplicates += 1
+
+
+def _park(work: _Work, event: Event, seq: int) -> None:
+    held = work.held(seq)
+    if held is None:
+        work.new_parked[seq] = event
+    elif held.hash == event.hash:
+        work.duplicates += 1
+    else:
+        work.rejected.append(
+            Rejection(
+                event, "conflict", f"seq {seq} is parked as event {held.id} with another payload"
+            )
+        )
+
+
+def missing_ranges(
+    position: StreamPosition, parked_seqs: Iterable[int]
+) -> tuple[tuple[int, int], ...]:
+    """The contiguous missing ranges between the last applied seq and the highest parked one.
+    A blocked seq is not missing: its dead letter holds it."""
+    present = set(parked_seqs)
+    if position.blocked_seq is not None:
+        present.add(position.blocked_seq)
+    ranges: list[tuple[int, int]] = []
+    expected = position.last_seq + 1
+    for seq in sorted(s for s in present if s > position.last_seq):
+        if seq > expected:
+            ranges.append((expected, seq - 1))
+        expected = seq + 1
+    return tuple(ranges)
+
+
+def group_by_stream(events: Sequence[Event]) -> dict[str, list[Event]]:
+    """Events per stream, each list in arrival order; streams in order of first arrival."""
+    out: dict[str, list[Event]] = {}
+    for event in events:
+        out.setdefault(event.stream, []).append(event)
+    return out
+
+
+def _seq(event: Event) -> int:
+    if event.seq is None:
+        raise ValueError(f"event {event.id} of stream {event.stream} has no seq (sequence mode)")
+    return event.seq

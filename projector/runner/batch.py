@@ -1,0 +1,260 @@
+"""One batch, one store transaction: decode → fence → lock → sequence → handlers → write.
+
+The steps, in order, all inside the transaction:
+1. decode every message; undecodable ones become dead letters, tombstones are ignored;
+2. fence: compare-and-set each partition's checkpoint on this instance's epoch (the new offset
+   is written here, and the row lock is held to commit);
+3. lock the batch's stream positions (created first, locked in sorted order) and read their
+   parked events;
+4. sequence each stream (pure), run the handlers on what is to be applied, in a savepoint; a
+   handler error that is not transient is traced to its event, which becomes a dead letter that
+   halts only its own stream, and the batch is planned again without it;
+5. write positions, holding inserts and deletes, gap records and dead letters.
+Kafka offsets are committed by the caller only after this commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import psycopg
+
+from projector.apply import LoadedHandler
+from projector.core.dead_letter import DeadLetter
+from projector.core.decode import DecodeError, Decoder
+from projector.core.event import Event
+from projector.core.gaps import Gap, reconcile_gaps
+from projector.core.message import RawMessage
+from projector.core.sequencer import (
+    SequenceRules,
+    StreamPlan,
+    StreamPosition,
+    group_by_stream,
+    sequence_stream,
+)
+from projector.store.errors import TransientStoreError
+from projector.store.postgres import PgBatch, PostgresStore, TopicPartition, is_transient
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class BatchResult:
+    """What one batch did; the runner turns it into metrics after the commit."""
+
+    consumed: int = 0
+    ignored: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    unparked: int = 0
+    gaps_opened: int = 0
+    gaps_closed: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    checkpoints: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    events: list[Event]
+    dead_letters: list[DeadLetter]
+    ignored: int
+
+
+def decode_all(messages: Sequence[RawMessage], decoders: Mapping[str, Decoder]) -> Decoded:
+    events: list[Event] = []
+    letters: list[DeadLetter] = []
+    ignored = 0
+    for msg in messages:
+        try:
+            event = decoders[msg.topic].decode(msg)
+        except DecodeError as exc:
+            letters.append(DeadLetter("decode", exc.reason, message=msg))
+            continue
+        if event is None:
+            ignored += 1
+        else:
+            events.append(event)
+    return Decoded(events, letters, ignored)
+
+
+def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, int]:
+    """The checkpoint per partition: the offset after the last message read, as in Kafka."""
+    out: dict[TopicPartition, int] = {}
+    for m in messages:
+        key = (m.topic, m.partition)
+        out[key] = max(out.get(key, 0), m.offset + 1)
+    return out
+
+
+class BatchApplier:
+    """Applies batches of one sequence-mode projection to a PostgreSQL store."""
+
+    def __init__(
+        self,
+        projection: str,
+        view_schema: str,
+        store: PostgresStore,
+        handlers: Sequence[LoadedHandler],
+        rules: SequenceRules,
+        gap_timeout: float,
+        clock: Clock,
+    ):
+        self.projection = projection
+        self.view_schema = view_schema
+        self.store = store
+        self.handlers = [h.handle for h in handlers]
+        self.handler_names = [h.name for h in handlers]
+        self.rules = rules
+        self.gap_timeout = gap_timeout
+        self.clock = clock
+
+    def apply(
+        self,
+        messages: Sequence[RawMessage],
+        decoders: Mapping[str, Decoder],
+        epochs: Mapping[TopicPartition, int],
+    ) -> BatchResult:
+        """Apply one consumed batch in one transaction (see the module docstring for the steps).
+        Raises ``Fenced`` if this instance no longer owns one of the batch's partitions."""
+        decoded = decode_all(messages, decoders)
+        result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
+        result.checkpoints = next_offsets(messages)
+        with self.store.batch(self.projection, self.view_schema) as tx:
+            tx.fence(result.checkpoints, epochs)
+            self.apply_events(tx, decoded.events, result)
+            result.dead_letters[:0] = decoded.dead_letters
+            tx.dead_letter(decoded.dead_letters)
+        return result
+
+    def apply_events(
+        self,
+        tx: PgBatch,
+        events: Sequence[Event],
+        result: BatchResult,
+        overrides: Mapping[str, Callable[[StreamPosition], StreamPosition]] | None = None,
+    ) -> None:
+        """Steps 3 to 5 for ``events``. ``overrides`` change a stream's stored position before
+        planning (a dead letter retried or skipped); their streams are planned even with no
+        incoming event, so what was parked behind them drains."""
+        overrides = overrides or {}
+        incoming = group_by_stream(events)
+        for stream in overrides:
+            incoming.setdefault(stream, [])
+        positions = tx.lock_positions(incoming, self.rules)
+        for stream, change in overrides.items():
+            positions[stream] = change(positions[stream])
+        parked = tx.load_parked(incoming)
+        plans, culprits = self._plan_and_run(tx, incoming, positions, parked)
+        self._write(tx, plans, positions, parked, culprits, result)
+
+    def _plan_and_run(
+        self,
+        tx: PgBatch,
+        incoming: Mapping[str, list[Event]],
+        positions: Mapping[str, StreamPosition],
+        parked: Mapping[str, Mapping[int, Event]],
+    ) -> tuple[dict[str, StreamPlan], dict[str, DeadLetter]]:
+        culprits: dict[str, DeadLetter] = {}
+        while True:
+            plans = {}
+            for stream, arrived in incoming.items():
+                pos, evs = positions[stream], arrived
+                letter = culprits.get(stream)
+                if letter is not None and letter.event is not None:
+                    pos = replace(pos, blocked_seq=letter.event.seq)
+                    evs = [e for e in arrived if e is not letter.event]
+                plans[stream] = sequence_stream(pos, parked.get(stream, {}), evs, self.rules)
+            to_apply = [e for plan in plans.values() for e in plan.apply]
+            try:
+                tx.run_handlers(self.handlers, to_apply)
+                return plans, culprits
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                letter = self._find_culprit(tx, to_apply, exc)
+                culprits[letter.stream or ""] = letter
+
+    def _find_culprit(
+        self, tx: PgBatch, events: Sequence[Event], batch_error: Exception
+    ) -> DeadLetter:
+        """Re-run the handlers event by event (cumulatively, so interactions between events
+        show too) in a savepoint that is always rolled back; the first event that fails is
+        the culprit."""
+        try:
+            with tx.savepoint():
+                for event in events:
+                    try:
+                        tx.run_handlers(self.handlers, [event])
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        reason = f"handler {', '.join(self.handler_names)} raised {type(exc).__name__}: {exc}"
+                        log.warning(
+                            "dead letter: stream %s seq %s: %s", event.stream, event.seq, reason
+                        )
+                        raise _Found(DeadLetter("handler", reason, event=event)) from exc
+                raise psycopg.Rollback()
+        except _Found as found:
+            return found.letter
+        # Every event passed on its own: the failure was not deterministic; retry the batch.
+        raise TransientStoreError(
+            f"handler failed on the batch but on no single event: {batch_error}"
+        )
+
+    def _write(
+        self,
+        tx: PgBatch,
+        plans: Mapping[str, StreamPlan],
+        before: Mapping[str, StreamPosition],
+        parked_before: Mapping[str, Mapping[int, Event]],
+        culprits: Mapping[str, DeadLetter],
+        result: BatchResult,
+    ) -> None:
+        tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
+        tx.unpark((s, seq) for s, p in plans.items() for seq in p.unpark)
+        tx.park(e for p in plans.values() for e in p.park)
+        self._write_gaps(tx, plans, parked_before, result)
+        letters = [
+            DeadLetter(r.kind, r.reason, event=r.event) for p in plans.values() for r in p.rejected
+        ]
+        letters += culprits.values()
+        tx.dead_letter(letters)
+        result.dead_letters += letters
+        for p in plans.values():
+            result.applied += len(p.apply)
+            result.duplicates += p.duplicates
+            result.parked += len(p.park)
+            result.unparked += len(p.unpark)
+
+    def _write_gaps(
+        self,
+        tx: PgBatch,
+        plans: Mapping[str, StreamPlan],
+        parked_before: Mapping[str, Mapping[int, Event]],
+        result: BatchResult,
+    ) -> None:
+        # Only streams that had or now have parked events can have gaps before or after.
+        touched = [s for s, p in plans.items() if p.park or p.gaps or parked_before.get(s)]
+        if not touched:
+            return
+        old = tx.load_gaps(touched)
+        now = self.clock()
+        new: list[Gap] = []
+        for stream in touched:
+            change = reconcile_gaps(
+                stream, old.get(stream, []), plans[stream].gaps, now, now + self.gap_timeout
+            )
+            new += change.gaps
+            result.gaps_opened += change.opened
+            result.gaps_closed += change.closed
+        tx.replace_gaps(touched, new)
+
+
+class _Found(Exception):
+    def __init__(self, letter: DeadLetter):
+        self.letter = letter

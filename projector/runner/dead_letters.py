@@ -1,0 +1,132 @@
+"""``projector dead-letters retry|skip``: resume a stream after a fix, or move past its event.
+
+Each dead letter is handled in its own store transaction, serialised with a running daemon on
+the stream's position lock, through the same batch applier the daemon uses:
+- retry: an undecodable message is decoded again; a decoded event is sequenced again (a
+  handler failure's stream is unblocked first), and what was parked behind it drains. If it
+  fails again it becomes a new dead letter and the stream stays halted.
+- skip: the stream moves past the event as if it had been applied, and drains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from projector.config import Config
+from projector.core.decode import DecodeError, Decoder
+from projector.core.event import Event
+from projector.core.sequencer import StreamPosition
+from projector.runner.batch import BatchApplier, BatchResult, Clock
+from projector.runner.worker import build_applier, build_decoders
+from projector.store.postgres import (
+    DeadLetterRow,
+    PgBatch,
+    PostgresStore,
+    lock_dead_letter,
+    resolve_dead_letter,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    id: int
+    status: str  # retried | skipped | still-failing | not-found | already-resolved
+    detail: str
+
+
+def _unblock(seq: int | None) -> Callable[[StreamPosition], StreamPosition]:
+    def change(pos: StreamPosition) -> StreamPosition:
+        return replace(pos, blocked_seq=None) if pos.blocked_seq == seq else pos
+
+    return change
+
+
+def _skip_past(event: Event) -> Callable[[StreamPosition], StreamPosition]:
+    def change(pos: StreamPosition) -> StreamPosition:
+        if pos.blocked_seq != event.seq or event.seq is None:
+            return pos
+        return replace(
+            pos, last_seq=event.seq, last_id=event.id, last_hash=event.hash, blocked_seq=None
+        )
+
+    return change
+
+
+def resolve(
+    config: Config, projection: str, ids: list[int], action: str, clock: Clock
+) -> list[Outcome]:
+    """Retry or skip the given dead letters of one projection."""
+    proj = config.projection(projection)
+    store = PostgresStore(config.postgres.dsn.get_secret_value(), config.postgres.schema_)
+    applier = build_applier(config, proj, store, clock)
+    decoders = build_decoders(proj)
+    outcomes = []
+    try:
+        for letter_id in ids:
+            with store.batch(proj.name, proj.schema_name) as tx:
+                row = lock_dead_letter(tx, letter_id)
+                if row is None:
+                    outcomes.append(
+                        Outcome(
+                            letter_id, "not-found", f"no dead letter {letter_id} in {projection}"
+                        )
+                    )
+                    continue
+                if row.status != "open":
+                    outcomes.append(
+                        Outcome(letter_id, "already-resolved", f"status is {row.status}")
+                    )
+                    continue
+                result = BatchResult()
+                if action == "skip":
+                    outcome = _skip(applier, tx, row, result)
+                else:
+                    outcome = _retry(applier, decoders, tx, row, result)
+                outcomes.append(outcome)
+    finally:
+        store.close()
+    return outcomes
+
+
+def _skip(applier: BatchApplier, tx: PgBatch, row: DeadLetterRow, result: BatchResult) -> Outcome:
+    overrides: dict[str, Callable[[StreamPosition], StreamPosition]] = {}
+    if row.kind == "handler" and row.event is not None:
+        overrides[row.event.stream] = _skip_past(row.event)
+    applier.apply_events(tx, [], result, overrides)
+    resolve_dead_letter(tx, row.id, "skipped")
+    return Outcome(row.id, "skipped", f"drained {result.applied} parked event(s)")
+
+
+def _retry(
+    applier: BatchApplier,
+    decoders: Mapping[str, Decoder],
+    tx: PgBatch,
+    row: DeadLetterRow,
+    result: BatchResult,
+) -> Outcome:
+    event = row.event
+    if row.kind == "decode":
+        decoder = decoders.get(row.message.topic) if row.message is not None else None
+        if decoder is None or row.message is None:
+            return Outcome(
+                row.id, "still-failing", "its topic is no longer consumed by the projection"
+            )
+        try:
+            event = decoder.decode(row.message)
+        except DecodeError as exc:
+            resolve_dead_letter(tx, row.id, "open", exc.reason)
+            return Outcome(row.id, "still-failing", exc.reason)
+    overrides: dict[str, Callable[[StreamPosition], StreamPosition]] = {}
+    if row.kind == "handler" and event is not None:
+        overrides[event.stream] = _unblock(event.seq)
+    applier.apply_events(tx, [] if event is None else [event], result, overrides)
+    resolve_dead_letter(tx, row.id, "retried")
+    if result.dead_letters:
+        return Outcome(row.id, "still-failing", result.dead_letters[0].reason)
+    return Outcome(
+        row.id, "retried", f"applied {result.applied} event(s), {result.duplicates} duplicate(s)"
+    )

@@ -1,0 +1,197 @@
+"""One projection's loop: poll a batch, apply it in one store transaction, then commit to Kafka.
+
+Transient store errors (lost connection, deadlock, serialization failure) retry the same batch
+with exponential backoff; the batch is idempotent, so a retry after an unknown COMMIT outcome is
+safe. A batch that finds itself fenced drops the partitions it no longer owns and goes on with
+the rest. Nothing sleeps in the loop except that backoff, which a stop request interrupts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tenacity import Retrying, retry_if_exception, wait_exponential
+
+from projector.apply import LoadedHandler, load_handler
+from projector.config import Config, ProjectionConfig
+from projector.core.decode import Decoder, load_decoder
+from projector.core.message import RawMessage
+from projector.core.sequencer import SequenceRules
+from projector.runner.batch import BatchApplier, BatchResult, Clock
+from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
+from projector.store.errors import Fenced
+from projector.store.migrate import ViewMigrations
+from projector.store.postgres import PostgresStore, is_transient
+
+log = logging.getLogger(__name__)
+
+
+def view_migrations(
+    projection: ProjectionConfig, handlers: Sequence[LoadedHandler]
+) -> list[ViewMigrations]:
+    return [
+        ViewMigrations(projection.name, projection.schema_name, h.name, h.migrations)
+        for h in handlers
+    ]
+
+
+def load_handlers(projection: ProjectionConfig) -> list[LoadedHandler]:
+    return [load_handler(path) for path in projection.handlers]
+
+
+def build_decoders(projection: ProjectionConfig) -> dict[str, Decoder]:
+    return {
+        t: load_decoder(projection.decoder_for(t).kind, projection.decoder_for(t).options)
+        for t in projection.topics
+    }
+
+
+def build_applier(
+    config: Config, projection: ProjectionConfig, store: PostgresStore, clock: Clock
+) -> BatchApplier:
+    return BatchApplier(
+        projection.name,
+        projection.schema_name,
+        store,
+        load_handlers(projection),
+        SequenceRules(projection.first_seq, projection.max_seq_jump),
+        projection.gap_timeout,
+        clock,
+    )
+
+
+@dataclass
+class WorkerStats:
+    """Running totals, for logs on exit (metrics come with the metrics module)."""
+
+    batches: int = 0
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def add(self, result: BatchResult) -> None:
+        self.batches += 1
+        for key in ("consumed", "applied", "duplicates", "parked", "ignored"):
+            self.totals[key] = self.totals.get(key, 0) + getattr(result, key)
+        self.totals["dead_letters"] = self.totals.get("dead_letters", 0) + len(result.dead_letters)
+
+
+class ProjectionWorker:
+    def __init__(
+        self,
+        config: Config,
+        projection: ProjectionConfig,
+        instance: str,
+        stop: threading.Event,
+        clock: Clock = time.time,
+        exit_when_caught_up: bool = False,
+    ):
+        self.config = config
+        self.projection = projection
+        self.instance = instance
+        self.stop = stop
+        self.clock = clock
+        self.exit_when_caught_up = exit_when_caught_up
+        self.store = PostgresStore(
+            config.postgres.dsn.get_secret_value(),
+            config.postgres.schema_,
+            config.postgres.connect_timeout,
+        )
+        self.applier = build_applier(config, projection, self.store, clock)
+        self.decoders = build_decoders(projection)
+        self.epochs: dict[TopicPartition, int] = {}
+        self.stats = WorkerStats()
+        self.last_loop_at = clock()
+        self._assignment_seen = False
+
+    # -- rebalance hooks (called inside poll) -------------------------------------------------
+    def _claim(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int | None]:
+        claims = self._retrying()(self.store.claim, self.projection.name, partitions, self.instance)
+        self.epochs.update({tp: c.epoch for tp, c in claims.items()})
+        self._assignment_seen = True
+        return {tp: c.next_offset for tp, c in claims.items()}
+
+    def _revoked(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.epochs.pop(tp, None)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        kafka = self.config.kafka
+        group = f"{kafka.group_prefix}.{self.projection.name}"
+        conf = consumer_config(kafka.bootstrap_servers, group, self.instance, kafka.consumer)
+        source = KafkaSource(conf, self.projection.topics, self._claim, self._revoked)
+        log.info(
+            "projection %s: consuming %s as %s in group %s",
+            self.projection.name,
+            ", ".join(self.projection.topics),
+            self.instance,
+            group,
+        )
+        try:
+            while not self.stop.is_set():
+                self.last_loop_at = self.clock()
+                if self._step(source):
+                    break
+        finally:
+            source.close()
+            self.store.close()
+            log.info(
+                "projection %s stopped after %d batches: %s",
+                self.projection.name,
+                self.stats.batches,
+                self.stats.totals,
+            )
+
+    def _step(self, source: KafkaSource) -> bool:
+        """One poll and its batch; True when the worker should stop (caught up, burst mode)."""
+        messages = source.poll(self.projection.batch_max_messages, self.projection.poll_timeout)
+        # Messages of a partition revoked during this poll are not ours to apply.
+        messages = [m for m in messages if (m.topic, m.partition) in self.epochs]
+        if messages:
+            result = self._apply(source, messages)
+            if result is not None:
+                source.commit(result.checkpoints)
+                self.stats.add(result)
+            return False
+        if self.exit_when_caught_up and self._assignment_seen:
+            return all(lag == 0 for lag in source.lag().values())
+        return False
+
+    def _apply(self, source: KafkaSource, messages: list[RawMessage]) -> BatchResult | None:
+        while messages:
+            try:
+                return self._retrying()(
+                    self.applier.apply, messages, self.decoders, dict(self.epochs)
+                )
+            except Fenced as fenced:
+                log.warning("projection %s: %s; dropping them", self.projection.name, fenced)
+                lost = set(fenced.partitions)
+                for tp in lost:
+                    self.epochs.pop(tp, None)
+                source.pause(lost)
+                messages = [m for m in messages if (m.topic, m.partition) not in lost]
+        return None
+
+    def _wait(self, seconds: float) -> None:
+        self.stop.wait(seconds)  # a stop request cuts a backoff short
+
+    def _retrying(self) -> Retrying:
+        def before_sleep(state: object) -> None:
+            outcome = getattr(state, "outcome", None)
+            exc = outcome.exception() if outcome is not None else None
+            log.warning(
+                "projection %s: transient store error, retrying: %s", self.projection.name, exc
+            )
+            self.store.close()  # a fresh connection for the retry
+
+        return Retrying(
+            retry=retry_if_exception(is_transient),
+            wait=wait_exponential(multiplier=0.05, max=10),
+            stop=lambda _state: self.stop.is_set(),
+            sleep=self._wait,
+            before_sleep=before_sleep,
+            reraise=True,
+        )

@@ -1,0 +1,161 @@
+"""Kafka source: turns a consumer group's partitions into batches of :class:`RawMessage` and
+offsets, and nothing else.
+
+- One consumer group per projection, static membership (``group.instance.id``) so a restarted
+  instance gets its partitions back at once instead of after the session timeout.
+- Offsets are never auto-committed or auto-stored: the store's checkpoint is the truth, and
+  :meth:`commit` is called only after the store transaction committed.
+- On assignment the ``on_assign`` hook claims the partitions in the store (a new epoch) and
+  returns the stored checkpoints, which become the positions to read from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+from projector.core.message import RawMessage
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+AssignHook = Callable[[list[TopicPartition]], Mapping[TopicPartition, int | None]]
+RevokeHook = Callable[[list[TopicPartition]], None]
+
+
+class SourceFatal(Exception):
+    """The consumer cannot go on (e.g. fenced by a newer instance with the same instance id)."""
+
+
+def consumer_config(
+    bootstrap: str, group: str, instance_id: str, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "group.instance.id": instance_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        # Transactional producers' aborted messages must never reach a view.
+        "isolation.level": "read_committed",
+        "enable.partition.eof": False,
+        "client.id": f"projector-{instance_id}",
+    }
+    conf.update(extra)
+    return conf
+
+
+def _raw(msg: Message) -> RawMessage:
+    ts_type, ts = msg.timestamp()
+    raw_headers = msg.headers() or []
+    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
+    headers = tuple((k, v.encode() if isinstance(v, str) else v) for k, v in pairs)
+    return RawMessage(
+        topic=msg.topic() or "",
+        partition=msg.partition() or 0,
+        offset=msg.offset() or 0,
+        key=msg.key(),
+        value=msg.value(),
+        timestamp_ms=ts if ts_type != 0 else None,
+        headers=headers,
+    )
+
+
+class KafkaSource:
+    def __init__(
+        self,
+        conf: Mapping[str, Any],
+        topics: list[str],
+        on_assign: AssignHook,
+        on_revoke: RevokeHook,
+    ):
+        self._consumer = Consumer(dict(conf))
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self.assigned: set[TopicPartition] = set()
+        # Next offset to read per assigned partition (None: from the beginning), for lag.
+        self._next: dict[TopicPartition, int | None] = {}
+        self._consumer.subscribe(
+            topics, on_assign=self._assign_cb, on_revoke=self._revoke_cb, on_lost=self._revoke_cb
+        )
+
+    def _assign_cb(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        checkpoints = self._on_assign(tps)
+        for p in partitions:
+            stored = checkpoints.get((p.topic, p.partition))
+            p.offset = OFFSET_BEGINNING if stored is None else stored
+        consumer.assign(partitions)
+        self.assigned = set(tps)
+        self._next = {tp: checkpoints.get(tp) for tp in tps}
+        log.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in sorted(tps)) or "nothing")
+
+    def _revoke_cb(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        self.assigned -= set(tps)
+        for tp in tps:
+            self._next.pop(tp, None)
+        self._on_revoke(tps)
+        log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(tps)) or "nothing")
+
+    def poll(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        """Up to ``max_messages`` messages, waiting at most ``timeout`` seconds for the first."""
+        out: list[RawMessage] = []
+        for msg in self._consumer.consume(num_messages=max_messages, timeout=timeout):
+            err = msg.error()
+            if err is None:
+                raw = _raw(msg)
+                out.append(raw)
+                self._next[(raw.topic, raw.partition)] = raw.offset + 1
+            elif err.fatal() or err.code() == KafkaError._FENCED:
+                raise SourceFatal(f"Kafka consumer cannot continue: {err.str()}")
+            else:
+                log.warning("Kafka: %s", err.str())
+        return out
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Tell Kafka how far we are (after the store committed). Best effort: the store's
+        checkpoint, not this, decides where reading resumes."""
+        tps = [
+            KafkaTopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assigned
+        ]
+        if not tps:
+            return
+        try:
+            self._consumer.commit(offsets=tps, asynchronous=True)
+        except KafkaException as exc:
+            log.warning("Kafka offset commit failed (the store's checkpoint stands): %s", exc)
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        tps = [KafkaTopicPartition(t, p) for t, p in partitions]
+        if tps:
+            self._consumer.pause(tps)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        tps = [KafkaTopicPartition(t, p) for t, p in partitions]
+        if tps:
+            self._consumer.resume(tps)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Per assigned partition: high watermark minus the next offset to read (0 when caught
+        up). Asks the broker; call it when idle, not per batch."""
+        out: dict[TopicPartition, int] = {}
+        tps = [KafkaTopicPartition(t, p) for t, p in sorted(self.assigned)]
+        for tp in self._consumer.position(tps) if tps else []:
+            key = (tp.topic, tp.partition)
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            # librdkafka's position also steps over transaction markers, which our own count
+            # of consumed messages cannot see.
+            candidates = [o for o in (self._next.get(key), tp.offset) if o is not None and o >= 0]
+            out[key] = max(0, high - max(candidates, default=low))
+        return out
+
+    def close(self) -> None:
+        # With static membership close() does not leave the group: a restart within the session
+        # timeout gets the same partitions back without a rebalance.
+        self._consumer.close()

@@ -1,0 +1,1 @@
+"""Stores: where views and projector's own state live. One transaction per batch."""

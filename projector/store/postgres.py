@@ -1,0 +1,460 @@
+"""PostgreSQL store: projector's own state and the projections' views, one transaction per batch.
+
+It executes what the runner decided and nothing else: claim partitions (new epoch), fence a
+batch (compare-and-set on the checkpoint's epoch), lock and read stream state, run handlers in a
+savepoint against the projection's view schema, and write positions, holding, gaps, dead letters
+and checkpoints. Driver errors are translated into :mod:`projector.store.errors` here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+
+from projector.apply import Params
+from projector.core.dead_letter import DeadLetter
+from projector.core.event import Event
+from projector.core.gaps import Gap
+from projector.core.message import RawMessage
+from projector.core.sequencer import SequenceRules, StreamPosition
+from projector.store.errors import Fenced, StoreUnavailable, TransientStoreError
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+_TRANSIENT = (
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that mean "try the batch again", not "this event is bad"."""
+    if isinstance(exc, TransientStoreError | StoreUnavailable):
+        return True
+    return isinstance(exc, (psycopg.OperationalError, *_TRANSIENT))
+
+
+def _ts(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    epoch: int
+    next_offset: int | None
+
+
+class PgView:
+    """The handler's view of the batch transaction (see :class:`projector.apply.PgView`)."""
+
+    def __init__(self, conn: psycopg.Connection[TupleRow]) -> None:
+        self._cur = conn.cursor()
+
+    def execute(self, query: str, params: Params = None) -> None:
+        self._cur.execute(query, params)
+
+    def executemany(self, query: str, rows: Iterable[Sequence[Any] | Mapping[str, Any]]) -> None:
+        self._cur.executemany(query, rows)
+
+    def fetchall(self, query: str, params: Params = None) -> list[tuple[Any, ...]]:
+        return self._cur.execute(query, params).fetchall()
+
+    def fetchone(self, query: str, params: Params = None) -> tuple[Any, ...] | None:
+        return self._cur.execute(query, params).fetchone()
+
+
+class PgBatch:
+    """One batch transaction of one projection. Methods are called in the order the runner's
+    batch applier documents: fence → lock → load → handlers → write."""
+
+    def __init__(
+        self, conn: psycopg.Connection[TupleRow], schema: str, projection: str, view_schema: str
+    ):
+        self.conn = conn
+        self.projection = projection
+        self._s = sql.Identifier(schema)
+        self._view_schema = view_schema
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(s=self._s)
+
+    def fence(
+        self, checkpoints: Mapping[TopicPartition, int], epochs: Mapping[TopicPartition, int]
+    ) -> None:
+        """Compare-and-set every checkpoint of the batch on its epoch; the row locks are held to
+        commit, so a new owner's claim waits for this batch and then sees its checkpoint.
+        Raises :class:`Fenced` naming the partitions this instance no longer owns."""
+        lost: list[TopicPartition] = []
+        with self.conn.cursor() as cur:
+            for (topic, part), offset in sorted(checkpoints.items()):
+                cur.execute(
+                    self._q(
+                        "update {s}.checkpoints set next_offset = greatest(coalesce(next_offset, 0), %s),"
+                        " updated_at = now() where projection = %s and topic = %s and partition = %s"
+                        " and epoch = %s"
+                    ),
+                    (offset, self.projection, topic, part, epochs.get((topic, part), -1)),
+                )
+                if cur.rowcount != 1:
+                    lost.append((topic, part))
+        if lost:
+            raise Fenced(lost)
+
+    def lock_positions(
+        self, streams: Iterable[str], rules: SequenceRules
+    ) -> dict[str, StreamPosition]:
+        """Create missing position rows, then lock them all in sorted order: two instances that
+        touch the same stream serialise here, and sorted order avoids lock cycles."""
+        names = sorted(set(streams))
+        if not names:
+            return {}
+        with self.conn.cursor() as cur:
+            cur.execute(
+                self._q(
+                    "insert into {s}.positions (projection, stream, last_seq)"
+                    " select %s, x, %s from unnest(%s::text[]) as x order by x"
+                    " on conflict do nothing"
+                ),
+                (self.projection, rules.first_seq - 1, names),
+            )
+            rows = cur.execute(
+                self._q(
+                    "select stream, last_seq, last_id, last_hash, blocked_seq from {s}.positions"
+                    " where projection = %s and stream = any(%s) order by stream for update"
+                ),
+                (self.projection, names),
+            ).fetchall()
+        return {r[0]: StreamPosition(r[0], r[1], r[2], r[3], r[4]) for r in rows}
+
+    def load_parked(self, streams: Iterable[str]) -> dict[str, dict[int, Event]]:
+        out: dict[str, dict[int, Event]] = {}
+        rows = self.conn.execute(
+            self._q(
+                "select stream, seq, event from {s}.holding where projection = %s and stream = any(%s)"
+            ),
+            (self.projection, sorted(set(streams))),
+        ).fetchall()
+        for stream, seq, event in rows:
+            out.setdefault(stream, {})[seq] = Event.from_json(event)
+        return out
+
+    def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
+        out: dict[str, list[Gap]] = {}
+        rows = self.conn.execute(
+            self._q(
+                "select stream, from_seq, to_seq, first_seen, attempts, last_request_at,"
+                " next_request_at from {s}.gaps where projection = %s and stream = any(%s)"
+            ),
+            (self.projection, sorted(set(streams))),
+        ).fetchall()
+        for r in rows:
+            gap = Gap(r[0], r[1], r[2], r[3].timestamp(), r[4], _epoch(r[5]), _epoch(r[6]))
+            out.setdefault(r[0], []).append(gap)
+        return out
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        with self.conn.transaction():
+            yield
+
+    def run_handlers(
+        self, handlers: Sequence[Callable[[Sequence[Event], PgView], None]], events: Sequence[Event]
+    ) -> None:
+        """Run the handlers in a savepoint with the view schema as search_path; on any error the
+        savepoint is rolled back and the error propagates."""
+        if not events:
+            return
+        with self.conn.transaction(), self.conn.pipeline():
+            self.conn.execute(
+                "select set_config('search_path', %s, true)",
+                (sql.Identifier(self._view_schema).as_string(self.conn),),
+            )
+            view = PgView(self.conn)
+            for handler in handlers:
+                handler(events, view)
+
+    def write_positions(self, positions: Iterable[StreamPosition]) -> None:
+        rows = [
+            (p.last_seq, p.last_id, p.last_hash, p.blocked_seq, self.projection, p.stream)
+            for p in positions
+        ]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "update {s}.positions set last_seq = %s, last_id = %s, last_hash = %s,"
+                        " blocked_seq = %s, updated_at = now() where projection = %s and stream = %s"
+                    ),
+                    rows,
+                )
+
+    def park(self, events: Iterable[Event]) -> None:
+        rows = [(self.projection, e.stream, e.seq, Jsonb(e.to_json())) for e in events]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "insert into {s}.holding (projection, stream, seq, event) values (%s, %s, %s, %s)"
+                    ),
+                    rows,
+                )
+
+    def unpark(self, keys: Iterable[tuple[str, int]]) -> None:
+        pairs = list(keys)
+        if pairs:
+            self.conn.execute(
+                self._q(
+                    "delete from {s}.holding h using unnest(%s::text[], %s::bigint[]) as k(stream, seq)"
+                    " where h.projection = %s and h.stream = k.stream and h.seq = k.seq"
+                ),
+                ([p[0] for p in pairs], [p[1] for p in pairs], self.projection),
+            )
+
+    def replace_gaps(self, streams: Iterable[str], gaps: Iterable[Gap]) -> None:
+        names = sorted(set(streams))
+        if not names:
+            return
+        self.conn.execute(
+            self._q("delete from {s}.gaps where projection = %s and stream = any(%s)"),
+            (self.projection, names),
+        )
+        rows = [
+            (
+                self.projection,
+                g.stream,
+                g.from_seq,
+                g.to_seq,
+                _ts(g.first_seen),
+                g.attempts,
+                _ts(g.last_request_at),
+                _ts(g.next_request_at),
+            )
+            for g in gaps
+        ]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "insert into {s}.gaps (projection, stream, from_seq, to_seq, first_seen, attempts,"
+                        " last_request_at, next_request_at) values (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    ),
+                    rows,
+                )
+
+    def dead_letter(self, letters: Iterable[DeadLetter]) -> None:
+        rows = []
+        for d in letters:
+            e, m = d.event, d.message
+            src = e.source if e is not None else (m.source if m is not None else None)
+            rows.append(
+                (
+                    self.projection,
+                    d.kind,
+                    d.reason,
+                    d.stream,
+                    d.seq,
+                    None if e is None else e.id,
+                    None if e is None else Jsonb(e.to_json()),
+                    None if src is None else src.topic,
+                    None if src is None else src.partition,
+                    None if src is None else src.offset,
+                    None if m is None else m.key,
+                    None if m is None else m.value,
+                )
+            )
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "insert into {s}.dead_letters (projection, kind, reason, stream, seq, event_id, event,"
+                        ' topic, partition, "offset", key, value)'
+                        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    ),
+                    rows,
+                )
+
+
+class PostgresStore:
+    """One connection (autocommit, explicit transaction blocks) per projection worker."""
+
+    def __init__(self, dsn: str, schema: str = "projector", connect_timeout: float = 10.0):
+        self.dsn = dsn
+        self.schema = schema
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[TupleRow] | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection[TupleRow]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self) -> psycopg.Connection[TupleRow]:
+        try:
+            return psycopg.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=max(1, int(self._connect_timeout)),
+                application_name="projector",
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(s=sql.Identifier(self.schema))
+
+    def claim(
+        self, projection: str, partitions: Iterable[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Claim]:
+        """Take a new epoch for each partition (fencing out any previous owner) and return it with
+        the stored checkpoint to seek to."""
+        out: dict[TopicPartition, Claim] = {}
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            for topic, part in sorted(partitions):
+                row = cur.execute(
+                    self._q(
+                        "insert into {s}.checkpoints as c (projection, topic, partition, epoch, owner)"
+                        " values (%s, %s, %s, 1, %s) on conflict (projection, topic, partition)"
+                        " do update set epoch = c.epoch + 1, owner = excluded.owner, updated_at = now()"
+                        " returning epoch, next_offset"
+                    ),
+                    (projection, topic, part, owner),
+                ).fetchone()
+                assert row is not None
+                out[(topic, part)] = Claim(row[0], row[1])
+        return out
+
+    @contextmanager
+    def batch(self, projection: str, view_schema: str) -> Iterator[PgBatch]:
+        """A batch transaction; commits when the block exits normally."""
+        with self.conn.transaction():
+            yield PgBatch(self.conn, self.schema, projection, view_schema)
+
+    def schema_version(self) -> int | None:
+        row = self.conn.execute(
+            "select 1 from information_schema.tables where table_schema = %s and table_name = 'schema_version'",
+            (self.schema,),
+        ).fetchone()
+        if row is None:
+            return None
+        got = self.conn.execute(self._q("select version from {s}.schema_version")).fetchone()
+        return None if got is None else int(got[0])
+
+    def checkpoints(self, projection: str) -> dict[TopicPartition, int | None]:
+        rows = self.conn.execute(
+            self._q(
+                "select topic, partition, next_offset from {s}.checkpoints where projection = %s"
+            ),
+            (projection,),
+        ).fetchall()
+        return {(r[0], r[1]): r[2] for r in rows}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    id: int
+    projection: str
+    kind: str
+    reason: str
+    stream: str | None
+    seq: int | None
+    event: Event | None
+    message: RawMessage | None
+    status: str
+    attempts: int
+    created_at: datetime
+
+
+_DL_COLUMNS = (
+    'id, projection, kind, reason, stream, seq, event, topic, partition, "offset", key, value,'
+    " status, attempts, created_at"
+)
+
+
+def _dead_letter_row(r: tuple[Any, ...]) -> DeadLetterRow:
+    message = None
+    if r[7] is not None:
+        message = RawMessage(r[7], r[8], r[9], r[10], r[11])
+    event = None if r[6] is None else Event.from_json(r[6])
+    return DeadLetterRow(r[0], r[1], r[2], r[3], r[4], r[5], event, message, r[12], r[13], r[14])
+
+
+def list_dead_letters(
+    store: PostgresStore, projection: str | None, status: str | None, limit: int
+) -> list[DeadLetterRow]:
+    rows = store.conn.execute(
+        store._q(
+            f"select {_DL_COLUMNS} from {{s}}.dead_letters where (%s::text is null or projection = %s)"
+            " and (%s::text is null or status = %s) order by id limit %s"
+        ),
+        (projection, projection, status, status, limit),
+    ).fetchall()
+    return [_dead_letter_row(r) for r in rows]
+
+
+def lock_dead_letter(tx: PgBatch, letter_id: int) -> DeadLetterRow | None:
+    row = tx.conn.execute(
+        tx._q(
+            f"select {_DL_COLUMNS} from {{s}}.dead_letters where id = %s and projection = %s for update"
+        ),
+        (letter_id, tx.projection),
+    ).fetchone()
+    return None if row is None else _dead_letter_row(row)
+
+
+def resolve_dead_letter(
+    tx: PgBatch, letter_id: int, status: str, reason: str | None = None
+) -> None:
+    tx.conn.execute(
+        tx._q(
+            "update {s}.dead_letters set status = %s, reason = coalesce(%s, reason),"
+            " attempts = attempts + (case when %s = 'open' then 1 else 0 end),"
+            " resolved_at = case when %s = 'open' then null else now() end where id = %s"
+        ),
+        (status, reason, status, status, letter_id),
+    )
+
+
+def purge_dead_letters(store: PostgresStore, projection: str | None, include_open: bool) -> int:
+    with store.conn.transaction():
+        cur = store.conn.execute(
+            store._q(
+                "delete from {s}.dead_letters where (%s::text is null or projection = %s)"
+                " and (%s or status <> 'open')"
+            ),
+            (projection, projection, include_open),
+        )
+        return cur.rowcount
