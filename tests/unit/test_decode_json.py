@@ -204,7 +204,7 @@ def test_json_keys() -> None:
     assert dec.decode(msg(key=b"42")).stream == "42"
     assert dec.decode(msg(key=b'"unterminated')).stream == '"unterminated'
     assert decoder(stream="$key.id").decode(msg(key=b'{"id": 9}')).stream == "9"
-    with pytest.raises(DecodeError, match="must be non-empty text or an integer, got an object"):
+    with pytest.raises(DecodeError, match=r"got an object; .* e\.g\. '\$key\.<field>'"):
         dec.decode(msg(key=b'{"id": 9}'))
 
 

@@ -155,7 +155,10 @@ def _digits(value: Any) -> bool:
 
 
 def _bad(field: str, path: FieldPath, value: Any, wanted: str) -> DecodeError:
-    return DecodeError(f"field {field!r} (path {path.text!r}) must be {wanted}, got {_kind(value)}")
+    reason = f"field {field!r} (path {path.text!r}) must be {wanted}, got {_kind(value)}"
+    if isinstance(value, dict | list):
+        reason += f"; to use a value inside it, set the path to e.g. '{path.text}.<field>'"
+    return DecodeError(reason)
 
 
 def to_stream(value: Any, path: FieldPath) -> str:
