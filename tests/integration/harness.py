@@ -4,7 +4,6 @@ events, running the daemon (in-process or as a real process), reading views."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -107,16 +106,18 @@ def run_until_caught_up(config: Config) -> int:
 
 
 def daemon_process(
-    config_path: Path, *args: str, env: dict[str, str] | None = None
+    config_path: Path, *args: str, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """``projector run`` as a real process (for kill -9 tests)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "projector", "run", "-c", str(config_path), *args],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    """``projector run`` as a real process (for kill -9 tests); its output is appended to
+    ``log`` (default: beside the config)."""
+    log = log or config_path.with_suffix(".log")
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "projector", "run", "-c", str(config_path), *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def rows(pg_dsn: str, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

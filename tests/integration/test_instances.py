@@ -1,0 +1,116 @@
+"""Several daemon instances as real processes in one consumer group."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sys
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from projector import scenarios
+from projector.config import parse_config
+from tests.conftest import Services
+from tests.integration.harness import (
+    config_dict,
+    daemon_process,
+    migrate_all,
+    projection,
+    publish,
+    rows,
+    write_config,
+)
+from tests.integration.test_pipeline import account_rows
+
+pytestmark = pytest.mark.integration
+
+
+def poll_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_instances_share_the_partitions_and_serialise_on_shared_streams(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Proves two instances of one group split the partitions and, where one stream's events
+    arrive on two topics owned by different instances, serialise on the stream in the store:
+    the views equal the oracle. Also proves SIGTERM: each instance finishes its batch, commits
+    and exits 0."""
+    topic_a, topic_b = new_topic(partitions=2), new_topic(partitions=2)
+    data = config_dict(
+        services,
+        pg_dsn,
+        [projection("accounts", [topic_a, topic_b], ["handlers.accounts"], batch_max_messages=100)],
+    )
+    path = write_config(tmp_path / "config.yaml", data)
+    migrate_all(parse_config(data, env={}))
+    procs = [daemon_process(path, log=tmp_path / f"instance{i}.log") for i in range(2)]
+    try:
+        poll_until(
+            lambda: (
+                rows(pg_dsn, "select count(distinct owner), count(*) from projector.checkpoints")
+                == [(2, 4)]
+            ),
+            "both instances to own partitions",
+        )
+        rng = random.Random(11)
+        log = scenarios.account_log(rng, accounts=200, events_per_account=30)
+        odd = [w for w in log if w["seq"] % 2]
+        even = [w for w in log if not w["seq"] % 2]
+        total = publish(services.kafka, topic_a, scenarios.shuffle_within_windows(rng, odd, 100))
+        total += publish(services.kafka, topic_b, scenarios.shuffle_within_windows(rng, even, 100))
+        poll_until(
+            lambda: (
+                rows(pg_dsn, "select coalesce(sum(next_offset), 0) from projector.checkpoints")
+                == [(total,)]
+            ),
+            "both instances to catch up",
+        )
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(timeout=30) for proc in procs]
+    assert codes == [0, 0], [(tmp_path / f"instance{i}.log").read_text()[-2000:] for i in range(2)]
+    owners = rows(pg_dsn, "select owner, count(*) from projector.checkpoints group by owner")
+    assert len(owners) == 2
+    assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
+    assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
+
+
+def test_instance_ids_differ_on_one_host_and_survive_restart(tmp_path: Path) -> None:
+    """Proves the default static-membership id: two live processes on one host get different
+    ids, and a process killed with -9 leaves its id to its restart."""
+    code = (
+        "import sys, time; from projector.runner.identity import instance_id;"
+        " print(instance_id(None, scope=sys.argv[1]), flush=True); time.sleep(30)"
+    )
+    scope = tmp_path.name
+
+    def start() -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, scope], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        return proc, proc.stdout.readline().strip()
+
+    first, first_id = start()
+    second, second_id = start()
+    assert first_id != second_id
+    first.kill()
+    first.wait()
+    again, again_id = start()
+    assert again_id == first_id
+    for proc in (second, again, first):
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
