@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 import signal
-import sys
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
