@@ -1,0 +1,87 @@
+"""Transient store errors are retried, never dead-lettered, and never apply anything twice."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from projector import scenarios
+from projector.config import parse_config
+from tests.conftest import Services
+from tests.integration import flaky_handler
+from tests.integration.harness import (
+    config_dict,
+    daemon_process,
+    make_config,
+    migrate_all,
+    projection,
+    publish,
+    rows,
+    run_until_caught_up,
+    write_config,
+)
+from tests.integration.test_crash import applied_offsets, wait_for_progress
+from tests.integration.test_pipeline import account_rows
+
+pytestmark = pytest.mark.integration
+
+
+def test_transient_handler_errors_are_retried_not_dead_lettered(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves a serialization failure raised while applying is retried with backoff: after
+    three of them the batch applies, once, and nothing becomes a dead letter."""
+    rng = random.Random(3)
+    log = scenarios.account_log(rng, accounts=20, events_per_account=10)
+    topic = new_topic()
+    publish(services.kafka, topic, scenarios.shuffle_within_windows(rng, log, 30))
+    config = make_config(
+        services, pg_dsn, [projection("accounts", [topic], ["tests.integration.flaky_handler"])]
+    )
+    migrate_all(config)
+    flaky_handler.FAILURES["left"] = 3
+    try:
+        assert run_until_caught_up(config) == 0
+    finally:
+        left, flaky_handler.FAILURES["left"] = flaky_handler.FAILURES["left"], 0
+    assert left == 0
+    assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
+    assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
+
+
+def test_backends_terminated_mid_run_are_survived(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Proves a lost database connection is transient: the daemon's PostgreSQL backends are
+    terminated five times while it applies 12k events; it reconnects, retries the batch and
+    ends exactly at the oracle, exit 0, no dead letter."""
+    rng = random.Random(5)
+    log = scenarios.account_log(rng, accounts=300, events_per_account=40)
+    topic = new_topic(partitions=2)
+    publish(services.kafka, topic, scenarios.shuffle_within_windows(rng, log, 200))
+    data = config_dict(
+        services,
+        pg_dsn,
+        [projection("accounts", [topic], ["handlers.accounts"], batch_max_messages=100)],
+    )
+    path = write_config(tmp_path / "config.yaml", data)
+    migrate_all(parse_config(data, env={}))
+    proc = daemon_process(path, "--exit-when-caught-up")
+    terminated = 0
+    for _ in range(5):
+        if not wait_for_progress(pg_dsn, proc, applied_offsets(pg_dsn)):
+            break
+        [(n,)] = rows(
+            pg_dsn,
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity"
+            " where application_name = 'projector' and datname = current_database()",
+        )
+        terminated += n
+    assert proc.wait(timeout=120) == 0, path.with_suffix(".log").read_text()[-3000:]
+    assert terminated >= 3
+    assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
+    assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
+    assert "transient store error" in path.with_suffix(".log").read_text()
