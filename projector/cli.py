@@ -11,12 +11,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from projector.config import Config, ConfigError, load_config, redact
+from projector.config import Config, ConfigError, ProjectionConfig, load_config, redact
 from projector.logs import setup_logging
 from projector.runner.daemon import run as run_daemon
 from projector.runner.dead_letters import resolve
-from projector.runner.worker import build_decoders, load_handlers, view_migrations
+from projector.runner.worker import build_decoders, check_supported, load_handlers, view_migrations
 from projector.store.errors import SchemaBehind, StoreError
+from projector.store.migrate import check_schema
 from projector.store.migrate import migrate as do_migrate
 from projector.store.postgres import PostgresStore, list_dead_letters, purge_dead_letters
 
@@ -58,8 +59,24 @@ def _guard(fn: Callable[[], T]) -> T:
         raise _fail(str(exc), 1) from None
 
 
+def _with_store(cfg: Config, work: Callable[[PostgresStore], T]) -> T:
+    """Run ``work`` on a store whose schema is current (else SchemaBehind names migrate)."""
+    store = PostgresStore(cfg.postgres.dsn.get_secret_value(), cfg.postgres.schema_)
+    try:
+        check_schema(store.conn, cfg.postgres.schema_, [])
+        return work(store)
+    finally:
+        store.close()
+
+
 def _setup_logging(config: Config) -> None:
     setup_logging(config.log.level, config.log.format)
+
+
+def _check_projection(projection: ProjectionConfig) -> None:
+    check_supported(projection)
+    load_handlers(projection)
+    build_decoders(projection)
 
 
 @app.command("check-config")
@@ -67,7 +84,7 @@ def check_config(config: ConfigOpt = Path("projector.yaml")) -> None:
     """Validate the config, import every handler and decoder, and print a summary."""
     cfg = _config(config)
     for p in cfg.projections:
-        _guard(lambda p=p: (load_handlers(p), build_decoders(p)))  # type: ignore[misc]
+        _guard(lambda p=p: _check_projection(p))  # type: ignore[misc]
         typer.echo(
             f"projection {p.name}: mode {p.mode}, topics {', '.join(p.topics)},"
             f" views in schema {p.schema_name}, handlers {', '.join(p.handlers)}"
@@ -90,7 +107,12 @@ def migrate(config: ConfigOpt = Path("projector.yaml")) -> None:
 
     def work() -> list[str]:
         views = [v for p in cfg.projections for v in view_migrations(p, load_handlers(p))]
-        return do_migrate(cfg.postgres.dsn.get_secret_value(), cfg.postgres.schema_, views)
+        return do_migrate(
+            cfg.postgres.dsn.get_secret_value(),
+            cfg.postgres.schema_,
+            views,
+            cfg.postgres.connect_timeout,
+        )
 
     done = _guard(work)
     for line in done:
@@ -134,9 +156,9 @@ def dead_letters_list(
 ) -> None:
     """List dead letters with their reason and source offset."""
     cfg = _config(config)
-    store = PostgresStore(cfg.postgres.dsn.get_secret_value(), cfg.postgres.schema_)
-    rows = _guard(lambda: list_dead_letters(store, projection, status, limit))
-    store.close()
+    rows = _guard(
+        lambda: _with_store(cfg, lambda s: list_dead_letters(s, projection, status, limit))
+    )
     items: list[dict[str, Any]] = []
     for r in rows:
         src = r.message.source if r.message is not None else (r.event.source if r.event else None)
@@ -206,9 +228,9 @@ def dead_letters_purge(
 ) -> None:
     """Delete resolved (retried or skipped) dead letters."""
     cfg = _config(config)
-    store = PostgresStore(cfg.postgres.dsn.get_secret_value(), cfg.postgres.schema_)
-    count = _guard(lambda: purge_dead_letters(store, projection, include_open))
-    store.close()
+    count = _guard(
+        lambda: _with_store(cfg, lambda s: purge_dead_letters(s, projection, include_open))
+    )
     typer.echo(f"purged {count} dead letter(s)")
 
 

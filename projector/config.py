@@ -63,8 +63,9 @@ class KafkaConfig(_Strict):
     # Static group membership id, stable across restarts (a StatefulSet pod name). Unset: the
     # host name plus a slot number held by a lock file, so instances on one host differ.
     instance_id: str | None = None
-    consumer: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    producer: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # Kept out of repr/str: they may hold SASL passwords.
+    consumer: dict[str, str | int | float | bool] = Field(default_factory=dict, repr=False)
+    producer: dict[str, str | int | float | bool] = Field(default_factory=dict, repr=False)
 
 
 class PostgresConfig(_Strict):
@@ -165,8 +166,13 @@ class Config(_Strict):
             dup = {v for v in values if values.count(v) > 1}
             if dup:
                 raise ValueError(f"two projections share the {what} {sorted(dup)}")
-        if self.postgres.schema_ in {p.schema_name for p in self.projections}:
-            raise ValueError("a projection's view_schema equals postgres.schema; choose another")
+        for i, p in enumerate(self.projections):
+            if p.schema_name == self.postgres.schema_:
+                raise ValueError(
+                    f"projections[{i}] ({p.name!r}) would keep its views in schema"
+                    f" {p.schema_name!r}, which is postgres.schema (projector's own tables):"
+                    " set its view_schema"
+                )
         return self
 
     def projection(self, name: str) -> ProjectionConfig:
@@ -236,10 +242,15 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return parse_config(data, env, origin=str(p))
+    try:
+        return parse_config(data, env, origin=str(p))
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(str(p)) else f"{p}: {message}") from None
 
 
 def redact(dsn: str) -> str:
     """A DSN or URL with its password replaced, for logs and messages."""
-    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
+    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", dsn)

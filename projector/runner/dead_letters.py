@@ -19,7 +19,8 @@ from projector.core.decode import DecodeError, Decoder
 from projector.core.event import Event
 from projector.core.sequencer import StreamPosition
 from projector.runner.batch import BatchApplier, BatchResult, Clock
-from projector.runner.worker import build_applier, build_decoders
+from projector.runner.worker import build_applier, build_decoders, load_handlers, view_migrations
+from projector.store.migrate import check_schema
 from projector.store.postgres import (
     DeadLetterRow,
     PgBatch,
@@ -62,6 +63,7 @@ def resolve(
     """Retry or skip the given dead letters of one projection."""
     proj = config.projection(projection)
     store = PostgresStore(config.postgres.dsn.get_secret_value(), config.postgres.schema_)
+    check_schema(store.conn, config.postgres.schema_, view_migrations(proj, load_handlers(proj)))
     applier = build_applier(config, proj, store, clock)
     decoders = build_decoders(proj)
     outcomes = []

@@ -50,9 +50,18 @@ def build_decoders(projection: ProjectionConfig) -> dict[str, Decoder]:
     }
 
 
+def check_supported(projection: ProjectionConfig) -> None:
+    if projection.mode != "sequence":
+        raise ValueError(
+            f"projection {projection.name!r}: mode {projection.mode!r} is not supported by this"
+            " version of projector; use mode: sequence"
+        )
+
+
 def build_applier(
     config: Config, projection: ProjectionConfig, store: PostgresStore, clock: Clock
 ) -> BatchApplier:
+    check_supported(projection)
     return BatchApplier(
         projection.name,
         projection.schema_name,

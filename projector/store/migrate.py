@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projector.store.errors import SchemaBehind
+from projector.store.errors import SchemaBehind, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,19 @@ class ViewMigrations:
     statements: Sequence[str]
 
 
-def migrate(dsn: str, schema: str, views: Sequence[ViewMigrations]) -> list[str]:
+def _connect(dsn: str, connect_timeout: float) -> psycopg.Connection[tuple[Any, ...]]:
+    try:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(connect_timeout)))
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+
+
+def migrate(
+    dsn: str, schema: str, views: Sequence[ViewMigrations], connect_timeout: float = 10.0
+) -> list[str]:
     """Bring the schema and every projection's views up to date; returns what was done."""
     done: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+    with _connect(dsn, connect_timeout) as conn, conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
         conn.execute(
@@ -88,14 +97,15 @@ def _migrate_views(
         if number > current:
             conn.execute(sql.SQL(statement))
             done.append(f"{v.view_schema}: {v.handler} migration {number}")
-    conn.execute(
-        sql.SQL(
-            "insert into {}.view_migrations (projection, handler, version) values (%s, %s, %s)"
-            " on conflict (projection, handler) do update set version = excluded.version,"
-            " applied_at = now()"
-        ).format(sql.Identifier(schema)),
-        (v.projection, v.handler, max(current, len(v.statements))),
-    )
+    if len(v.statements) > current or row is None:
+        conn.execute(
+            sql.SQL(
+                "insert into {}.view_migrations (projection, handler, version) values (%s, %s, %s)"
+                " on conflict (projection, handler) do update set version = excluded.version,"
+                " applied_at = now()"
+            ).format(sql.Identifier(schema)),
+            (v.projection, v.handler, max(current, len(v.statements))),
+        )
     conn.execute(
         "select set_config('search_path', %s, true)", (sql.Identifier(schema).as_string(conn),)
     )

@@ -1,0 +1,600 @@
+"""The configuration: the example file, ``${ENV}`` interpolation, validation messages that name
+the key, durations, and secrets kept out of reprs and messages (pure: no services)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from projector.config import (
+    Config,
+    ConfigError,
+    KafkaConfig,
+    ProjectionConfig,
+    load_config,
+    parse_config,
+    parse_duration,
+    redact,
+)
+from tests.conftest import ROOT
+
+EXAMPLE = ROOT / "config.example.yaml"
+SECRET = "s3cr3t-Pa55"
+
+BASE: dict[str, Any] = {
+    "kafka": {"bootstrap_servers": "kafka:9092"},
+    "postgres": {"dsn": "postgresql://app@db/app"},
+    "projections": [
+        {
+            "name": "accounts",
+            "topics": ["accounts"],
+            "handlers": ["handlers.accounts"],
+            "decoder": {"kind": "json", "stream": "stream", "seq": "seq"},
+        }
+    ],
+}
+
+
+def config_with(change: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
+    """A deep copy of ``BASE`` after ``change`` edited it in place."""
+    data = copy.deepcopy(BASE)
+    if change is not None:
+        change(data)
+    return data
+
+
+def first(data: dict[str, Any]) -> dict[str, Any]:
+    projection: dict[str, Any] = data["projections"][0]
+    return projection
+
+
+def error_of(data: Any, env: Mapping[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env={} if env is None else env)
+    return str(info.value)
+
+
+# --- the example file -------------------------------------------------------------------------
+
+
+def test_example_config_parses_with_an_empty_environment() -> None:
+    """Proves config.example.yaml is valid as shipped: with no variable set, every
+    ``${VAR:-default}`` takes its default, and the result is what the file says."""
+    config = load_config(EXAMPLE, env={})
+
+    assert config.kafka.bootstrap_servers == "127.0.0.1:19092"
+    assert config.kafka.group_prefix == "projector"
+    assert config.kafka.instance_id is None
+    assert config.kafka.consumer == {}
+    assert config.kafka.producer == {}
+    assert (
+        config.postgres.dsn.get_secret_value() == "postgresql://projector@127.0.0.1:15432/projector"
+    )
+    assert config.postgres.schema_ == "projector"
+    assert config.postgres.connect_timeout == 10.0
+    assert (config.metrics.enabled, config.metrics.host, config.metrics.port) == (
+        True,
+        "127.0.0.1",
+        9400,
+    )
+    assert (config.log.level, config.log.format) == ("INFO", "text")
+
+    assert [p.name for p in config.projections] == ["accounts", "customers", "games"]
+    accounts, customers, games = config.projections
+    assert accounts.topics == ["accounts"]
+    assert accounts.mode == "sequence"
+    assert accounts.store == "postgres"
+    assert accounts.schema_name == "accounts"
+    assert accounts.handlers == ["handlers.accounts"]
+    assert accounts.decoder.kind == "json"
+    assert accounts.decoder.options == {
+        "stream": "stream",
+        "stream_prefix": "",
+        "seq": "seq",
+        "ts": "ts",
+        "type": "type",
+        "data": "data",
+        "id": None,
+        "max_bytes": 1_000_000,
+    }
+    assert accounts.decoders == {}
+    assert accounts.first_seq == 1
+    assert accounts.max_seq_jump == 100_000
+    assert accounts.batch_max_messages == 2000
+    assert accounts.poll_timeout == pytest.approx(0.1)
+    assert accounts.gap_timeout == 30.0
+
+    assert customers.topics == ["customers"]
+    assert customers.handlers == ["handlers.customers"]
+    assert customers.schema_name == "customers"
+    assert customers.mode == "sequence"
+    assert games.topics == ["game-plays"]
+    assert games.handlers == ["handlers.game"]
+    assert games.schema_name == "games"
+    assert games.decoder_for("game-plays").options["seq"] == "seq"
+
+
+def test_example_config_takes_values_from_the_environment() -> None:
+    """Proves the example's ``${VAR:-default}`` references read the environment when it
+    provides the variable."""
+    env = {
+        "KAFKA_BOOTSTRAP": "broker-1:9092,broker-2:9092",
+        "PROJECTOR_PG_DSN": f"postgresql://projector:{SECRET}@db.internal/projector",
+    }
+    config = load_config(EXAMPLE, env=env)
+    assert config.kafka.bootstrap_servers == "broker-1:9092,broker-2:9092"
+    assert config.postgres.dsn.get_secret_value() == env["PROJECTOR_PG_DSN"]
+
+
+def test_example_config_documents_every_key() -> None:
+    """Proves config.example.yaml names every key of every section (its first projection shows
+    every projection key), so the file really documents them all."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+
+    def keys(model: type[Any]) -> set[str]:
+        return {f.alias or name for name, f in model.model_fields.items()}
+
+    assert set(raw) == keys(Config)
+    assert set(raw["kafka"]) == keys(KafkaConfig)
+    assert set(raw["postgres"]) == {"dsn", "schema", "connect_timeout"}
+    assert set(raw["metrics"]) == {"enabled", "host", "port"}
+    assert set(raw["log"]) == {"level", "format"}
+    assert set(raw["projections"][0]) == keys(ProjectionConfig)
+
+
+# --- ${VAR} interpolation ---------------------------------------------------------------------
+
+
+def test_required_variable_missing_names_the_key_path_and_the_variable() -> None:
+    """Proves a ``${VAR}`` whose variable is unset is a ConfigError naming both the key path
+    (through lists) and the variable, and how to give it a default."""
+    data = config_with(lambda d: first(d)["topics"].append("${EXTRA_TOPIC}"))
+    message = error_of(data)
+    assert "projections[0].topics[1]" in message
+    assert "EXTRA_TOPIC" in message
+    assert "${EXTRA_TOPIC:-" in message
+
+    data = config_with(lambda d: d["postgres"].update(dsn="${PG_DSN}"))
+    message = error_of(data)
+    assert "postgres.dsn" in message
+    assert "PG_DSN" in message
+
+
+def test_required_variable_missing_in_a_file_is_a_config_error(tmp_path: Path) -> None:
+    """Proves load_config reports an unset ``${VAR}`` as ConfigError naming key and variable."""
+    path = tmp_path / "projector.yaml"
+    path.write_text(yaml.safe_dump(config_with(lambda d: d["kafka"].update(group_prefix="${G}"))))
+    with pytest.raises(ConfigError, match=r"kafka\.group_prefix.*\bG\b"):
+        load_config(path, env={})
+
+
+def test_interpolation_substitutes_values_and_defaults() -> None:
+    """Proves ``${VAR}`` takes the variable, ``${VAR:-default}`` the default only when unset
+    (an empty default is allowed), references can sit inside longer strings, and non-string
+    values are coerced by the model afterwards."""
+    data = config_with(
+        lambda d: (
+            d["kafka"].update(
+                bootstrap_servers="${KAFKA_HOST}:${KAFKA_PORT:-9092}",
+                group_prefix="${GROUP:-projector}",
+                instance_id="${POD_NAME:-}",
+            ),
+            d["postgres"].update(dsn="postgresql://app:${PG_PASSWORD}@db/app"),
+            d.update(metrics={"port": "${METRICS_PORT:-9400}", "enabled": "${METRICS:-false}"}),
+        )
+    )
+    env = {"KAFKA_HOST": "broker", "GROUP": "prod", "PG_PASSWORD": SECRET}
+    config = parse_config(data, env=env)
+    assert config.kafka.bootstrap_servers == "broker:9092"
+    assert config.kafka.group_prefix == "prod"
+    assert config.kafka.instance_id == ""
+    assert config.postgres.dsn.get_secret_value() == f"postgresql://app:{SECRET}@db/app"
+    assert config.metrics.port == 9400
+    assert config.metrics.enabled is False
+
+    # A set variable wins over the default, even when it is empty.
+    config = parse_config(data, env={**env, "KAFKA_PORT": "19092", "GROUP": ""})
+    assert config.kafka.bootstrap_servers == "broker:19092"
+    assert config.kafka.group_prefix == ""
+
+
+def test_values_from_the_environment_are_not_interpolated_again() -> None:
+    """Proves a variable's value is used verbatim: a ``${...}`` inside a secret is not expanded
+    (nor reported as a missing variable)."""
+    data = config_with(lambda d: d["postgres"].update(dsn="${PG_DSN}"))
+    config = parse_config(data, env={"PG_DSN": "postgresql://u:${NOT_A_VAR}@db/app"})
+    assert config.postgres.dsn.get_secret_value() == "postgresql://u:${NOT_A_VAR}@db/app"
+
+
+# --- validation messages name the key ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda d: first(d).update(max_seq_jump=-1), "projections[0].max_seq_jump"),
+        (lambda d: first(d).update(max_seq_jump=0), "projections[0].max_seq_jump"),
+        (lambda d: first(d).update(batch_max_messages=0), "projections[0].batch_max_messages"),
+        (lambda d: first(d).update(name="Bad-Name"), "projections[0].name"),
+        (lambda d: first(d).update(mode="fastest"), "projections[0].mode"),
+        (lambda d: first(d).update(topics=[]), "projections[0].topics"),
+        (lambda d: first(d).update(handlers=[]), "projections[0].handlers"),
+        (lambda d: d["kafka"].pop("bootstrap_servers"), "kafka.bootstrap_servers"),
+        (lambda d: d["postgres"].pop("dsn"), "postgres.dsn"),
+        (lambda d: d.pop("projections"), "projections"),
+        (lambda d: d.update(metrics={"port": 70000}), "metrics.port"),
+        (lambda d: d.update(log={"level": "LOUD"}), "log.level"),
+    ],
+    ids=[
+        "negative-max_seq_jump",
+        "zero-max_seq_jump",
+        "zero-batch",
+        "bad-name",
+        "bad-mode",
+        "no-topics",
+        "no-handlers",
+        "missing-bootstrap_servers",
+        "missing-dsn",
+        "missing-projections",
+        "port-range",
+        "log-level",
+    ],
+)
+def test_invalid_values_name_their_key(
+    change: Callable[[dict[str, Any]], object], key: str
+) -> None:
+    """Proves each invalid or missing value is reported on a line that starts with its full
+    key path (``projections[0].max_seq_jump: ...``)."""
+    message = error_of(config_with(change))
+    assert f"\n  {key}: " in message, message
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda d: d.update(kafak={}), "kafak"),
+        (lambda d: d["kafka"].update(group_prefx="x"), "kafka.group_prefx"),
+        (lambda d: d["postgres"].update(shema="x"), "postgres.shema"),
+        (lambda d: d.update(metrics={"prot": 1}), "metrics.prot"),
+        (lambda d: d.update(log={"levle": "INFO"}), "log.levle"),
+        (lambda d: first(d).update(max_seq_jmp=5), "projections[0].max_seq_jmp"),
+    ],
+    ids=["top", "kafka", "postgres", "metrics", "log", "projection"],
+)
+def test_unknown_key_is_named(change: Callable[[dict[str, Any]], object], key: str) -> None:
+    """Proves a typo'd key anywhere is rejected (extra="forbid"), not silently ignored, and the
+    message names it with its path."""
+    message = error_of(config_with(change))
+    assert f"\n  {key}: " in message, message
+    assert "not permitted" in message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Proves one run reports all the problems it found, each with its own key."""
+    message = error_of(
+        config_with(
+            lambda d: (
+                d["kafka"].pop("bootstrap_servers"),
+                first(d).update(max_seq_jump=-1, gap_timeout="soon"),
+            )
+        )
+    )
+    assert "3 problem(s)" in message
+    for key in ("kafka.bootstrap_servers", "projections[0].max_seq_jump", "gap_timeout"):
+        assert key in message
+
+
+def test_bad_duration_names_gap_timeout() -> None:
+    """Proves an unparseable duration names its key and says how to write one."""
+    message = error_of(config_with(lambda d: first(d).update(gap_timeout="30 parsecs")))
+    assert "projections[0].gap_timeout" in message
+    assert "30 parsecs" in message
+    assert "30s" in message
+
+
+@pytest.mark.parametrize("value", ["-5s", -1, True, "5 minutes", "", "m"])
+def test_negative_and_malformed_durations_are_rejected(value: object) -> None:
+    """Proves negative, boolean and malformed durations are errors naming the key."""
+    message = error_of(config_with(lambda d: d["postgres"].update(connect_timeout=value)))
+    assert "postgres.connect_timeout" in message
+
+
+def test_duplicate_projection_names_are_rejected() -> None:
+    """Proves two projections with one name (even with distinct view schemas) are an error
+    naming the key and the duplicated value."""
+
+    def dup(d: dict[str, Any]) -> None:
+        d["projections"].append({**copy.deepcopy(first(d)), "view_schema": "other"})
+
+    message = error_of(config_with(dup))
+    assert "name" in message
+    assert "'accounts'" in message
+
+
+def test_duplicate_view_schemas_are_rejected() -> None:
+    """Proves two projections whose views would share a schema are rejected."""
+
+    def dup(d: dict[str, Any]) -> None:
+        d["projections"].append({**copy.deepcopy(first(d)), "name": "b", "view_schema": "accounts"})
+
+    message = error_of(config_with(dup))
+    assert "view_schema" in message
+    assert "'accounts'" in message
+
+
+def test_view_schema_equal_to_postgres_schema_is_rejected() -> None:
+    """Proves a projection may not put its views in projector's own schema, whether named by
+    view_schema or defaulted from the projection's name."""
+    message = error_of(config_with(lambda d: first(d).update(view_schema="projector")))
+    assert "view_schema" in message
+    assert "postgres.schema" in message
+
+    # No view_schema: it defaults to the projection's name, here equal to postgres.schema.
+    message = error_of(config_with(lambda d: d["postgres"].update(schema="accounts")))
+    assert "postgres.schema" in message
+
+
+def test_view_schema_clash_names_the_projection() -> None:
+    """Proves the view_schema/postgres.schema clash names the offending projection, so a
+    config with several projections can be fixed without guessing (here the second one,
+    whose view schema defaults to its name ``projector``)."""
+
+    def clash(d: dict[str, Any]) -> None:
+        d["projections"].append({**copy.deepcopy(first(d)), "name": "projector"})
+
+    message = error_of(config_with(clash))
+    assert "projections[1]" in message or "'projector' (projection" in message, message
+
+
+def test_sequence_mode_needs_a_seq_path() -> None:
+    """Proves sequence mode (the default) refuses a JSON decoder without ``seq``, naming the
+    projection and the topic; merge mode does not need it."""
+    message = error_of(config_with(lambda d: first(d)["decoder"].pop("seq")))
+    assert "projections[0]" in message
+    assert "decoder.seq" in message
+    assert "'accounts'" in message
+
+    def merge(d: dict[str, Any]) -> None:
+        first(d)["decoder"].pop("seq")
+        first(d)["mode"] = "merge"
+
+    assert parse_config(config_with(merge), env={}).projections[0].mode == "merge"
+
+
+def test_sequence_mode_checks_per_topic_decoders() -> None:
+    """Proves a per-topic decoder override without ``seq`` is caught in sequence mode, and one
+    naming a topic the projection does not consume is an error."""
+
+    def override(d: dict[str, Any]) -> None:
+        first(d)["topics"] = ["accounts", "replays"]
+        first(d)["decoders"] = {"replays": {"kind": "json", "stream": "s"}}
+
+    message = error_of(config_with(override))
+    assert "projections[0]" in message
+    assert "'replays'" in message
+
+    message = error_of(
+        config_with(lambda d: first(d).update(decoders={"elsewhere": {"stream": "s", "seq": "n"}}))
+    )
+    assert "elsewhere" in message
+
+
+def test_debezium_decoder_in_sequence_mode_is_rejected() -> None:
+    """Proves a Debezium decoder in sequence mode is refused with the fix (merge mode), and
+    accepted in merge mode."""
+    message = error_of(config_with(lambda d: first(d).update(decoder={"kind": "debezium"})))
+    assert "projections[0]" in message
+    assert "Debezium" in message
+    assert "merge" in message
+
+    data = config_with(lambda d: first(d).update(decoder={"kind": "debezium"}, mode="merge"))
+    assert parse_config(data, env={}).projections[0].decoder.kind == "debezium"
+
+
+@pytest.mark.parametrize("kind", ["json", "debezium"])
+def test_unknown_decoder_option_is_named(kind: str) -> None:
+    """Proves a typo in a decoder's options is rejected with the option's name and the
+    decoder's known options, at ``projections[0].decoder``."""
+
+    def typo(d: dict[str, Any]) -> None:
+        first(d)["mode"] = "merge"
+        first(d)["decoder"] = {"kind": kind, "stream": "stream", "sqe": "seq"}
+        if kind == "debezium":
+            del first(d)["decoder"]["stream"]
+
+    message = error_of(config_with(typo))
+    assert "projections[0].decoder" in message
+    assert "'sqe'" in message
+    assert "known options" in message
+
+
+def test_unknown_decoder_kind_is_rejected() -> None:
+    """Proves a decoder kind that is neither built in nor a ``module:Name`` path is an error
+    naming the decoder key."""
+    message = error_of(config_with(lambda d: first(d)["decoder"].update(kind="avro")))
+    assert "projections[0].decoder" in message
+    assert "'avro'" in message
+
+
+@pytest.mark.parametrize("path", ["not a path!", "handlers/accounts.py", "handlers.accounts:", ""])
+def test_bad_handler_path_is_named(path: str) -> None:
+    """Proves a handler entry that is not a ``module`` or ``module:function`` path names its
+    key with its list index."""
+    message = error_of(config_with(lambda d: first(d).update(handlers=["handlers.game", path])))
+    assert "projections[0].handlers[1]" in message
+    assert "module path" in message
+
+
+def test_handler_paths_that_look_right_pass_validation() -> None:
+    """Proves handler paths are only checked for shape at parse time (importing them is
+    check-config's and run's job), and ``module:function`` is accepted."""
+    config = parse_config(
+        config_with(lambda d: first(d).update(handlers=["handlers.accounts:handle", "pkg.mod"])),
+        env={},
+    )
+    assert config.projections[0].handlers == ["handlers.accounts:handle", "pkg.mod"]
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    """Proves a YAML file that is a list, a scalar or empty is a ConfigError, not a crash."""
+    for data in ([1, 2], "text", None):
+        assert "mapping" in error_of(data)
+
+
+# --- durations --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("5m", 300.0),
+        ("30s", 30.0),
+        ("1h", 3600.0),
+        ("2d", 172800.0),
+        ("1.5s", 1.5),
+        (" 10 s ", 10.0),
+        ("45", 45.0),
+        (30, 30.0),
+        (0.5, 0.5),
+    ],
+)
+def test_durations_parse(value: object, seconds: float) -> None:
+    """Proves the duration forms: a unit suffix (ms, s, m, h, d), a bare number of seconds, or
+    a YAML number."""
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+def test_durations_in_the_config_are_seconds() -> None:
+    """Proves duration keys are stored in seconds after parsing."""
+    config = parse_config(
+        config_with(lambda d: first(d).update(poll_timeout="250ms", gap_timeout="5m")), env={}
+    )
+    assert config.projections[0].poll_timeout == pytest.approx(0.25)
+    assert config.projections[0].gap_timeout == 300.0
+    config = parse_config(config_with(lambda d: first(d).update(gap_timeout=30)), env={})
+    assert config.projections[0].gap_timeout == 30.0
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dsn", "redacted"),
+    [
+        (f"postgresql://app:{SECRET}@db:5432/app", "postgresql://app:***@db:5432/app"),
+        (
+            f"postgres://app:{SECRET}@db/app?sslmode=require",
+            "postgres://app:***@db/app?sslmode=require",
+        ),
+        (
+            f"postgresql://app:{SECRET}@h1:5432,h2:5433/app",
+            "postgresql://app:***@h1:5432,h2:5433/app",
+        ),
+        (
+            f"host=db user=app password={SECRET} dbname=app",
+            "host=db user=app password=*** dbname=app",
+        ),
+        (f"host=db password = {SECRET} user=app", "host=db password = *** user=app"),
+        (f"host=db password={SECRET}", "host=db password=***"),
+        ("postgresql://app@db/app", "postgresql://app@db/app"),
+        ("host=db user=app", "host=db user=app"),
+    ],
+)
+def test_redact_hides_passwords(dsn: str, redacted: str) -> None:
+    """Proves redact() replaces the password of URL and key=value DSNs and leaves the rest
+    (and DSNs without a password) readable."""
+    assert redact(dsn) == redacted
+    assert SECRET not in redact(dsn)
+
+
+def test_redact_hides_a_quoted_password_with_spaces() -> None:
+    """Proves a libpq quoted value (``password='correct horse'``, which libpq reads as the
+    password ``correct horse``) is hidden completely."""
+    out = redact("host=db password='correct horse' user=app")
+    assert "horse" not in out
+    assert "correct" not in out
+
+
+def test_redact_hides_a_url_password_without_a_user() -> None:
+    """Proves ``postgresql://:pw@db/app`` (libpq: no user, password ``pw``) is redacted."""
+    assert SECRET not in redact(f"postgresql://:{SECRET}@db/app")
+
+
+def test_dsn_never_shows_in_repr_or_str() -> None:
+    """Proves the DSN (a SecretStr) stays out of repr(config), str(config), the postgres
+    section's repr and a JSON dump, wherever its password came from."""
+    data = config_with(lambda d: d["postgres"].update(dsn="postgresql://app:${PG_PASSWORD}@db/app"))
+    config = parse_config(data, env={"PG_PASSWORD": SECRET})
+    assert config.postgres.dsn.get_secret_value() == f"postgresql://app:{SECRET}@db/app"
+    for text in (
+        repr(config),
+        str(config),
+        repr(config.postgres),
+        str(config.postgres.dsn),
+        config.model_dump_json(),
+    ):
+        assert SECRET not in text
+        assert "db/app" not in text
+
+
+def test_validation_errors_do_not_echo_the_dsn() -> None:
+    """Proves a ConfigError about another key does not quote the DSN's password."""
+    data = config_with(
+        lambda d: (
+            d["postgres"].update(dsn=f"postgresql://app:{SECRET}@db/app", shema="x"),
+            first(d).update(max_seq_jump=-1),
+        )
+    )
+    message = error_of(data)
+    assert "postgres.shema" in message
+    assert SECRET not in message
+
+
+def test_sasl_password_never_shows_in_repr() -> None:
+    """Proves a SASL password given in ``kafka.consumer`` stays out of repr(config) and
+    str(config), as the config module promises for secrets."""
+    data = config_with(
+        lambda d: d["kafka"].update(
+            consumer={"sasl.username": "projector", "sasl.password": "${KAFKA_PASSWORD}"}
+        )
+    )
+    config = parse_config(data, env={"KAFKA_PASSWORD": SECRET})
+    assert SECRET not in repr(config)
+    assert SECRET not in str(config)
+
+
+# --- loading files ----------------------------------------------------------------------------
+
+
+def test_missing_file_is_a_config_error_naming_the_path(tmp_path: Path) -> None:
+    """Proves a config file that does not exist gives ConfigError with its path."""
+    path = tmp_path / "nowhere" / "projector.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml_is_a_config_error_naming_the_path(tmp_path: Path) -> None:
+    """Proves a file that is not YAML gives ConfigError with its path, not a yaml traceback."""
+    path = tmp_path / "projector.yaml"
+    path.write_text("kafka: [unclosed\n  bootstrap_servers: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value)
+    assert "YAML" in str(info.value)
+
+
+def test_validation_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
+    """Proves a validation error from load_config starts with the file's path, then the key."""
+    path = tmp_path / "projector.yaml"
+    path.write_text(yaml.safe_dump(config_with(lambda d: first(d).update(max_seq_jump=-3))))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: ")
+    assert "projections[0].max_seq_jump" in str(info.value)
