@@ -1,5 +1,7 @@
-"""The ``projector`` command. Each command is a thin wrapper around one function that does the
-work; configuration errors exit 2 with a message naming the key, never a traceback."""
+"""projector: build read models in PostgreSQL from Kafka event streams, in order, exactly once.
+
+Each command wraps one function that does the work. Exit codes: 0 ok, 1 failure, 2 bad
+configuration (the message names the key), 3 database schema behind (run `projector migrate`)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,18 @@
 """Gap records: one per contiguous missing range of a stream, carried across batches so a range
-that shrinks or splits keeps when it was first seen and how often its replay was requested."""
+that shrinks or splits keeps when it was first seen and how often its replay was requested; and
+the replay schedule: when a gap is due, what to do about it, when to ask again.
+
+The schedule is stored (``next_request_at``), so it survives restarts and nothing sleeps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from tenacity import RetryCallState, wait_exponential
+
+GiveUpPolicy = Literal["hold", "skip", "fail"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +24,7 @@ class Gap:
     attempts: int = 0
     last_request_at: float | None = None
     next_request_at: float | None = None
+    state: str = "open"  # open | held (given up on, policy hold) | skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +64,7 @@ def reconcile_gaps(
                     parent.attempts,
                     parent.last_request_at,
                     parent.next_request_at,
+                    parent.state,
                 )
             )
     opened = sum(
@@ -62,3 +72,53 @@ def reconcile_gaps(
     )
     closed = sum(1 for g in old if id(g) not in inherited)
     return GapChange(stream, tuple(gaps), opened, closed)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySchedule:
+    """When to ask for a gap's events: first after ``gap_timeout``, then at exponentially
+    growing intervals up to ``max_interval``; after ``give_up_after`` (if set) the policy."""
+
+    gap_timeout: float
+    max_interval: float
+    give_up_after: float | None = None
+    on_give_up: GiveUpPolicy = "hold"
+
+    def interval_after(self, attempt: int) -> float:
+        """Seconds from request number ``attempt`` (1-based) to the next one."""
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        wait = wait_exponential(multiplier=self.gap_timeout, max=self.max_interval)
+        return float(wait(state))
+
+
+Action = Literal["request", "skip", "fail"]
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """What to do with a due gap, and its record once done (for a request: one more attempt,
+    and the next request time)."""
+
+    action: Action
+    gap: Gap
+
+
+def decide(gap: Gap, schedule: ReplaySchedule, now: float) -> Due:
+    """The next step for a gap whose ``next_request_at`` has passed. Past ``give_up_after``,
+    ``skip`` and ``fail`` act, ``hold`` keeps the gap open, visible as held, and keeps asking
+    at the longest interval."""
+    given_up = schedule.give_up_after is not None and now - gap.first_seen >= schedule.give_up_after
+    if given_up and schedule.on_give_up != "hold":
+        return Due(schedule.on_give_up, gap)
+    attempt = gap.attempts + 1
+    return Due(
+        "request",
+        replace(
+            gap,
+            attempts=attempt,
+            last_request_at=now,
+            next_request_at=now + schedule.interval_after(attempt),
+            state="held" if given_up else gap.state,
+        ),
+    )

@@ -11,7 +11,9 @@ Rules (``last`` = last applied seq, ``first`` = the configured first seq):
   different payload is a conflict;
 - a larger jump, or ``seq < first``, is rejected (dead letter).
 A stream whose next event was dead-lettered (``blocked_seq``) applies nothing until the dead
-letter is retried or skipped; its later events are parked meanwhile.
+letter is retried or skipped; its later events are parked meanwhile. A gap given up on with the
+``skip`` policy is a skipped range: the stream steps over it, and an event that arrives later for
+it is rejected (counted and dead-lettered, never silently dropped).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class _Work:
 
     position: StreamPosition
     parked: dict[int, Event]
+    skipped: Sequence[tuple[int, int]] = ()
     new_parked: dict[int, Event] = field(default_factory=dict)
     apply: list[Event] = field(default_factory=list)
     unpark: list[int] = field(default_factory=list)
@@ -92,17 +95,24 @@ class _Work:
             last_hash=event.hash,
         )
 
+    def skipped_range(self, seq: int) -> tuple[int, int] | None:
+        return next(((lo, hi) for lo, hi in self.skipped if lo <= seq <= hi), None)
+
     def drain(self) -> None:
         # A blocked stream drains up to, never past, its dead-lettered seq.
         blocked = self.position.blocked_seq
-        while (nxt := self.position.last_seq + 1) != blocked and (
-            nxt in self.parked or nxt in self.new_parked
-        ):
+        while (nxt := self.position.last_seq + 1) != blocked:
             if nxt in self.new_parked:
                 self.advance(self.new_parked.pop(nxt))
-            else:
+            elif nxt in self.parked:
                 self.advance(self.parked.pop(nxt))
                 self.unpark.append(nxt)
+            elif (skip := self.skipped_range(nxt)) is not None:
+                self.position = replace(
+                    self.position, last_seq=skip[1], last_id=None, last_hash=None
+                )
+            else:
+                return
 
 
 def sequence_stream(
@@ -110,9 +120,11 @@ def sequence_stream(
     parked: Mapping[int, Event],
     incoming: Iterable[Event],
     rules: SequenceRules,
+    skipped: Sequence[tuple[int, int]] = (),
 ) -> StreamPlan:
-    """Plan one stream's batch. ``parked`` are its events already in the holding table."""
-    work = _Work(position=position, parked=dict(parked))
+    """Plan one stream's batch. ``parked`` are its events already in the holding table,
+    ``skipped`` its ranges given up on."""
+    work = _Work(position=position, parked=dict(parked), skipped=skipped)
     _release_dead_lettered(work)
     work.drain()  # parked successors of a just-retried or skipped event
     for event in incoming:
@@ -125,7 +137,7 @@ def sequence_stream(
         unpark=tuple(work.unpark),
         duplicates=work.duplicates,
         rejected=tuple(work.rejected),
-        gaps=missing_ranges(work.position, [*work.parked, *work.new_parked]),
+        gaps=missing_ranges(work.position, [*work.parked, *work.new_parked], skipped),
     )
 
 
@@ -147,6 +159,9 @@ def _place(work: _Work, event: Event, rules: SequenceRules) -> None:
                 event, "seq_below_first", f"seq {seq} is below the first seq {rules.first_seq}"
             )
         )
+    elif (skip := work.skipped_range(seq)) is not None:
+        reason = f"seq {seq} arrived after its gap {skip[0]}-{skip[1]} was skipped"
+        work.rejected.append(Rejection(event, "skipped", reason))
     elif seq <= last or seq == work.position.blocked_seq:
         _duplicate(work, event, seq)
     elif seq == last + 1:
@@ -194,10 +209,12 @@ def _park(work: _Work, event: Event, seq: int) -> None:
 
 
 def missing_ranges(
-    position: StreamPosition, parked_seqs: Iterable[int]
+    position: StreamPosition,
+    parked_seqs: Iterable[int],
+    skipped: Sequence[tuple[int, int]] = (),
 ) -> tuple[tuple[int, int], ...]:
     """The contiguous missing ranges between the last applied seq and the highest parked one.
-    A blocked seq is not missing: its dead letter holds it."""
+    A blocked seq is not missing (its dead letter holds it), nor is a skipped range."""
     present = set(parked_seqs)
     if position.blocked_seq is not None:
         present.add(position.blocked_seq)
@@ -205,9 +222,22 @@ def missing_ranges(
     expected = position.last_seq + 1
     for seq in sorted(s for s in present if s > position.last_seq):
         if seq > expected:
-            ranges.append((expected, seq - 1))
+            ranges += _minus(expected, seq - 1, skipped)
         expected = seq + 1
     return tuple(ranges)
+
+
+def _minus(lo: int, hi: int, skipped: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The range lo..hi without the skipped ranges."""
+    pieces = [(lo, hi)]
+    for s_lo, s_hi in skipped:
+        pieces = [
+            part
+            for a, b in pieces
+            for part in ((a, min(b, s_lo - 1)), (max(a, s_hi + 1), b))
+            if part[0] <= part[1]
+        ]
+    return pieces
 
 
 def group_by_stream(events: Sequence[Event]) -> dict[str, list[Event]]:

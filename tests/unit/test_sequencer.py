@@ -205,3 +205,28 @@ def test_block_further_down_the_stream_still_applies_what_comes_before_it() -> N
     assert [e.seq for e in plan.park] == [6]
     assert plan.position.last_seq == 3 and plan.position.blocked_seq == 4
     assert plan.gaps == ()
+
+
+def test_skipped_range_is_stepped_over_and_parked_successors_drain() -> None:
+    """Proves the skip policy's effect: a gap 3-4 given up on is stepped over, and the parked
+    5 and 6 apply without any new event."""
+    position = StreamPosition("s", 2, "s/2", ev(2).hash)
+    plan = sequence_stream(position, {5: ev(5), 6: ev(6)}, [], RULES, skipped=[(3, 4)])
+    assert [e.seq for e in plan.apply] == [5, 6]
+    assert plan.gaps == ()
+    assert plan.position.last_seq == 6
+
+
+def test_late_event_for_a_skipped_range_is_rejected_not_dropped() -> None:
+    """Proves an event that arrives after its gap was skipped is a dead letter (kind skipped),
+    not silently counted as a duplicate, and not applied."""
+    position = StreamPosition("s", 6, "s/6", ev(6).hash)
+    plan = sequence_stream(position, {}, [ev(4), ev(6)], RULES, skipped=[(3, 4)])
+    assert [(r.kind, r.event.seq) for r in plan.rejected] == [("skipped", 4)]
+    assert plan.duplicates == 1 and plan.apply == ()
+
+
+def test_skipped_range_is_not_a_gap() -> None:
+    """Proves a skipped range ahead of the position is not reported as missing, while the rest
+    of the hole still is."""
+    assert missing_ranges(StreamPosition("s", 1), [10], skipped=[(4, 6)]) == ((2, 3), (7, 9))
