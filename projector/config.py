@@ -90,6 +90,25 @@ class DecoderConfig(BaseModel):
         return self
 
 
+class ReplayConfig(_Strict):
+    """Where replay requests for gaps go. ``none``: gaps wait (and alert) without asking."""
+
+    channel: Literal["none", "kafka", "http"] = "none"
+    topic: str | None = None  # kafka: the request topic
+    url: str | None = None  # http: the endpoint that gets a POST per request
+    timeout: Duration = 5.0
+    # Requests are re-sent at exponentially growing intervals (gap_timeout, 2x, 4x ...) up to this.
+    max_interval: Duration = 600.0
+
+    @model_validator(mode="after")
+    def _channel_target(self) -> ReplayConfig:
+        if self.channel == "kafka" and not self.topic:
+            raise ValueError("channel kafka needs topic: the topic replay requests go to")
+        if self.channel == "http" and not self.url:
+            raise ValueError("channel http needs url: the endpoint replay requests are POSTed to")
+        return self
+
+
 def _handler_path(value: str) -> str:
     if not re.match(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$", value):
         raise ValueError(f"{value!r} is not a module path; write e.g. handlers.customers")
@@ -109,11 +128,30 @@ class ProjectionConfig(_Strict):
     max_seq_jump: int = Field(100_000, gt=0)
     batch_max_messages: int = Field(2000, gt=0, le=100_000)
     poll_timeout: Duration = 0.1
-    gap_timeout: Duration = 30.0
+    gap_timeout: Duration = Field(30.0, gt=0)
+    # After this long a gap is given up on, and on_give_up decides: hold (keep waiting, stay
+    # visible), skip (step over it, record the range) or fail (stop the projection). Unset: never.
+    give_up_after: Duration | None = None
+    on_give_up: Literal["hold", "skip", "fail"] = "hold"
+    replay: ReplayConfig = ReplayConfig()
+    # A topic the write side re-publishes requested events on; consumed too, never paused.
+    replay_topic: str | None = None
+    # Parked events allowed for the projection; at the bound its source partitions pause.
+    max_parked: int = Field(100_000, gt=0)
 
     @property
     def schema_name(self) -> str:
         return self.view_schema or self.name
+
+    @property
+    def consumed_topics(self) -> list[str]:
+        """The source topics, then the replay topic if there is one."""
+        extra = (
+            [self.replay_topic]
+            if self.replay_topic and self.replay_topic not in self.topics
+            else []
+        )
+        return [*self.topics, *extra]
 
     def decoder_for(self, topic: str) -> DecoderConfig:
         return self.decoders.get(topic, self.decoder)
@@ -122,11 +160,11 @@ class ProjectionConfig(_Strict):
     def _consistent(self) -> ProjectionConfig:
         if len(set(self.topics)) != len(self.topics):
             raise ValueError("topics lists a topic twice")
-        unknown = set(self.decoders) - set(self.topics)
+        unknown = set(self.decoders) - set(self.consumed_topics)
         if unknown:
             raise ValueError(f"decoders names topics not in topics: {sorted(unknown)}")
         if self.mode == "sequence":
-            for topic in self.topics:
+            for topic in self.consumed_topics:
                 dec = self.decoder_for(topic)
                 if dec.kind == "json" and not dec.options.get("seq"):
                     raise ValueError(

@@ -54,6 +54,7 @@ class BatchResult:
     unparked: int = 0
     gaps_opened: int = 0
     gaps_closed: int = 0
+    gaps_skipped: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     checkpoints: dict[TopicPartition, int] = field(default_factory=dict)
 
@@ -89,6 +90,15 @@ def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, int]:
         key = (m.topic, m.partition)
         out[key] = max(out.get(key, 0), m.offset + 1)
     return out
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The stored state of a batch's streams, read under their position locks."""
+
+    positions: dict[str, StreamPosition]
+    parked: dict[str, dict[int, Event]]
+    skipped: dict[str, list[tuple[int, int]]]
 
 
 class BatchApplier:
@@ -148,27 +158,40 @@ class BatchApplier:
         positions = tx.lock_positions(incoming, self.rules)
         for stream, change in overrides.items():
             positions[stream] = change(positions[stream])
-        parked = tx.load_parked(incoming)
-        plans, culprits = self._plan_and_run(tx, incoming, positions, parked)
-        self._write(tx, plans, positions, parked, culprits, result)
+        state = Loaded(positions, tx.load_parked(incoming), tx.load_skipped(incoming))
+        plans, culprits = self._plan_and_run(tx, incoming, state)
+        self._write(tx, plans, state, culprits, result)
+
+    def skip_gap(self, tx: PgBatch, gap: Gap, result: BatchResult) -> None:
+        """Give up on a gap (policy skip, or by hand): record it as skipped, then let its stream
+        step over it and drain what was parked behind it, in this transaction."""
+        tx.lock_positions([gap.stream], self.rules)
+        tx.mark_skipped(gap)
+        self.apply_events(tx, [], result, {gap.stream: lambda pos: pos})
+        result.gaps_skipped += 1
 
     def _plan_and_run(
         self,
         tx: PgBatch,
         incoming: Mapping[str, list[Event]],
-        positions: Mapping[str, StreamPosition],
-        parked: Mapping[str, Mapping[int, Event]],
+        state: Loaded,
     ) -> tuple[dict[str, StreamPlan], dict[str, DeadLetter]]:
         culprits: dict[str, DeadLetter] = {}
         while True:
             plans = {}
             for stream, arrived in incoming.items():
-                pos, evs = positions[stream], arrived
+                pos, evs = state.positions[stream], arrived
                 letter = culprits.get(stream)
                 if letter is not None and letter.event is not None:
                     pos = replace(pos, blocked_seq=letter.event.seq)
                     evs = [e for e in arrived if e is not letter.event]
-                plans[stream] = sequence_stream(pos, parked.get(stream, {}), evs, self.rules)
+                plans[stream] = sequence_stream(
+                    pos,
+                    state.parked.get(stream, {}),
+                    evs,
+                    self.rules,
+                    state.skipped.get(stream, ()),
+                )
             to_apply = [e for plan in plans.values() for e in plan.apply]
             try:
                 tx.run_handlers(self.handlers, to_apply)
@@ -210,15 +233,15 @@ class BatchApplier:
         self,
         tx: PgBatch,
         plans: Mapping[str, StreamPlan],
-        before: Mapping[str, StreamPosition],
-        parked_before: Mapping[str, Mapping[int, Event]],
+        state: Loaded,
         culprits: Mapping[str, DeadLetter],
         result: BatchResult,
     ) -> None:
+        before = state.positions
         tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
         tx.unpark((s, seq) for s, p in plans.items() for seq in p.unpark)
         tx.park(e for p in plans.values() for e in p.park)
-        self._write_gaps(tx, plans, parked_before, result)
+        self._write_gaps(tx, plans, state.parked, result)
         letters = [
             DeadLetter(r.kind, r.reason, event=r.event) for p in plans.values() for r in p.rejected
         ]

@@ -15,6 +15,7 @@ from types import FrameType
 
 from projector.config import Config
 from projector.runner.batch import Clock
+from projector.runner.gap_timer import ProjectionFailed
 from projector.runner.identity import instance_id
 from projector.runner.worker import ProjectionWorker, load_handlers, view_migrations
 from projector.store.migrate import check_schema
@@ -38,9 +39,12 @@ def run(
     projections: list[str] | None = None,
     exit_when_caught_up: bool = False,
     clock: Clock = time.time,
+    stop: threading.Event | None = None,
 ) -> int:
+    """Run the selected projections until ``stop`` is set (SIGTERM/SIGINT set it when this is
+    the main thread) or, with ``exit_when_caught_up``, until all are caught up."""
     check_ready_to_run(config)
-    stop = threading.Event()
+    stop = stop or threading.Event()
     failures: list[BaseException] = []
     instance = instance_id(config.kafka.instance_id, scope=config.kafka.group_prefix)
     selected = [p for p in config.projections if not projections or p.name in projections]
@@ -51,6 +55,10 @@ def run(
     def guarded(worker: ProjectionWorker) -> None:
         try:
             worker.run()
+        except ProjectionFailed as exc:
+            log.error("%s", exc)
+            failures.append(exc)
+            stop.set()
         except BaseException as exc:
             log.exception("projection %s failed: %s", worker.projection.name, exc)
             failures.append(exc)
@@ -60,7 +68,9 @@ def run(
         log.info("%s: finishing the current batches, then exiting", signal.Signals(signum).name)
         stop.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    in_main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     threads = [
         threading.Thread(target=guarded, args=(w,), name=f"projection-{w.projection.name}")
         for w in workers

@@ -21,11 +21,14 @@ from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder, load_decoder
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules
+from projector.replay.channels import open_channel
+from projector.runner.backpressure import BackPressure
 from projector.runner.batch import BatchApplier, BatchResult, Clock
+from projector.runner.gap_timer import GapTimer
 from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
 from projector.store.errors import Fenced
 from projector.store.migrate import ViewMigrations
-from projector.store.postgres import PostgresStore, is_transient
+from projector.store.postgres import PostgresStore, count_open_gaps, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def load_handlers(projection: ProjectionConfig) -> list[LoadedHandler]:
 def build_decoders(projection: ProjectionConfig) -> dict[str, Decoder]:
     return {
         t: load_decoder(projection.decoder_for(t).kind, projection.decoder_for(t).options)
-        for t in projection.topics
+        for t in projection.consumed_topics
     }
 
 
@@ -110,6 +113,11 @@ class ProjectionWorker:
         )
         self.applier = build_applier(config, projection, self.store, clock)
         self.decoders = build_decoders(projection)
+        self.channel = open_channel(
+            projection.replay, config.kafka.bootstrap_servers, config.kafka.producer
+        )
+        self.gap_timer = GapTimer(projection, self.store, self.applier, self.channel, clock)
+        self.backpressure = BackPressure(projection, self.store, clock)
         self.epochs: dict[TopicPartition, int] = {}
         self.stats = WorkerStats()
         self.last_loop_at = clock()
@@ -120,22 +128,25 @@ class ProjectionWorker:
         claims = self._retrying()(self.store.claim, self.projection.name, partitions, self.instance)
         self.epochs.update({tp: c.epoch for tp, c in claims.items()})
         self._assignment_seen = True
+        self.backpressure.forget_pauses()
         return {tp: c.next_offset for tp, c in claims.items()}
 
     def _revoked(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.epochs.pop(tp, None)
+        self.backpressure.forget_pauses()
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         kafka = self.config.kafka
         group = f"{kafka.group_prefix}.{self.projection.name}"
         conf = consumer_config(kafka.bootstrap_servers, group, self.instance, kafka.consumer)
-        source = KafkaSource(conf, self.projection.topics, self._claim, self._revoked)
+        topics = self.projection.consumed_topics
+        source = KafkaSource(conf, topics, self._claim, self._revoked)
         log.info(
             "projection %s: consuming %s as %s in group %s",
             self.projection.name,
-            ", ".join(self.projection.topics),
+            ", ".join(topics),
             self.instance,
             group,
         )
@@ -146,6 +157,8 @@ class ProjectionWorker:
                     break
         finally:
             source.close()
+            if self.channel is not None:
+                self.channel.close()
             self.store.close()
             log.info(
                 "projection %s stopped after %d batches: %s",
@@ -164,10 +177,16 @@ class ProjectionWorker:
             if result is not None:
                 source.commit(result.checkpoints)
                 self.stats.add(result)
+                self.backpressure.observe(result)
+        self._retrying()(self.gap_timer.tick)
+        self._retrying()(self.backpressure.update, source)
+        if messages or not (self.exit_when_caught_up and self._assignment_seen):
             return False
-        if self.exit_when_caught_up and self._assignment_seen:
-            return all(lag == 0 for lag in source.lag().values())
-        return False
+        return all(lag == 0 for lag in source.lag().values()) and not self._waiting_for_replays()
+
+    def _waiting_for_replays(self) -> bool:
+        """Open gaps a replay can still fill keep a burst run going."""
+        return self.channel is not None and count_open_gaps(self.store, self.projection.name) > 0
 
     def _apply(self, source: KafkaSource, messages: list[RawMessage]) -> BatchResult | None:
         while messages:

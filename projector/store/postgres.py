@@ -58,6 +58,15 @@ def _epoch(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
 
+_GAP_COLUMNS = (
+    "stream, from_seq, to_seq, first_seen, attempts, last_request_at, next_request_at, state"
+)
+
+
+def _gap(r: Sequence[Any]) -> Gap:
+    return Gap(r[0], r[1], r[2], r[3].timestamp(), r[4], _epoch(r[5]), _epoch(r[6]), r[7])
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     epoch: int
@@ -159,18 +168,41 @@ class PgBatch:
         return out
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
+        """The open (or held) gaps of these streams; skipped ranges are not gaps any more."""
         out: dict[str, list[Gap]] = {}
         rows = self.conn.execute(
             self._q(
-                "select stream, from_seq, to_seq, first_seen, attempts, last_request_at,"
-                " next_request_at from {s}.gaps where projection = %s and stream = any(%s)"
+                f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s and stream = any(%s)"
+                " and state <> 'skipped'"
             ),
             (self.projection, sorted(set(streams))),
         ).fetchall()
         for r in rows:
-            gap = Gap(r[0], r[1], r[2], r[3].timestamp(), r[4], _epoch(r[5]), _epoch(r[6]))
-            out.setdefault(r[0], []).append(gap)
+            out.setdefault(r[0], []).append(_gap(r))
         return out
+
+    def load_skipped(self, streams: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+        """The ranges of these streams given up on with the skip policy."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        rows = self.conn.execute(
+            self._q(
+                "select stream, from_seq, to_seq from {s}.gaps where projection = %s"
+                " and stream = any(%s) and state = 'skipped'"
+            ),
+            (self.projection, sorted(set(streams))),
+        ).fetchall()
+        for stream, lo, hi in rows:
+            out.setdefault(stream, []).append((lo, hi))
+        return out
+
+    def mark_skipped(self, gap: Gap) -> None:
+        self.conn.execute(
+            self._q(
+                "update {s}.gaps set state = 'skipped' where projection = %s and stream = %s"
+                " and from_seq = %s"
+            ),
+            (self.projection, gap.stream, gap.from_seq),
+        )
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -235,7 +267,10 @@ class PgBatch:
         if not names:
             return
         self.conn.execute(
-            self._q("delete from {s}.gaps where projection = %s and stream = any(%s)"),
+            self._q(
+                "delete from {s}.gaps where projection = %s and stream = any(%s)"
+                " and state <> 'skipped'"
+            ),
             (self.projection, names),
         )
         rows = [
@@ -248,6 +283,7 @@ class PgBatch:
                 g.attempts,
                 _ts(g.last_request_at),
                 _ts(g.next_request_at),
+                g.state,
             )
             for g in gaps
         ]
@@ -256,7 +292,8 @@ class PgBatch:
                 cur.executemany(
                     self._q(
                         "insert into {s}.gaps (projection, stream, from_seq, to_seq, first_seen, attempts,"
-                        " last_request_at, next_request_at) values (%s, %s, %s, %s, %s, %s, %s, %s)"
+                        " last_request_at, next_request_at, state)"
+                        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                     ),
                     rows,
                 )
@@ -458,3 +495,92 @@ def purge_dead_letters(store: PostgresStore, projection: str | None, include_ope
             (projection, projection, include_open),
         )
         return cur.rowcount
+
+
+def claim_due_gaps(
+    store: PostgresStore,
+    projection: str,
+    now: float,
+    limit: int,
+    decide: Callable[[Gap], tuple[str, Gap]],
+) -> list[tuple[str, Gap]]:
+    """Take the gaps whose next request time has passed, decide each, and store the new
+    schedule of those to be requested, in one transaction. ``skip locked`` and the schedule
+    moving forward make it one request per gap per attempt, whatever the number of instances.
+    The requests are sent after this commits (no lock is held over the network)."""
+    with store.conn.transaction():
+        rows = store.conn.execute(
+            store._q(
+                f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s"
+                " and state in ('open', 'held') and next_request_at <= %s"
+                " order by next_request_at limit %s for update skip locked"
+            ),
+            (projection, _ts(now), limit),
+        ).fetchall()
+        decided = [decide(_gap(r)) for r in rows]
+        updates = [
+            (
+                g.attempts,
+                _ts(g.last_request_at),
+                _ts(g.next_request_at),
+                g.state,
+                projection,
+                g.stream,
+                g.from_seq,
+            )
+            for action, g in decided
+            if action == "request"
+        ]
+        if updates:
+            with store.conn.cursor() as cur:
+                cur.executemany(
+                    store._q(
+                        "update {s}.gaps set attempts = %s, last_request_at = %s,"
+                        " next_request_at = %s, state = %s"
+                        " where projection = %s and stream = %s and from_seq = %s"
+                    ),
+                    updates,
+                )
+    return decided
+
+
+def list_gaps(
+    store: PostgresStore, projection: str | None, stream: str | None = None
+) -> list[tuple[str, Gap]]:
+    rows = store.conn.execute(
+        store._q(
+            f"select projection, {_GAP_COLUMNS} from {{s}}.gaps"
+            " where (%s::text is null or projection = %s) and (%s::text is null or stream = %s)"
+            " order by projection, first_seen, stream, from_seq"
+        ),
+        (projection, projection, stream, stream),
+    ).fetchall()
+    return [(r[0], _gap(r[1:])) for r in rows]
+
+
+def request_gaps_now(store: PostgresStore, projection: str, stream: str | None, now: float) -> int:
+    """Make open gaps due now (the daemon sends their requests on its next gap check)."""
+    with store.conn.transaction():
+        cur = store.conn.execute(
+            store._q(
+                "update {s}.gaps set next_request_at = %s where projection = %s"
+                " and (%s::text is null or stream = %s) and state in ('open', 'held')"
+            ),
+            (_ts(now), projection, stream, stream),
+        )
+        return cur.rowcount
+
+
+def count_parked(store: PostgresStore, projection: str) -> int:
+    row = store.conn.execute(
+        store._q("select count(*) from {s}.holding where projection = %s"), (projection,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def count_open_gaps(store: PostgresStore, projection: str) -> int:
+    row = store.conn.execute(
+        store._q("select count(*) from {s}.gaps where projection = %s and state = 'open'"),
+        (projection,),
+    ).fetchone()
+    return 0 if row is None else int(row[0])

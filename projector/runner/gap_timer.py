@@ -1,0 +1,124 @@
+"""The gap timer: due gaps get their replay requests, or their give-up policy.
+
+Called from the poll loop at most once per check interval; it never sleeps. The schedule lives
+in the store, so a restart keeps every gap's age and next request time, and several instances
+send one request per gap per attempt (see ``claim_due_gaps``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from projector.config import ProjectionConfig
+from projector.core.gaps import Gap, ReplaySchedule, decide
+from projector.core.replay_request import ReplayRequest
+from projector.replay.channels import ReplayChannel
+from projector.runner.batch import BatchApplier, BatchResult
+from projector.store.postgres import PostgresStore, claim_due_gaps
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class ProjectionFailed(Exception):
+    """The projection must stop (a gap given up on with the ``fail`` policy)."""
+
+
+def schedule_for(projection: ProjectionConfig) -> ReplaySchedule:
+    return ReplaySchedule(
+        projection.gap_timeout,
+        projection.replay.max_interval,
+        projection.give_up_after,
+        projection.on_give_up,
+    )
+
+
+class GapTimer:
+    def __init__(
+        self,
+        projection: ProjectionConfig,
+        store: PostgresStore,
+        applier: BatchApplier,
+        channel: ReplayChannel | None,
+        clock: Clock,
+    ):
+        self.projection = projection
+        self.store = store
+        self.applier = applier
+        self.channel = channel
+        self.clock = clock
+        self.schedule = schedule_for(projection)
+        # Check often enough that a request is never more than a quarter timeout late.
+        self.interval = min(1.0, projection.gap_timeout / 4)
+        self.next_check = 0.0
+        self.outcomes: Counter[str] = Counter()
+
+    def tick(self) -> None:
+        now = self.clock()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.interval
+        decided = claim_due_gaps(
+            self.store, self.projection.name, now, 500, lambda g: _decision(g, self.schedule, now)
+        )
+        requests = [
+            ReplayRequest.for_gap(self.projection.name, g, now)
+            for a, g in decided
+            if a == "request"
+        ]
+        self._send(requests)
+        for action, gap in decided:
+            if action == "skip":
+                self._skip(gap, now)
+            elif action == "fail":
+                raise ProjectionFailed(
+                    f"projection {self.projection.name}: gap {gap.from_seq}-{gap.to_seq} of stream"
+                    f" {gap.stream} is still open after {now - gap.first_seen:.0f}s"
+                    f" (give_up_after {self.projection.give_up_after:.0f}s, on_give_up: fail)"
+                )
+
+    def _send(self, requests: list[ReplayRequest]) -> None:
+        if not requests:
+            return
+        if self.channel is None:
+            for r in requests:
+                log.warning(
+                    "projection %s: gap %s %d-%d still open (no replay channel configured)",
+                    self.projection.name,
+                    r.stream,
+                    r.from_seq,
+                    r.to_seq,
+                )
+            self.outcomes["no_channel"] += len(requests)
+            return
+        failed = self.channel.send(requests)
+        self.outcomes["failed"] += len(failed)
+        self.outcomes["sent"] += len(requests) - len(failed)
+        log.info(
+            "projection %s: requested replay of %d gap(s), %d failed",
+            self.projection.name,
+            len(requests),
+            len(failed),
+        )
+
+    def _skip(self, gap: Gap, now: float) -> None:
+        log.warning(
+            "projection %s: skipping gap %d-%d of stream %s after %.0fs (on_give_up: skip)",
+            self.projection.name,
+            gap.from_seq,
+            gap.to_seq,
+            gap.stream,
+            now - gap.first_seen,
+        )
+        result = BatchResult()
+        with self.store.batch(self.projection.name, self.projection.schema_name) as tx:
+            self.applier.skip_gap(tx, gap, result)
+        self.outcomes["skipped"] += 1
+
+
+def _decision(gap: Gap, schedule: ReplaySchedule, now: float) -> tuple[str, Gap]:
+    due = decide(gap, schedule, now)
+    return due.action, due.gap
