@@ -8,26 +8,40 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from confluent_kafka import KafkaException
+from rich.console import Console
+from rich.table import Table
 
 from projector.config import Config, ConfigError, ProjectionConfig, load_config, redact
+from projector.core.gaps import Gap
 from projector.logs import setup_logging
+from projector.replay.responder import ReplayResponder, respond
 from projector.runner.daemon import run as run_daemon
 from projector.runner.dead_letters import resolve
+from projector.runner.operations import ProjectionStatus, gaps, skip_gaps, status
 from projector.runner.worker import build_decoders, check_supported, load_handlers, view_migrations
 from projector.store.errors import SchemaBehind, StoreError
 from projector.store.migrate import check_schema
 from projector.store.migrate import migrate as do_migrate
-from projector.store.postgres import PostgresStore, list_dead_letters, purge_dead_letters
+from projector.store.postgres import (
+    PostgresStore,
+    list_dead_letters,
+    purge_dead_letters,
+    request_gaps_now,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 dead_letters_app = typer.Typer(
     no_args_is_help=True, help="List, retry, skip and purge dead letters."
 )
 app.add_typer(dead_letters_app, name="dead-letters")
+gaps_app = typer.Typer(no_args_is_help=True, help="List gaps, request their replay now, skip one.")
+app.add_typer(gaps_app, name="gaps")
 
 ConfigOpt = Annotated[
     Path,
@@ -59,6 +73,8 @@ def _guard(fn: Callable[[], T]) -> T:
         raise _fail(str(exc)) from None
     except StoreError as exc:
         raise _fail(str(exc), 1) from None
+    except KafkaException as exc:
+        raise _fail(f"Kafka: {exc}", 1) from None
 
 
 def _with_store(cfg: Config, work: Callable[[PostgresStore], T]) -> T:
@@ -234,6 +250,259 @@ def dead_letters_purge(
         lambda: _with_store(cfg, lambda s: purge_dead_letters(s, projection, include_open))
     )
     typer.echo(f"purged {count} dead letter(s)")
+
+
+def _human(seconds: float) -> str:
+    """A duration as people read it: 42s, 3m12s, 2h05m, 3d04h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _gap_item(projection: str, g: Gap, now: float) -> dict[str, Any]:
+    due = None if g.next_request_at is None or g.state == "skipped" else g.next_request_at
+    return {
+        "projection": projection,
+        "stream": g.stream,
+        "from_seq": g.from_seq,
+        "to_seq": g.to_seq,
+        "state": g.state,
+        "first_seen": _iso(g.first_seen),
+        "age_s": round(now - g.first_seen, 1),
+        "attempts": g.attempts,
+        "last_request_at": _iso(g.last_request_at),
+        "next_request_at": _iso(due),
+        "next_request_in_s": None if due is None else round(max(0.0, due - now), 1),
+    }
+
+
+def _gap_line(item: dict[str, Any], g: Gap, now: float) -> str:
+    last = "never" if g.last_request_at is None else f"{_human(now - g.last_request_at)} ago"
+    wait = item["next_request_in_s"]
+    upcoming = "-" if wait is None else ("due now" if wait <= 0 else f"in {_human(wait)}")
+    return (
+        f"{item['projection']} {g.stream} {g.from_seq}-{g.to_seq} {g.state}:"
+        f" age {_human(now - g.first_seen)}, {g.attempts} attempt(s),"
+        f" last request {last}, next request {upcoming}"
+    )
+
+
+@gaps_app.command("list")
+def gaps_list(
+    config: ConfigOpt = Path("projector.yaml"),
+    projection: Annotated[str | None, typer.Option("--projection", "-p")] = None,
+    stream: Annotated[str | None, typer.Option("--stream", help="Only this stream.")] = None,
+    include_skipped: Annotated[
+        bool, typer.Option("--all", help="Also the ranges given up on (skipped).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List open gaps: range, state, age, replay requests so far, the next one."""
+    cfg = _config(config)
+    if projection:
+        _guard(lambda: cfg.projection(projection))
+    found = _guard(lambda: _with_store(cfg, lambda s: gaps(s, projection, stream, include_skipped)))
+    now = time.time()
+    items = [_gap_item(p, g, now) for p, g in found]
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    for item, (_, g) in zip(items, found, strict=True):
+        typer.echo(_gap_line(item, g, now))
+    typer.echo(f"{len(items)} gap(s)")
+
+
+@gaps_app.command("request")
+def gaps_request(
+    projection: ProjectionOpt,
+    config: ConfigOpt = Path("projector.yaml"),
+    stream: Annotated[str | None, typer.Option("--stream", help="Only this stream.")] = None,
+) -> None:
+    """Make open gaps due now: the daemon requests their replay on its next gap check."""
+    cfg = _config(config)
+    proj = _guard(lambda: cfg.projection(projection))
+    count = _guard(
+        lambda: _with_store(cfg, lambda s: request_gaps_now(s, proj.name, stream, time.time()))
+    )
+    typer.echo(f"{count} gap(s) of {proj.name} due now: the daemon requests them on its next check")
+    if count and proj.replay.channel == "none":
+        typer.echo(
+            f"note: {proj.name} has no replay channel (replay.channel: none): no request goes out"
+        )
+
+
+@gaps_app.command("skip")
+def gaps_skip(
+    projection: ProjectionOpt,
+    stream: Annotated[str, typer.Option("--stream", help="The stream whose gap to skip.")],
+    config: ConfigOpt = Path("projector.yaml"),
+    from_seq: Annotated[
+        int | None, typer.Option("--from-seq", help="Only the gap holding this seq.")
+    ] = None,
+) -> None:
+    """Give up on a stream's gaps by hand: record them as skipped and apply what was parked
+    behind them (one transaction per gap). A late event for a skipped range is dead-lettered."""
+    cfg = _config(config)
+    _setup_logging(cfg)
+    outcomes = _guard(
+        lambda: _with_store(
+            cfg, lambda s: skip_gaps(cfg, s, projection, stream, from_seq, time.time)
+        )
+    )
+    for o in outcomes:
+        if not o.skipped:
+            typer.echo(f"{o.stream} {o.listed[0]}-{o.listed[1]}: no longer open (filled meanwhile)")
+        for lo, hi in o.skipped:
+            typer.echo(f"skipped {o.stream} {lo}-{hi}")
+        if o.skipped:
+            typer.echo(
+                f"{o.stream}: applied {o.drained} parked event(s), {o.dead_letters} dead letter(s)"
+            )
+    if not outcomes:
+        where = "" if from_seq is None else f" holding seq {from_seq}"
+        typer.echo(f"no open gap of {stream}{where} in {projection}", err=True)
+    raise typer.Exit(0 if any(o.skipped for o in outcomes) else 1)
+
+
+def _status_item(st: ProjectionStatus, now: float) -> dict[str, Any]:
+    oldest = st.oldest_gap_first_seen
+    return {
+        "projection": st.projection,
+        "lag": st.lag,
+        "partitions": [
+            {
+                "topic": p.topic,
+                "partition": p.partition,
+                "low": p.low,
+                "high": p.high,
+                "checkpoint": p.checkpoint,
+                "lag": p.lag,
+            }
+            for p in st.partitions
+        ],
+        "unavailable_topics": st.unavailable_topics,
+        "parked": st.parked,
+        "open_gaps": st.open_gaps,
+        "held_gaps": st.held_gaps,
+        "oldest_gap_age_s": None if oldest is None else round(now - oldest, 1),
+        "dead_letters": st.dead_letters,
+    }
+
+
+def _status_tables(items: list[dict[str, Any]]) -> list[Table]:
+    summary = Table("projection", "lag", "parked", "open gaps", "oldest gap", "dead letters")
+    lags = Table("projection", "topic", "partition", "checkpoint", "high", "lag", title="lag")
+    for i in items:
+        age = i["oldest_gap_age_s"]
+        gaps_text = f"{i['open_gaps']}" + (f" ({i['held_gaps']} held)" if i["held_gaps"] else "")
+        summary.add_row(
+            i["projection"],
+            str(i["lag"]),
+            str(i["parked"]),
+            gaps_text,
+            "-" if age is None else _human(age),
+            str(i["dead_letters"]),
+        )
+        for p in i["partitions"]:
+            checkpoint = "-" if p["checkpoint"] is None else str(p["checkpoint"])
+            lags.add_row(
+                i["projection"],
+                p["topic"],
+                str(p["partition"]),
+                checkpoint,
+                str(p["high"]),
+                str(p["lag"]),
+            )
+        for topic, why in i["unavailable_topics"].items():
+            lags.add_row(i["projection"], topic, "-", "-", "-", f"unavailable: {why}")
+    return [summary, lags]
+
+
+@app.command("status")
+def status_cmd(
+    config: ConfigOpt = Path("projector.yaml"),
+    projection: Annotated[str | None, typer.Option("--projection", "-p")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Per projection: consumer lag (per partition and total), parked events, open gaps and the
+    oldest one's age, open dead letters. Reads only; safe while the daemon runs."""
+    cfg = _config(config)
+    found = _guard(lambda: _with_store(cfg, lambda s: status(cfg, s, projection)))
+    now = time.time()
+    items = [_status_item(st, now) for st in found]
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    console = Console()
+    for table in _status_tables(items):
+        console.print(table)
+
+
+@app.command("replay-responder")
+def replay_responder(
+    bootstrap: Annotated[
+        str, typer.Option("--bootstrap", envvar="PROJECTOR_RESPONDER_BOOTSTRAP", help="Kafka.")
+    ],
+    dsn: Annotated[
+        str,
+        typer.Option(
+            "--dsn", envvar="PROJECTOR_RESPONDER_DSN", help="The event store's PostgreSQL DSN."
+        ),
+    ],
+    target_topic: Annotated[
+        str,
+        typer.Option(
+            "--target-topic", help="Where replayed events go: the replay topic or source topic."
+        ),
+    ],
+    requests_topic: Annotated[
+        str | None,
+        typer.Option("--requests-topic", help="The topic requests arrive on (replay.topic)."),
+    ] = None,
+    group: Annotated[str, typer.Option(help="The responder's consumer group.")] = (
+        "projector-replay-responder"
+    ),
+    schema: Annotated[str, typer.Option(help="The event store table's schema.")] = "public",
+    table: Annotated[str, typer.Option(help="The event store table.")] = "event_store",
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http", metavar="HOST:PORT", help="Answer HTTP POSTs instead of consuming Kafka."
+        ),
+    ] = None,
+    exit_when_idle: Annotated[
+        bool, typer.Option("--exit-when-idle", help="Exit once no request came for a while.")
+    ] = False,
+    idle_seconds: Annotated[
+        float, typer.Option("--idle-seconds", help="How long is a while.")
+    ] = 5.0,
+) -> None:
+    """The reference write side: serve replay requests from an event-store table in PostgreSQL
+    by re-publishing the requested events to Kafka (see docs/replay.md). Exits on SIGTERM."""
+    setup_logging("INFO")
+    if (requests_topic is None) == (http is None):
+        raise _fail("give either --requests-topic (Kafka channel) or --http HOST:PORT")
+    responder = _guard(
+        lambda: ReplayResponder(
+            bootstrap,
+            dsn,
+            target_topic,
+            requests_topic=requests_topic,
+            group=group,
+            schema=schema,
+            table=table,
+        )
+    )
+    _guard(lambda: respond(responder, http, idle_seconds if exit_when_idle else None))
 
 
 def main() -> None:

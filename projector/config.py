@@ -181,6 +181,12 @@ class MetricsConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9400, ge=0, le=65535)
+    # /healthz turns 503 when a projection's poll loop has not gone round for this long.
+    stall_after: Duration = Field(60.0, gt=0)
+    # /readyz: every assigned partition within this many messages of its end, and no gap
+    # older than ready_max_gap_age (unset: gaps do not affect readiness).
+    ready_max_lag: int = Field(1000, ge=0)
+    ready_max_gap_age: Duration | None = 300.0
 
 
 class LogConfig(_Strict):

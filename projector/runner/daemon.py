@@ -14,12 +14,14 @@ import time
 from types import FrameType
 
 from projector.config import Config
+from projector.metrics import Metrics, StoreCollector
 from projector.runner.batch import Clock
 from projector.runner.gap_timer import ProjectionFailed
 from projector.runner.identity import instance_id
+from projector.runner.ops_server import OpsServer
 from projector.runner.worker import ProjectionWorker, load_handlers, view_migrations
 from projector.store.migrate import check_schema
-from projector.store.postgres import PostgresStore
+from projector.store.postgres import PostgresStore, projection_figures
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,120 @@ def check_ready_to_run(config: Config) -> None:
         store.close()
 
 
+class Daemon:
+    """The worker threads of the selected projections, and the ops HTTP server."""
+
+    def __init__(
+        self,
+        config: Config,
+        projections: list[str] | None = None,
+        exit_when_caught_up: bool = False,
+        clock: Clock = time.time,
+        stop: threading.Event | None = None,
+        metrics: Metrics | None = None,
+    ):
+        check_ready_to_run(config)
+        self.config = config
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.metrics = metrics or Metrics()
+        self.failures: list[BaseException] = []
+        instance = instance_id(config.kafka.instance_id, scope=config.kafka.group_prefix)
+        selected = [p for p in config.projections if not projections or p.name in projections]
+        self.workers = [
+            ProjectionWorker(
+                config, p, instance, self.stop, clock, exit_when_caught_up, self.metrics
+            )
+            for p in selected
+        ]
+        self._figures_store = PostgresStore(
+            config.postgres.dsn.get_secret_value(), config.postgres.schema_
+        )
+        self.collector = StoreCollector(
+            self._figures_store,
+            [w.projection.name for w in self.workers],
+            projection_figures,
+            clock,
+        )
+        self.metrics.registry.register(self.collector)
+        self.ops: OpsServer | None = None
+        if config.metrics.enabled:
+            m = config.metrics
+            self.ops = OpsServer(m.host, m.port, self.metrics.registry, self.healthy, self.ready)
+
+    def healthy(self) -> tuple[bool, str]:
+        """Every poll loop went round within ``stall_after``."""
+        limit = self.config.metrics.stall_after
+        now = time.monotonic()
+        stalled = [w.projection.name for w in self.workers if now - w.heartbeat > limit]
+        if stalled:
+            return False, f"poll loop stalled for more than {limit:.0f}s: {', '.join(stalled)}"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Every projection caught up (within ready_max_lag) and no gap older than
+        ready_max_gap_age."""
+        reasons = [w.ready() for w in self.workers]
+        max_age = self.config.metrics.ready_max_gap_age
+        if max_age is not None:
+            with self.collector.lock:
+                figures = projection_figures(
+                    self._figures_store, [w.projection.name for w in self.workers], self.clock()
+                )
+            reasons += [
+                (
+                    False,
+                    f"{f.projection}: a gap is {f.oldest_gap_age:.0f}s old (ready_max_gap_age {max_age:.0f}s)",
+                )
+                for f in figures
+                if f.oldest_gap_age > max_age
+            ]
+        not_ready = [reason for ok, reason in reasons if not ok]
+        return (False, "; ".join(not_ready)) if not_ready else (True, "ready")
+
+    def run(self) -> int:
+        in_main = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
+        previous = {s: signal.signal(s, self._on_signal) for s in signals}
+        threads = [
+            threading.Thread(
+                target=self._guarded, args=(w,), name=f"projection-{w.projection.name}"
+            )
+            for w in self.workers
+        ]
+        if self.ops is not None:
+            self.ops.start()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)  # join with a timeout so signals reach the main thread
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.ops is not None:
+                self.ops.stop()
+            self._figures_store.close()
+        return 1 if self.failures else 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: finishing the current batches, then exiting", signal.Signals(signum).name)
+        self.stop.set()
+
+    def _guarded(self, worker: ProjectionWorker) -> None:
+        try:
+            worker.run()
+        except ProjectionFailed as exc:
+            log.error("%s", exc)
+            self.failures.append(exc)
+            self.stop.set()
+        except BaseException as exc:
+            log.exception("projection %s failed: %s", worker.projection.name, exc)
+            self.failures.append(exc)
+            self.stop.set()
+
+
 def run(
     config: Config,
     projections: list[str] | None = None,
@@ -43,45 +159,4 @@ def run(
 ) -> int:
     """Run the selected projections until ``stop`` is set (SIGTERM/SIGINT set it when this is
     the main thread) or, with ``exit_when_caught_up``, until all are caught up."""
-    check_ready_to_run(config)
-    stop = stop or threading.Event()
-    failures: list[BaseException] = []
-    instance = instance_id(config.kafka.instance_id, scope=config.kafka.group_prefix)
-    selected = [p for p in config.projections if not projections or p.name in projections]
-    workers = [
-        ProjectionWorker(config, p, instance, stop, clock, exit_when_caught_up) for p in selected
-    ]
-
-    def guarded(worker: ProjectionWorker) -> None:
-        try:
-            worker.run()
-        except ProjectionFailed as exc:
-            log.error("%s", exc)
-            failures.append(exc)
-            stop.set()
-        except BaseException as exc:
-            log.exception("projection %s failed: %s", worker.projection.name, exc)
-            failures.append(exc)
-            stop.set()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s: finishing the current batches, then exiting", signal.Signals(signum).name)
-        stop.set()
-
-    in_main = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
-    previous = {s: signal.signal(s, on_signal) for s in signals}
-    threads = [
-        threading.Thread(target=guarded, args=(w,), name=f"projection-{w.projection.name}")
-        for w in workers
-    ]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(timeout=0.5)  # join with a timeout so signals reach the main thread
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 1 if failures else 0
+    return Daemon(config, projections, exit_when_caught_up, clock, stop).run()

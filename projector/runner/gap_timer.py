@@ -44,7 +44,9 @@ class GapTimer:
         applier: BatchApplier,
         channel: ReplayChannel | None,
         clock: Clock,
+        report: Callable[[str, int, BatchResult | None], None] = lambda *_: None,
     ):
+        self.report = report
         self.projection = projection
         self.store = store
         self.applier = applier
@@ -93,10 +95,15 @@ class GapTimer:
                     r.to_seq,
                 )
             self.outcomes["no_channel"] += len(requests)
+            self.report("no_channel", len(requests), None)
             return
         failed = self.channel.send(requests)
         self.outcomes["failed"] += len(failed)
         self.outcomes["sent"] += len(requests) - len(failed)
+        if failed:
+            self.report("failed", len(failed), None)
+        if len(requests) > len(failed):
+            self.report("sent", len(requests) - len(failed), None)
         log.info(
             "projection %s: requested replay of %d gap(s), %d failed",
             self.projection.name,
@@ -117,6 +124,7 @@ class GapTimer:
         with self.store.batch(self.projection.name, self.projection.schema_name) as tx:
             self.applier.skip_gap(tx, gap, result)
         self.outcomes["skipped"] += 1
+        self.report("skipped", 0, result)
 
 
 def _decision(gap: Gap, schedule: ReplaySchedule, now: float) -> tuple[str, Gap]:

@@ -21,10 +21,12 @@ from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder, load_decoder
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules
+from projector.metrics import Metrics
 from projector.replay.channels import open_channel
 from projector.runner.backpressure import BackPressure
 from projector.runner.batch import BatchApplier, BatchResult, Clock
 from projector.runner.gap_timer import GapTimer
+from projector.runner.progress import PartitionProgress
 from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
 from projector.store.errors import Fenced
 from projector.store.migrate import ViewMigrations
@@ -99,8 +101,10 @@ class ProjectionWorker:
         stop: threading.Event,
         clock: Clock = time.time,
         exit_when_caught_up: bool = False,
+        metrics: Metrics | None = None,
     ):
         self.config = config
+        self.metrics = metrics or Metrics()
         self.projection = projection
         self.instance = instance
         self.stop = stop
@@ -116,18 +120,21 @@ class ProjectionWorker:
         self.channel = open_channel(
             projection.replay, config.kafka.bootstrap_servers, config.kafka.producer
         )
-        self.gap_timer = GapTimer(projection, self.store, self.applier, self.channel, clock)
+        self.gap_timer = GapTimer(
+            projection, self.store, self.applier, self.channel, clock, self._count_requests
+        )
         self.backpressure = BackPressure(projection, self.store, clock)
+        self.progress = PartitionProgress()
         self.epochs: dict[TopicPartition, int] = {}
         self.stats = WorkerStats()
-        self.last_loop_at = clock()
-        self._assignment_seen = False
+        self.heartbeat = time.monotonic()  # real time: a stalled loop is a real-time matter
+        self.metrics.gap_timeout.labels(projection.name).set(projection.gap_timeout)
 
     # -- rebalance hooks (called inside poll) -------------------------------------------------
     def _claim(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int | None]:
         claims = self._retrying()(self.store.claim, self.projection.name, partitions, self.instance)
         self.epochs.update({tp: c.epoch for tp, c in claims.items()})
-        self._assignment_seen = True
+        self.progress.assignment_seen = True
         self.backpressure.forget_pauses()
         return {tp: c.next_offset for tp, c in claims.items()}
 
@@ -135,6 +142,8 @@ class ProjectionWorker:
         for tp in partitions:
             self.epochs.pop(tp, None)
         self.backpressure.forget_pauses()
+        self.progress.revoked(partitions)
+        self.metrics.forget_partitions(self.projection.name, partitions)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -152,7 +161,8 @@ class ProjectionWorker:
         )
         try:
             while not self.stop.is_set():
-                self.last_loop_at = self.clock()
+                self.heartbeat = time.monotonic()
+                self.metrics.last_loop.labels(self.projection.name).set_to_current_time()
                 if self._step(source):
                     break
         finally:
@@ -173,16 +183,38 @@ class ProjectionWorker:
         # Messages of a partition revoked during this poll are not ours to apply.
         messages = [m for m in messages if (m.topic, m.partition) in self.epochs]
         if messages:
+            started = time.monotonic()
             result = self._apply(source, messages)
             if result is not None:
                 source.commit(result.checkpoints)
-                self.stats.add(result)
-                self.backpressure.observe(result)
+                self._record(messages, result, time.monotonic() - started)
         self._retrying()(self.gap_timer.tick)
         self._retrying()(self.backpressure.update, source)
-        if messages or not (self.exit_when_caught_up and self._assignment_seen):
+        self.metrics.backpressure.labels(self.projection.name).set(int(self.backpressure.active))
+        idle = not messages
+        if self.progress.refresh(source, force=idle and self.exit_when_caught_up):
+            self.metrics.set_lag(self.projection.name, self.progress.lag, self.progress.ages())
+        if not (idle and self.exit_when_caught_up and self.progress.assignment_seen):
             return False
-        return all(lag == 0 for lag in source.lag().values()) and not self._waiting_for_replays()
+        return all(n == 0 for n in self.progress.lag.values()) and not self._waiting_for_replays()
+
+    def _record(self, messages: list[RawMessage], result: BatchResult, seconds: float) -> None:
+        """After the commit: totals, back-pressure count, progress and metrics."""
+        self.stats.add(result)
+        self.backpressure.observe(result)
+        self.progress.applied(messages)
+        self.metrics.record_batch(self.projection.name, result, seconds)
+
+    def _count_requests(self, outcome: str, count: int, skipped: BatchResult | None) -> None:
+        if count:
+            self.metrics.replay_requests.labels(self.projection.name, outcome).inc(count)
+        if skipped is not None:
+            self.metrics.record_gaps(self.projection.name, skipped)
+
+    def ready(self) -> tuple[bool, str]:
+        """Caught up within ready_max_lag, and no gap older than ready_max_gap_age."""
+        ok, reason = self.progress.caught_up(self.config.metrics.ready_max_lag)
+        return ok, f"{self.projection.name}: {reason}"
 
     def _waiting_for_replays(self) -> bool:
         """Open gaps a replay can still fill keep a burst run going."""

@@ -44,6 +44,9 @@ def consumer_config(
         # Transactional producers' aborted messages must never reach a view.
         "isolation.level": "read_committed",
         "enable.partition.eof": False,
+        # A broker query (end offsets for lag) waits behind an in-flight fetch on the same
+        # connection; librdkafka's 500 ms default made each such query that slow.
+        "fetch.wait.max.ms": 100,
         "client.id": f"projector-{instance_id}",
     }
     conf.update(extra)
@@ -141,14 +144,20 @@ class KafkaSource:
         if tps:
             self._consumer.resume(tps)
 
-    def lag(self) -> dict[TopicPartition, int]:
-        """Per assigned partition: high watermark minus the next offset to read (0 when caught
-        up). Asks the broker; call it when idle, not per batch."""
+    def lag(self, cached: bool = True) -> dict[TopicPartition, int]:
+        """Per assigned partition: end offset minus the next offset to read (0 when caught up).
+        ``cached`` uses the end offsets of the last fetch responses (free); otherwise the broker
+        is asked, which waits behind an in-flight fetch (up to fetch.wait.max.ms) per partition.
+        A partition not fetched yet is always asked about."""
         out: dict[TopicPartition, int] = {}
         tps = [KafkaTopicPartition(t, p) for t, p in sorted(self.assigned)]
         for tp in self._consumer.position(tps) if tps else []:
             key = (tp.topic, tp.partition)
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            low, high = (
+                self._consumer.get_watermark_offsets(tp, cached=True) if cached else (-1, -1)
+            )
+            if high < 0:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
             # librdkafka's position also steps over transaction markers, which our own count
             # of consumed messages cannot see.
             candidates = [o for o in (self._next.get(key), tp.offset) if o is not None and o >= 0]

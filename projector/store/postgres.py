@@ -584,3 +584,59 @@ def count_open_gaps(store: PostgresStore, projection: str) -> int:
         (projection,),
     ).fetchone()
     return 0 if row is None else int(row[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionFigures:
+    """What a dashboard shows of a projection, from the store."""
+
+    projection: str
+    parked: int
+    open_gaps: int
+    oldest_gap_age: float
+    dead_letters: int
+
+
+def projection_figures(
+    store: PostgresStore, projections: Sequence[str], now: float
+) -> list[ProjectionFigures]:
+    """Parked events, open gaps with the oldest one's age (by the daemon's clock), and open dead
+    letters, per projection, in one round trip."""
+    rows = store.conn.execute(
+        store._q(
+            "select p.name,"
+            " (select count(*) from {s}.holding h where h.projection = p.name),"
+            " (select count(*) from {s}.gaps g where g.projection = p.name and g.state <> 'skipped'),"
+            " (select min(first_seen) from {s}.gaps g where g.projection = p.name and g.state <> 'skipped'),"
+            " (select count(*) from {s}.dead_letters d where d.projection = p.name and d.status = 'open')"
+            " from unnest(%s::text[]) as p(name)"
+        ),
+        (list(projections),),
+    ).fetchall()
+    return [
+        ProjectionFigures(
+            r[0], r[1], r[2], 0.0 if r[3] is None else max(0.0, now - r[3].timestamp()), r[4]
+        )
+        for r in rows
+    ]
+
+
+def gap_summary(store: PostgresStore, projection: str) -> tuple[int, int, float | None]:
+    """A projection's open gaps, how many of them are held (given up on, policy hold), and
+    when the oldest was first seen."""
+    row = store.conn.execute(
+        store._q(
+            "select count(*), count(*) filter (where state = 'held'), min(first_seen)"
+            " from {s}.gaps where projection = %s and state in ('open', 'held')"
+        ),
+        (projection,),
+    ).fetchone()
+    return (0, 0, None) if row is None else (int(row[0]), int(row[1]), _epoch(row[2]))
+
+
+def count_open_dead_letters(store: PostgresStore, projection: str) -> int:
+    row = store.conn.execute(
+        store._q("select count(*) from {s}.dead_letters where projection = %s and status = 'open'"),
+        (projection,),
+    ).fetchone()
+    return 0 if row is None else int(row[0])

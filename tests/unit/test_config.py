@@ -15,7 +15,11 @@ from projector.config import (
     Config,
     ConfigError,
     KafkaConfig,
+    LogConfig,
+    MetricsConfig,
+    PostgresConfig,
     ProjectionConfig,
+    ReplayConfig,
     load_config,
     parse_config,
     parse_duration,
@@ -141,9 +145,10 @@ def test_example_config_documents_every_key() -> None:
 
     assert set(raw) == keys(Config)
     assert set(raw["kafka"]) == keys(KafkaConfig)
-    assert set(raw["postgres"]) == {"dsn", "schema", "connect_timeout"}
-    assert set(raw["metrics"]) == {"enabled", "host", "port"}
-    assert set(raw["log"]) == {"level", "format"}
+    assert set(raw["postgres"]) == keys(PostgresConfig)
+    assert set(raw["metrics"]) == keys(MetricsConfig)
+    assert set(raw["log"]) == keys(LogConfig)
+    assert set(raw["projections"][0]["replay"]) == keys(ReplayConfig)
     assert set(raw["projections"][0]) == keys(ProjectionConfig)
 
 

@@ -1,0 +1,188 @@
+"""Prometheus metrics, prefix ``projector_``. Labels are bounded: projection, topic, partition,
+kind, outcome; never a stream id.
+
+Counters and histograms are recorded by the runner after each batch commits. Projection-wide
+figures (parked events, open gaps, the oldest gap's age, open dead letters) are read from the
+store at scrape time by :class:`StoreCollector`, so every instance reports the same truth and
+nothing is kept by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from projector import __version__
+
+if TYPE_CHECKING:
+    from projector.runner.batch import BatchResult
+    from projector.store.postgres import PostgresStore, ProjectionFigures
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+class Metrics:
+    """The daemon's metrics in one registry (a fresh one per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r, p = self.registry, ["projection"]
+        self.events = Counter(
+            "projector_events", "Events by what happened to them.", [*p, "outcome"], registry=r
+        )
+        self.dead_letters = Counter(
+            "projector_dead_letters", "Dead letters recorded.", [*p, "kind"], registry=r
+        )
+        self.gaps = Counter("projector_gaps", "Gap ranges by event.", [*p, "event"], registry=r)
+        self.replay_requests = Counter(
+            "projector_replay_requests", "Replay requests by outcome.", [*p, "outcome"], registry=r
+        )
+        self.batch_size = Histogram(
+            "projector_batch_size_messages",
+            "Messages per applied batch.",
+            p,
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+            registry=r,
+        )
+        self.apply_seconds = Histogram(
+            "projector_batch_apply_seconds",
+            "Time to apply one batch, its transaction included.",
+            p,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.lag_messages = Gauge(
+            "projector_consumer_lag_messages",
+            "Messages not yet applied per partition (end offset minus position); 0 caught up.",
+            [*p, "topic", "partition"],
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "projector_consumer_lag_seconds",
+            "Age of the newest applied message's timestamp while behind; 0 when caught up.",
+            [*p, "topic", "partition"],
+            registry=r,
+        )
+        self.gap_timeout = Gauge(
+            "projector_gap_timeout_seconds", "The configured gap_timeout.", p, registry=r
+        )
+        self.backpressure = Gauge(
+            "projector_backpressure",
+            "1 while max_parked holds the projection's source partitions paused (or would).",
+            p,
+            registry=r,
+        )
+        self.last_loop = Gauge(
+            "projector_loop_last_run_timestamp_seconds",
+            "When the projection's poll loop last went round (staleness means a stalled loop).",
+            p,
+            registry=r,
+        )
+        info = Gauge("projector_build_info", "projector's version.", ["version"], registry=r)
+        info.labels(__version__).set(1)
+
+    def record_batch(self, projection: str, result: BatchResult, seconds: float) -> None:
+        for outcome, value in (
+            ("consumed", result.consumed),
+            ("applied", result.applied),
+            ("duplicate", result.duplicates),
+            ("parked", result.parked),
+            ("ignored", result.ignored),
+        ):
+            if value:
+                self.events.labels(projection, outcome).inc(value)
+        for letter in result.dead_letters:
+            self.dead_letters.labels(projection, letter.kind).inc()
+        self.record_gaps(projection, result)
+        self.batch_size.labels(projection).observe(result.consumed)
+        self.apply_seconds.labels(projection).observe(seconds)
+
+    def record_gaps(self, projection: str, result: BatchResult) -> None:
+        for event, value in (
+            ("detected", result.gaps_opened),
+            ("filled", result.gaps_closed),
+            ("skipped", result.gaps_skipped),
+        ):
+            if value:
+                self.gaps.labels(projection, event).inc(value)
+
+    def set_lag(
+        self,
+        projection: str,
+        lag: Mapping[TopicPartition, int],
+        ages: Mapping[TopicPartition, float],
+    ) -> None:
+        for (topic, part), behind in lag.items():
+            self.lag_messages.labels(projection, topic, str(part)).set(behind)
+            age = ages.get((topic, part), 0.0) if behind > 0 else 0.0
+            self.lag_seconds.labels(projection, topic, str(part)).set(age)
+
+    def forget_partitions(self, projection: str, partitions: Sequence[TopicPartition]) -> None:
+        """A revoked partition is reported by its new owner, not as stale figures here."""
+        for topic, part in partitions:
+            for gauge in (self.lag_messages, self.lag_seconds):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(projection, topic, str(part))
+
+
+class StoreCollector(Collector):
+    """Projection-wide figures read from the store at scrape time."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        projections: Sequence[str],
+        figures: Callable[[PostgresStore, Sequence[str], float], list[ProjectionFigures]],
+        clock: Callable[[], float],
+    ):
+        self._store = store
+        self._projections = list(projections)
+        self._figures = figures
+        self._clock = clock
+        self.lock = threading.Lock()  # scrapes may overlap; one connection serves them
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "parked": GaugeMetricFamily(
+                "projector_parked_events",
+                "Events waiting in the holding table.",
+                labels=["projection"],
+            ),
+            "open_gaps": GaugeMetricFamily(
+                "projector_open_gaps",
+                "Missing ranges still open (held ones included).",
+                labels=["projection"],
+            ),
+            "oldest": GaugeMetricFamily(
+                "projector_oldest_gap_age_seconds",
+                "Age of the oldest open gap; 0 with none.",
+                labels=["projection"],
+            ),
+            "dead": GaugeMetricFamily(
+                "projector_dead_letters_open",
+                "Dead letters not yet retried or skipped.",
+                labels=["projection"],
+            ),
+        }
+        try:
+            with self.lock:
+                rows = self._figures(self._store, self._projections, self._clock())
+        except Exception as exc:  # a scrape must not fail because the store is briefly away
+            log.warning("metrics: cannot read projection figures from the store: %s", exc)
+            self._store.close()
+            return
+        for row in rows:
+            families["parked"].add_metric([row.projection], row.parked)
+            families["open_gaps"].add_metric([row.projection], row.open_gaps)
+            families["oldest"].add_metric([row.projection], row.oldest_gap_age)
+            families["dead"].add_metric([row.projection], row.dead_letters)
+        yield from families.values()

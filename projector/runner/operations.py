@@ -1,0 +1,173 @@
+"""What ``projector gaps`` and ``projector status`` do: list a projection's gaps, skip a gap by
+hand, and a projection's status (consumer lag from Kafka against the stored checkpoints,
+parked events, open gaps, open dead letters).
+
+Everything here only reads, except :func:`skip_gaps`: it writes one transaction per gap through
+the daemon's own batch applier, serialised with a running daemon on the stream's position lock.
+Reading lag never joins the projection's consumer group, so it is safe while the daemon runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, TopicPartition
+
+from projector.config import Config, ProjectionConfig
+from projector.core.gaps import Gap
+from projector.runner.batch import BatchApplier, BatchResult, Clock
+from projector.runner.worker import build_applier, load_handlers, view_migrations
+from projector.store.migrate import check_schema
+from projector.store.postgres import (
+    PostgresStore,
+    count_open_dead_letters,
+    count_parked,
+    gap_summary,
+    list_gaps,
+)
+
+
+def gaps(
+    store: PostgresStore, projection: str | None, stream: str | None, include_skipped: bool
+) -> list[tuple[str, Gap]]:
+    """(projection, gap) for the open and held gaps, and the skipped ones if asked."""
+    rows = list_gaps(store, projection, stream)
+    return [(p, g) for p, g in rows if include_skipped or g.state != "skipped"]
+
+
+@dataclass(frozen=True)
+class SkipOutcome:
+    stream: str
+    listed: tuple[int, int]  # the gap as listed before its transaction
+    skipped: list[tuple[int, int]]  # what was skipped: empty if it was filled meanwhile
+    drained: int  # parked events applied behind it
+    dead_letters: int  # drained events that failed instead
+
+
+def skip_gaps(
+    config: Config,
+    store: PostgresStore,
+    projection: str,
+    stream: str,
+    seq: int | None,
+    clock: Clock,
+) -> list[SkipOutcome]:
+    """Give up on the open gaps of ``stream`` (only the one holding ``seq``, if given): each
+    is recorded as skipped and what was parked behind it drains, one transaction per gap."""
+    proj = config.projection(projection)
+    check_schema(store.conn, store.schema, view_migrations(proj, load_handlers(proj)))
+    applier = build_applier(config, proj, store, clock)
+    listed = [
+        g
+        for _, g in gaps(store, proj.name, stream, False)
+        if seq is None or g.from_seq <= seq <= g.to_seq
+    ]
+    return [_skip_one(applier, store, proj, g) for g in listed]
+
+
+def _skip_one(
+    applier: BatchApplier, store: PostgresStore, proj: ProjectionConfig, listed: Gap
+) -> SkipOutcome:
+    """Skip what is still missing of ``listed``, read again under the stream's lock (events
+    may have filled, shrunk or split it since it was listed)."""
+    result = BatchResult()
+    with store.batch(proj.name, proj.schema_name) as tx:
+        tx.lock_positions([listed.stream], applier.rules)
+        current = [
+            g
+            for g in tx.load_gaps([listed.stream]).get(listed.stream, [])
+            if g.from_seq <= listed.to_seq and listed.from_seq <= g.to_seq
+        ]
+        for gap in current:
+            applier.skip_gap(tx, gap, result)
+    return SkipOutcome(
+        listed.stream,
+        (listed.from_seq, listed.to_seq),
+        [(g.from_seq, g.to_seq) for g in current],
+        result.applied,
+        len(result.dead_letters),
+    )
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    low: int
+    high: int
+    checkpoint: int | None  # the next offset to read; None: never read (lag from the low mark)
+
+    @property
+    def lag(self) -> int:
+        start = self.low if self.checkpoint is None else max(self.checkpoint, self.low)
+        return max(0, self.high - start)
+
+
+@dataclass(frozen=True)
+class ProjectionStatus:
+    projection: str
+    partitions: list[PartitionLag]
+    unavailable_topics: dict[str, str]  # topic -> why its offsets could not be read
+    parked: int
+    open_gaps: int  # open or held
+    held_gaps: int
+    oldest_gap_first_seen: float | None
+    dead_letters: int  # open ones
+
+    @property
+    def lag(self) -> int:
+        return sum(p.lag for p in self.partitions)
+
+
+def status(config: Config, store: PostgresStore, projection: str | None) -> list[ProjectionStatus]:
+    """The status of one projection, or of every projection in the config."""
+    selected = [config.projection(projection)] if projection else list(config.projections)
+    kafka = config.kafka
+    conf = {k: v for k, v in kafka.consumer.items() if k != "group.instance.id"}
+    # A group no projection can have (names never hold "-"); never joined: no subscribe.
+    conf |= {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "group.id": f"{kafka.group_prefix}.status-reader",
+    }
+    consumer = Consumer({**conf, "enable.auto.commit": False})
+    try:
+        return [_status(consumer, store, p) for p in selected]
+    finally:
+        consumer.close()
+
+
+def _status(consumer: Consumer, store: PostgresStore, proj: ProjectionConfig) -> ProjectionStatus:
+    checkpoints = store.checkpoints(proj.name)
+    partitions: list[PartitionLag] = []
+    unavailable: dict[str, str] = {}
+    for topic in proj.consumed_topics:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            unavailable[topic] = "no metadata" if meta is None else meta.error.str()
+            continue
+        partitions += _lags(consumer, topic, sorted(meta.partitions), checkpoints)
+    open_gaps, held, oldest = gap_summary(store, proj.name)
+    return ProjectionStatus(
+        proj.name,
+        partitions,
+        unavailable,
+        count_parked(store, proj.name),
+        open_gaps,
+        held,
+        oldest,
+        count_open_dead_letters(store, proj.name),
+    )
+
+
+def _lags(
+    consumer: Consumer,
+    topic: str,
+    partitions: list[int],
+    checkpoints: Mapping[tuple[str, int], int | None],
+) -> list[PartitionLag]:
+    out = []
+    for part in partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=5)
+        out.append(PartitionLag(topic, part, low, high, checkpoints.get((topic, part))))
+    return out
