@@ -13,7 +13,7 @@ from typing import Any
 from confluent_kafka import Consumer
 
 from projector.config import Config
-from projector.runner.daemon import run
+from projector.runner.daemon import Daemon, run
 from tests.conftest import unique
 
 
@@ -86,3 +86,18 @@ class RequestReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+@contextmanager
+def running_daemon(config: Config, clock: Callable[[], float]) -> Iterator[Daemon]:
+    """The daemon (metrics server included, if enabled) in a thread until the block ends."""
+    stop = threading.Event()
+    daemon = Daemon(config, clock=clock, stop=stop)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the daemon did not stop"
