@@ -360,7 +360,9 @@ def gaps_skip(
     )
     for o in outcomes:
         if not o.skipped:
-            typer.echo(f"{o.stream} {o.listed[0]}-{o.listed[1]}: no longer open (filled meanwhile)")
+            typer.echo(
+                f"{o.stream} {o.listed[0]}-{o.listed[1]}: no longer open (filled or skipped meanwhile)"
+            )
         for lo, hi in o.skipped:
             typer.echo(f"skipped {o.stream} {lo}-{hi}")
         if o.skipped:

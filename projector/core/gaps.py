@@ -110,7 +110,9 @@ def decide(gap: Gap, schedule: ReplaySchedule, now: float) -> Due:
     at the longest interval."""
     given_up = schedule.give_up_after is not None and now - gap.first_seen >= schedule.give_up_after
     if given_up and schedule.on_give_up != "hold":
-        return Due(schedule.on_give_up, gap)
+        # Moved out of the way so no other instance takes it while this one acts; if the
+        # action fails (a crash), the gap comes due again then.
+        return Due(schedule.on_give_up, replace(gap, next_request_at=now + schedule.max_interval))
     attempt = gap.attempts + 1
     return Due(
         "request",

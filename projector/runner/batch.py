@@ -162,13 +162,23 @@ class BatchApplier:
         plans, culprits = self._plan_and_run(tx, incoming, state)
         self._write(tx, plans, state, culprits, result)
 
-    def skip_gap(self, tx: PgBatch, gap: Gap, result: BatchResult) -> None:
-        """Give up on a gap (policy skip, or by hand): record it as skipped, then let its stream
-        step over it and drain what was parked behind it, in this transaction."""
+    def skip_gap(self, tx: PgBatch, gap: Gap, result: BatchResult) -> list[tuple[int, int]]:
+        """Give up on a gap (policy skip, or by hand): record what is still missing of it as
+        skipped, then let its stream step over it and drain what was parked behind it, in this
+        transaction. The gap is read again under the stream's lock, since events may have
+        filled, shrunk or split it since it was listed; returns the ranges skipped."""
         tx.lock_positions([gap.stream], self.rules)
-        tx.mark_skipped(gap)
-        self.apply_events(tx, [], result, {gap.stream: lambda pos: pos})
-        result.gaps_skipped += 1
+        current = [
+            g
+            for g in tx.load_gaps([gap.stream]).get(gap.stream, [])
+            if g.from_seq <= gap.to_seq and gap.from_seq <= g.to_seq
+        ]
+        for g in current:
+            tx.mark_skipped(g)
+        if current:
+            self.apply_events(tx, [], result, {gap.stream: lambda pos: pos})
+        result.gaps_skipped += len(current)
+        return [(g.from_seq, g.to_seq) for g in current]
 
     def _plan_and_run(
         self,

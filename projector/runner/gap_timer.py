@@ -122,8 +122,8 @@ class GapTimer:
         )
         result = BatchResult()
         with self.store.batch(self.projection.name, self.projection.schema_name) as tx:
-            self.applier.skip_gap(tx, gap, result)
-        self.outcomes["skipped"] += 1
+            skipped = self.applier.skip_gap(tx, gap, result)
+        self.outcomes["skipped"] += len(skipped)
         self.report("skipped", 0, result)
 
 

@@ -73,18 +73,11 @@ def _skip_one(
     may have filled, shrunk or split it since it was listed)."""
     result = BatchResult()
     with store.batch(proj.name, proj.schema_name) as tx:
-        tx.lock_positions([listed.stream], applier.rules)
-        current = [
-            g
-            for g in tx.load_gaps([listed.stream]).get(listed.stream, [])
-            if g.from_seq <= listed.to_seq and listed.from_seq <= g.to_seq
-        ]
-        for gap in current:
-            applier.skip_gap(tx, gap, result)
+        skipped = applier.skip_gap(tx, listed, result)
     return SkipOutcome(
         listed.stream,
         (listed.from_seq, listed.to_seq),
-        [(g.from_seq, g.to_seq) for g in current],
+        skipped,
         result.applied,
         len(result.dead_letters),
     )

@@ -504,10 +504,10 @@ def claim_due_gaps(
     limit: int,
     decide: Callable[[Gap], tuple[str, Gap]],
 ) -> list[tuple[str, Gap]]:
-    """Take the gaps whose next request time has passed, decide each, and store the new
-    schedule of those to be requested, in one transaction. ``skip locked`` and the schedule
-    moving forward make it one request per gap per attempt, whatever the number of instances.
-    The requests are sent after this commits (no lock is held over the network)."""
+    """Take the gaps whose next request time has passed, decide each, and store their new
+    schedule, in one transaction. ``skip locked`` and the schedule moving forward make it one
+    request (or one skip) per gap per attempt, whatever the number of instances. The requests
+    are sent, and skips applied, after this commits (no lock is held over the network)."""
     with store.conn.transaction():
         rows = store.conn.execute(
             store._q(
@@ -528,8 +528,7 @@ def claim_due_gaps(
                 g.stream,
                 g.from_seq,
             )
-            for action, g in decided
-            if action == "request"
+            for _, g in decided
         ]
         if updates:
             with store.conn.cursor() as cur:

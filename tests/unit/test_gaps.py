@@ -47,3 +47,10 @@ def test_give_up_policies() -> None:
     held = decide(gap, ReplaySchedule(10, 60, 100, "hold"), now=100)
     assert (held.action, held.gap.state, held.gap.next_request_at) == ("request", "held", 160)
     assert decide(gap, ReplaySchedule(10, 60, 100, "skip"), now=99).action == "request"
+
+
+def test_a_gap_given_up_on_is_moved_out_of_the_way_while_acted_on() -> None:
+    """Proves a gap decided skip (or fail) gets a later next request time, so a second
+    instance does not take it again while the first one applies the skip."""
+    due = decide(Gap("s", 3, 4, 0.0, 5), ReplaySchedule(10, 60, 100, "skip"), now=100)
+    assert due.gap.next_request_at == 160
