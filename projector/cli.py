@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from projector.config import Config, ConfigError, ProjectionConfig, load_config, redact
+from projector.core.event import Event
 from projector.core.gaps import Gap
 from projector.logs import setup_logging
 from projector.replay.responder import ReplayResponder, respond
@@ -30,6 +31,8 @@ from projector.store.migrate import check_schema
 from projector.store.migrate import migrate as do_migrate
 from projector.store.postgres import (
     PostgresStore,
+    StreamReport,
+    inspect_stream,
     list_dead_letters,
     purge_dead_letters,
     request_gaps_now,
@@ -447,6 +450,77 @@ def status_cmd(
     console = Console()
     for table in _status_tables(items):
         console.print(table)
+
+
+def _source(event: Event | None) -> str:
+    src = None if event is None else event.source
+    return "-" if src is None else f"{src.topic}[{src.partition}]@{src.offset}"
+
+
+def _report_item(r: StreamReport) -> dict[str, Any]:
+    pos = r.position
+    return {
+        "stream": r.stream,
+        "position": None
+        if pos is None
+        else {"last_seq": pos.last_seq, "last_id": pos.last_id, "blocked_seq": pos.blocked_seq},
+        "parked": [{"seq": seq, "id": e.id, "source": _source(e)} for seq, e in r.parked],
+        "gaps": [
+            {"from_seq": g.from_seq, "to_seq": g.to_seq, "state": g.state, "attempts": g.attempts}
+            for g in r.gaps
+        ],
+        "dead_letters": [
+            {
+                "id": d.id,
+                "kind": d.kind,
+                "status": d.status,
+                "seq": d.seq,
+                "source": _source(d.event),
+                "reason": d.reason,
+            }
+            for d in r.dead_letters
+        ],
+    }
+
+
+@app.command()
+def inspect(
+    projection: Annotated[str, typer.Argument(help="The projection.")],
+    stream: Annotated[str, typer.Argument(help="The stream, e.g. account:42.")],
+    config: ConfigOpt = Path("projector.yaml"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One stream's story: position, parked events, gaps with replay attempts, dead letters,
+    and the offsets they came from."""
+    cfg = _config(config)
+    cfg_projection = _guard(lambda: cfg.projection(projection))
+    report = _guard(
+        lambda: _with_store(cfg, lambda s: inspect_stream(s, cfg_projection.name, stream))
+    )
+    item = _report_item(report)
+    if as_json:
+        typer.echo(json.dumps(item, indent=2))
+        return
+    pos = item["position"]
+    if pos is None:
+        typer.echo(f"{stream}: no event of this stream has reached {projection}")
+    else:
+        blocked = (
+            f", blocked at seq {pos['blocked_seq']} by a dead letter" if pos["blocked_seq"] else ""
+        )
+        typer.echo(
+            f"{stream}: applied up to seq {pos['last_seq']} (event {pos['last_id']}){blocked}"
+        )
+    for p in item["parked"]:
+        typer.echo(f"  parked seq {p['seq']} ({p['id']}) from {p['source']}")
+    for g in item["gaps"]:
+        typer.echo(
+            f"  gap {g['from_seq']}-{g['to_seq']} {g['state']}, {g['attempts']} replay request(s)"
+        )
+    for d in item["dead_letters"]:
+        typer.echo(
+            f"  dead letter #{d['id']} {d['kind']} {d['status']} seq {d['seq']} from {d['source']}: {d['reason']}"
+        )
 
 
 @app.command("replay-responder")

@@ -639,3 +639,42 @@ def count_open_dead_letters(store: PostgresStore, projection: str) -> int:
         (projection,),
     ).fetchone()
     return 0 if row is None else int(row[0])
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """One stream's story, for an operator chasing a hole."""
+
+    stream: str
+    position: StreamPosition | None
+    parked: list[tuple[int, Event]]
+    gaps: list[Gap]
+    dead_letters: list[DeadLetterRow]
+
+
+def inspect_stream(store: PostgresStore, projection: str, stream: str) -> StreamReport:
+    conn, q = store.conn, store._q
+    pos = conn.execute(
+        q(
+            "select stream, last_seq, last_id, last_hash, blocked_seq from {s}.positions"
+            " where projection = %s and stream = %s"
+        ),
+        (projection, stream),
+    ).fetchone()
+    parked = conn.execute(
+        q("select seq, event from {s}.holding where projection = %s and stream = %s order by seq"),
+        (projection, stream),
+    ).fetchall()
+    letters = conn.execute(
+        q(
+            f"select {_DL_COLUMNS} from {{s}}.dead_letters where projection = %s and stream = %s order by id"
+        ),
+        (projection, stream),
+    ).fetchall()
+    return StreamReport(
+        stream,
+        None if pos is None else StreamPosition(pos[0], pos[1], pos[2], pos[3], pos[4]),
+        [(seq, Event.from_json(event)) for seq, event in parked],
+        [g for _, g in list_gaps(store, projection, stream)],
+        [_dead_letter_row(r) for r in letters],
+    )
