@@ -5,6 +5,7 @@ and each step is recorded in the same transaction that applies it."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,29 @@ from projector.store.errors import SchemaBehind, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 _LOCK_KEY = 0x70726F6A  # "proj": one advisory lock for every migrate of every schema
+_PATTERN = "[0-9][0-9][0-9][0-9]_*.sql"
+
+
+def _migrations_dir() -> Path:
+    """A source checkout's migrations/ (editable installs too), else the installed copy."""
+    candidates = [
+        Path(__file__).resolve().parent.parent.parent / "migrations",
+        Path(sys.prefix) / "share" / "projector" / "migrations",
+    ]
+    for candidate in candidates:
+        if any(candidate.glob(_PATTERN)):
+            return candidate
+    raise RuntimeError(
+        f"projector's SQL migrations are missing; looked in {[str(c) for c in candidates]}"
+    )
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 def core_migrations() -> list[Path]:
-    return sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    return sorted(MIGRATIONS_DIR.glob(_PATTERN))
 
 
 def expected_version() -> int:
