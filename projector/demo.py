@@ -3,10 +3,14 @@
 Against the local services it creates a fresh database and fresh topics, writes a config with
 three projections (accounts, customers, games), checks and migrates it with the real CLI, and
 publishes the seed scenarios of :mod:`projector.scenarios` shuffled and partly duplicated, with one
-game's POINT published before its ASSIST as in the seed's basketball question. Then it runs
-``projector run --exit-when-caught-up``, compares every row of every view with the scenarios'
-oracles and shows projector's own state. It exits non-zero if a view differs from its oracle or
-events are left parked, missing, dead-lettered or unread. Every run starts from scratch.
+game's POINT published before its ASSIST as in the seed's basketball question. A few accounts
+events are never published: they are only in the write side's event store (a table in the demo
+database). Then it runs ``projector run --exit-when-caught-up``: the withheld events' gaps open,
+``projector gaps list`` shows them asked for, and the reference responder
+(``projector replay-responder``) re-publishes them on the replay topic, which fills the gaps. It
+compares every row of every view with the scenarios' oracles (over the full log) and shows
+projector's own state. It exits non-zero if a view differs from its oracle or events are left
+parked, missing, dead-lettered or unread. Every run starts from scratch.
 
 Environment: ``PROJECTOR_DEMO_KAFKA`` and ``PROJECTOR_DEMO_PG_DSN`` (default: the
 ``PROJECTOR_TEST_*`` settings of ``dev/services.sh env``, else the local services),
@@ -25,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ from tenacity import (
 
 from projector import scenarios
 from projector.config import redact
+from projector.replay.responder import append_events, create_event_store
 from projector.scenarios import Row, Wire
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +67,12 @@ DUPLICATES = 0.05  # the fraction of messages published twice
 BATCH = 100  # small batches, so early events also wait across transactions
 SHOWN_ROWS = 5
 STATE_SCHEMA = "projector"
+WITHHELD = 3  # accounts events published nowhere but the event store: only replay brings them
+GAP_TIMEOUT = 1.0  # seconds; short for the demo (the default is 30 s)
+MAX_INTERVAL = 5.0  # seconds between repeated requests for a gap, at most
+IDLE_SECONDS = 5.0  # the responder exits after this long without a request (> a group join)
+EVENT_SCHEMA = "write_side"  # the write side's event_store table, in the demo database
+EVENT_STORE = (EVENT_SCHEMA, "event_store")  # the responder's default table name
 
 console = Console(highlight=False)
 
@@ -87,6 +98,14 @@ class Settings:
     def topic(self, name: str) -> str:
         return f"{self.prefix}-{name}"
 
+    @property
+    def requests_topic(self) -> str:
+        return self.topic("replay-requests")
+
+    @property
+    def responder_group(self) -> str:
+        return f"{self.prefix}.replay-responder"
+
 
 def settings_from(env: Mapping[str, str]) -> Settings:
     return Settings(
@@ -110,6 +129,12 @@ class Projection:
     topic: str  # without the prefix
     handler: str
     log: list[Wire]  # the ordered log: what happened
+    replay: bool = False  # withhold a few events; gaps are replayed from the event store
+
+    @property
+    def replay_topic(self) -> str:
+        """Where the responder re-publishes this projection's events (without the prefix)."""
+        return f"{self.topic}-replay"
 
 
 @dataclass(frozen=True)
@@ -129,7 +154,11 @@ class View:
 def make_projections(rng: random.Random) -> list[Projection]:
     return [
         Projection(
-            "accounts", "accounts", "handlers.accounts", scenarios.account_log(rng, 100, 10)
+            "accounts",
+            "accounts",
+            "handlers.accounts",
+            scenarios.account_log(rng, 100, 10),
+            replay=True,
         ),
         Projection("customers", "customers", "handlers.customers", scenarios.customer_log(rng, 50)),
         Projection("games", "game-plays", "handlers.game", scenarios.game_log(rng, 6, 40)),
@@ -213,18 +242,48 @@ class Delivery:
     topic: str
     events: int  # in the ordered log
     messages: list[Wire]  # as published
+    withheld: list[Wire]  # in the log, never published
+    replay_topic: str | None = None  # where replays of them come back
 
     @property
     def duplicates(self) -> int:
-        return len(self.messages) - self.events
+        return len(self.messages) + len(self.withheld) - self.events
 
     @property
     def early(self) -> int:
-        return count_early(self.messages)
+        """Counted as if the withheld events came last, as they do, through replay."""
+        return count_early([*self.messages, *self.withheld])
+
+    def parked_behind(self) -> int:
+        """How many events wait behind the withheld ones until replay brings them."""
+        missing = {e["stream"]: e["seq"] for e in self.withheld}
+        return len(
+            {_key(e) for e in self.messages if e["seq"] > missing.get(e["stream"], e["seq"])}
+        )
 
 
-def deliver(rng: random.Random, log: list[Wire], case: SeedCase | None = None) -> list[Wire]:
-    """``log`` shuffled within windows and ``DUPLICATES`` of it published twice."""
+def choose_withheld(rng: random.Random, log: Sequence[Wire], count: int) -> list[Wire]:
+    """``count`` events of as many streams, each with a later event of its stream in ``log``
+    (a stream's newest event can't be noticed missing: nothing says it exists)."""
+    last: dict[str, int] = {}
+    for event in log:
+        last[event["stream"]] = max(last.get(event["stream"], 0), event["seq"])
+    streams = rng.sample(sorted(s for s, n in last.items() if n >= 3), count)
+    seqs = {s: rng.randint(2, last[s] - 1) for s in streams}
+    chosen = [e for e in log if seqs.get(e["stream"]) == e["seq"]]
+    return sorted(chosen, key=lambda e: _natural((e["stream"].split(":")[-1], e["seq"])))
+
+
+def deliver(
+    rng: random.Random,
+    log: list[Wire],
+    case: SeedCase | None = None,
+    withheld: Sequence[Wire] = (),
+) -> list[Wire]:
+    """``log`` without ``withheld``, shuffled within windows and ``DUPLICATES`` of it published
+    twice."""
+    keep = {_key(e) for e in withheld}
+    log = [e for e in log if _key(e) not in keep]
     messages = scenarios.shuffle_within_windows(rng, log, WINDOW)
     if case is not None:
         messages = with_seed_disorder(messages, case)
@@ -324,8 +383,38 @@ def _create_topic(admin: AdminClient, name: str) -> None:
     futures[name].result(timeout=60)
 
 
+def forget_group(kafka: str, group: str) -> None:
+    """Delete a consumer group (the responder's) with its offsets, if it exists and no member
+    is still in it (one from an interrupted run soon exits, idle)."""
+    admin = AdminClient({"bootstrap.servers": kafka})
+    try:
+        admin.delete_consumer_groups([group], request_timeout=30)[group].result(timeout=60)
+    except KafkaException as exc:
+        if exc.args[0].code() not in (KafkaError.GROUP_ID_NOT_FOUND, KafkaError.NON_EMPTY_GROUP):
+            raise
+
+
+def create_event_store_table(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        create_event_store(conn, *EVENT_STORE)
+
+
+def store_events(dsn: str, log: Sequence[Wire]) -> int:
+    """The write side's log, in full, where the responder reads it."""
+    with psycopg.connect(dsn) as conn:
+        return append_events(conn, log, *EVENT_STORE)
+
+
 def write_config(s: Settings, projections: Sequence[Projection]) -> Path:
     decoder = {"kind": "json", "stream": "stream", "seq": "seq", "ts": "ts", "type": "type"}
+    replay = {
+        "gap_timeout": f"{GAP_TIMEOUT:g}s",
+        "replay": {
+            "channel": "kafka",
+            "topic": s.requests_topic,
+            "max_interval": f"{MAX_INTERVAL:g}s",
+        },
+    }
     config = {
         "kafka": {"bootstrap_servers": s.kafka, "group_prefix": s.prefix},
         "postgres": {"dsn": s.dsn, "schema": STATE_SCHEMA},
@@ -337,6 +426,7 @@ def write_config(s: Settings, projections: Sequence[Projection]) -> Path:
                 "handlers": [p.handler],
                 "decoder": {**decoder, "data": "data"},
                 "batch_max_messages": BATCH,
+                **({**replay, "replay_topic": s.topic(p.replay_topic)} if p.replay else {}),
             }
             for p in projections
         ],
@@ -358,49 +448,122 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _echo(line: str) -> None:
-    """One line of a command's output, indented; a log line without its date and logger."""
+def _echo(line: str, who: str | None = None) -> None:
+    """One line of a command's output, indented; a log line without its date and logger, and
+    with ``who`` (if given) in place of its thread."""
     match = _LOG_LINE.match(line)
     if match:
         clock, level, thread, message = match.groups()
         level = "" if level == "INFO" else f"{level} "
-        line = f"{clock} {thread.removeprefix('projection-'):<9} {level}{message}"
+        line = f"{clock} {who or thread.removeprefix('projection-'):<9} {level}{message}"
     console.print(Text("  │ " + line, style="dim"), soft_wrap=True)
 
 
+def _messages(lines: Iterable[str]) -> Iterator[str]:
+    """The messages of the log lines among ``lines``."""
+    for line in lines:
+        if match := _LOG_LINE.match(line):
+            yield match.group(4)
+
+
+class Command:
+    """``python -m projector ARGS`` started, shown as ``shown``; its output echoed as it comes
+    (by a thread, so it can run in the background) and kept in ``lines``. Killed after
+    ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        shown: str,
+        *,
+        who: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 300,
+    ):
+        console.print(f"$ {shown}", style="bold", soft_wrap=True)
+        self.who = who
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "projector", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._watchdog = threading.Timer(timeout, self.proc.kill)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            _echo(self.lines[-1], self.who)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Its exit code, once it has exited and its output is all shown; raises
+        ``subprocess.TimeoutExpired`` if it runs ``timeout`` seconds more."""
+        code = self.proc.wait(timeout)
+        self._watchdog.cancel()
+        self._reader.join(10)
+        return code
+
+    def stop(self) -> None:
+        """SIGTERM if it still runs (it stops cleanly), SIGKILL if that is not enough."""
+        if self.running:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.wait()
+
+
+def projector(config: Path, *args: str, background: bool = False, timeout: float = 300) -> Command:
+    """``projector ARGS -c CONFIG`` started."""
+    shown = f"projector {' '.join(args)} -c {_shown(config)}{' &' if background else ''}"
+    return Command([*args, "-c", str(config)], shown, timeout=timeout)
+
+
 def cli(config: Path, *args: str, timeout: float = 300) -> tuple[int, list[str]]:
-    """``python -m projector ARGS -c CONFIG``, its output echoed as it comes; its exit code and
-    output lines. Killed after ``timeout`` seconds."""
-    console.print(f"$ projector {' '.join(args)} -c {_shown(config)}", style="bold")
-    command = [sys.executable, "-m", "projector", *args, "-c", str(config)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    lines: list[str] = []
-    with subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        watchdog = threading.Timer(timeout, proc.kill)
-        watchdog.daemon = True
-        watchdog.start()
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                lines.append(line.rstrip("\n"))
-                _echo(lines[-1])
-        finally:
-            watchdog.cancel()
-        return proc.wait(), lines
+    """``projector ARGS -c CONFIG`` run to its end, its output echoed as it comes; its exit code
+    and output lines. Killed after ``timeout`` seconds."""
+    command = projector(config, *args, timeout=timeout)
+    try:
+        return command.wait(), command.lines
+    finally:
+        command.stop()
 
 
 def worker_totals(lines: Iterable[str]) -> dict[str, dict[str, int]]:
     """Per projection, the totals its worker logs when it stops (batches, applied, ...)."""
     totals: dict[str, dict[str, int]] = {}
-    for line in lines:
-        match = _LOG_LINE.match(line)
-        stopped = _STOPPED.match(match.group(4)) if match else None
-        if stopped:
+    for message in _messages(lines):
+        if stopped := _STOPPED.match(message):
             name, batches, counts = stopped.groups()
             totals[name] = {"batches": int(batches), **ast.literal_eval(counts)}
     return totals
+
+
+_REQUESTED = re.compile(r"^projection \w+: requested replay of (\d+) gap\(s\), (\d+) failed$")
+_REPLAYED = re.compile(r"^\w+: replayed (\d+) event\(s\) of \S+$")
+
+
+def replay_counts(daemon: Iterable[str], responder: Iterable[str]) -> tuple[int, int, int]:
+    """Replay requests sent (by the daemon's log), requests served and events re-published (by
+    the responder's)."""
+    sent = sum(
+        int(m.group(1)) - int(m.group(2)) for m in map(_REQUESTED.match, _messages(daemon)) if m
+    )
+    served = [int(m.group(1)) for m in map(_REPLAYED.match, _messages(responder)) if m]
+    return sent, len(served), sum(served)
 
 
 # ------------------------------------------------------------------------------ showing
@@ -483,6 +646,21 @@ def _count(conn: psycopg.Connection[Any], table_name: str) -> int:
     return int(row[0]) if row else 0
 
 
+def replay_state(dsn: str, projection: str) -> tuple[dict[tuple[str, int, int], int], int]:
+    """The projection's open gaps, (stream, from_seq, to_seq) with their replay requests so
+    far, and how many events it has parked."""
+    with psycopg.connect(dsn) as conn:
+        gaps = conn.execute(
+            f"select stream, from_seq, to_seq, attempts from {STATE_SCHEMA}.gaps"
+            " where projection = %s and state = 'open'",
+            (projection,),
+        ).fetchall()
+        parked = conn.execute(
+            f"select count(*) from {STATE_SCHEMA}.holding where projection = %s", (projection,)
+        ).fetchone()
+    return {(g[0], g[1], g[2]): g[3] for g in gaps}, int(parked[0]) if parked else 0
+
+
 def show_state(s: Settings) -> bool:
     with psycopg.connect(s.dsn) as conn:
         counts = {t: _count(conn, t) for t in ("holding", "gaps", "dead_letters")}
@@ -498,14 +676,16 @@ def show_state(s: Settings) -> bool:
         mark = "[green]✓[/]" if counts[name] == 0 else "[red]✗[/]"
         console.print(f"{mark} {what} ({STATE_SCHEMA}.{name}): {counts[name]}")
     ends = high_watermarks(s.kafka, [(t, p) for _, t, p, _ in checkpoints])
-    read = sum(offset == ends[(t, p)] for _, t, p, offset in checkpoints)
+    # No checkpoint yet: nothing read, which is the end of a partition that is still empty.
+    read = sum((offset or 0) == ends[(t, p)] for _, t, p, offset in checkpoints)
     mark = "[green]✓[/]" if read == len(checkpoints) else "[red]✗[/]"
     console.print(f"{mark} partitions read to their end: {read} of {len(checkpoints)}")
     out = Table("projection", "partition", "checkpoint", "end of partition", title_justify="left")
     out.title = f"{STATE_SCHEMA}.checkpoints, committed with the views"
     for projection, topic, partition, offset in checkpoints:
+        checkpoint = "—" if offset is None else str(offset)
         out.add_row(
-            projection, Text(f"{topic}[{partition}]"), str(offset), str(ends[(topic, partition)])
+            projection, Text(f"{topic}[{partition}]"), checkpoint, str(ends[(topic, partition)])
         )
     console.print(out)
     return read == len(checkpoints) and not any(counts.values())
@@ -536,7 +716,8 @@ def introduce() -> None:
     console.rule("[bold]projector demo")
     console.print(
         "Three read models (bank accounts, customers, basketball box scores) built from events"
-        " published out of order and some twice, then compared row by row with what the events,"
+        " published out of order, some twice and a few never (projector notices the gaps and"
+        " asks the write side to replay them), then compared row by row with what the events,"
         " in their true order, say they must hold: the oracle."
     )
 
@@ -544,14 +725,27 @@ def introduce() -> None:
 def set_up(s: Settings, projections: Sequence[Projection]) -> Path:
     section("1. A fresh database, fresh topics, a config")
     recreate_database(s)
-    console.print(f"database  {redact(s.dsn)}  (dropped and created)")
+    console.print(f"database     {redact(s.dsn)}  (dropped and created)")
+    create_event_store_table(s.dsn)
+    console.print(
+        f"event store  {'.'.join(EVENT_STORE)} in that database: the accounts write side's log"
+    )
+    replayed = [p for p in projections if p.replay]
     topics = [s.topic(p.topic) for p in projections]
+    if replayed:
+        topics += [s.requests_topic, *(s.topic(p.replay_topic) for p in replayed)]
+        forget_group(s.kafka, s.responder_group)
     recreate_topics(s.kafka, topics)
-    console.print(f"topics    {', '.join(topics)}  ({PARTITIONS} partitions each)")
+    console.print(f"topics       {', '.join(topics)}  ({PARTITIONS} partitions each)")
     config = write_config(s, projections)
     console.print(
-        f"config    {_shown(config)}  (projections {', '.join(p.name for p in projections)})"
+        f"config       {_shown(config)}  (projections {', '.join(p.name for p in projections)})"
     )
+    for p in replayed:
+        console.print(
+            f"             {p.name}: gap_timeout {GAP_TIMEOUT:g}s (short, for the demo),"
+            f" replay requests on {s.requests_topic}, replays back on {s.topic(p.replay_topic)}"
+        )
     return config
 
 
@@ -563,21 +757,45 @@ def check_and_migrate(config: Path) -> int:
 def publish_all(
     s: Settings, rng: random.Random, projections: Sequence[Projection], case: SeedCase
 ) -> list[Delivery]:
-    section("3. Publish the events: shuffled, some twice")
+    section("3. Publish the events: shuffled, some twice, a few not at all")
     deliveries = []
     for p in projections:
-        messages = deliver(rng, p.log, case if p.name == "games" else None)
-        deliveries.append(Delivery(p.name, s.topic(p.topic), len(p.log), messages))
-    out = Table("topic", "events", "published", "out of order", "twice")
+        withheld = choose_withheld(rng, p.log, WITHHELD) if p.replay else []
+        messages = deliver(rng, p.log, case if p.name == "games" else None, withheld)
+        replay_topic = s.topic(p.replay_topic) if p.replay else None
+        deliveries.append(
+            Delivery(p.name, s.topic(p.topic), len(p.log), messages, withheld, replay_topic)
+        )
+    out = Table("topic", "events", "published", "out of order", "twice", "withheld")
     for d in deliveries:
         publish(s.kafka, d.topic, d.messages)
-        out.add_row(d.topic, str(d.events), str(len(d.messages)), str(d.early), str(d.duplicates))
+        out.add_row(
+            d.topic,
+            str(d.events),
+            str(len(d.messages)),
+            str(d.early),
+            str(d.duplicates),
+            str(len(d.withheld)),
+        )
     console.print(out)
     console.print(
         f"Keyed by stream, so each stream is in one partition. No message moved more than {WINDOW}"
         f" places in its topic and {DUPLICATES:.0%} were published twice. 'Out of order': events"
         " published before an earlier event of their own stream.\n"
     )
+    for p, d in zip(projections, deliveries, strict=True):
+        if d.withheld:
+            stored = store_events(s.dsn, p.log)
+            console.print(
+                f"Withheld: {len(d.withheld)} {p.name} events never reach {d.topic}. Only the"
+                f" write side's event store has them: {'.'.join(EVENT_STORE)} holds the full"
+                f" log, all {stored} events."
+            )
+            console.print(table(f"withheld from {d.topic}", [_withheld_row(e) for e in d.withheld]))
+            console.print(
+                "None is its stream's newest event: a missing event shows only once a later"
+                " event of its stream arrives.\n"
+            )
     console.print(f"The seed's basketball question: in game {case.game_id} the plays were")
     console.print(f"    {_plays(case.as_played())}")
     console.print("and they are published, like the seed's, as")
@@ -585,12 +803,32 @@ def publish_all(
     return deliveries
 
 
-def run_projector(config: Path, deliveries: Sequence[Delivery]) -> int:
-    section("4. Run projector until it has caught up")
+def _withheld_row(event: Wire) -> Row:
+    return {"stream": event["stream"], "seq": event["seq"], "type": event["type"], **event["data"]}
+
+
+def run_projector(s: Settings, config: Path, deliveries: Sequence[Delivery]) -> int:
+    section("4. Run projector until it has caught up; replay fills the gaps")
+    replayed = [d for d in deliveries if d.withheld]
     started = time.monotonic()
-    code, lines = cli(config, "run", "--exit-when-caught-up")
-    console.print(f"exit code {code} after {time.monotonic() - started:.1f} s")
-    totals = worker_totals(lines)
+    daemon = projector(config, "run", "--exit-when-caught-up", background=True, timeout=120)
+    responder: Command | None = None
+    try:
+        if replayed:
+            if not await_gaps(s, daemon, replayed):
+                daemon.stop()
+                return daemon.wait() or 1
+            cli(config, "gaps", "list")
+            responder = start_responder(s, replayed)
+        code = daemon.wait()
+        console.print(f"projector run: exit code {code} after {time.monotonic() - started:.1f} s")
+        if responder is not None:
+            end_responder(responder)
+    finally:
+        for command in (daemon, responder):
+            if command is not None:
+                command.stop()
+    totals = worker_totals(daemon.lines)
     if totals and code == 0:
         console.print(run_table(totals, deliveries))
         console.print(
@@ -598,7 +836,104 @@ def run_projector(config: Path, deliveries: Sequence[Delivery]) -> int:
             " predecessors: in memory when they came in the same batch, parked in"
             f" {STATE_SCHEMA}.holding when they came in a later one (batches of {BATCH} here)."
         )
+    if responder is not None and code == 0:
+        show_fill(s, daemon, responder, replayed)
     return code
+
+
+def await_gaps(s: Settings, daemon: Command, replayed: Sequence[Delivery]) -> bool:
+    """Wait until each withheld event's gap is open and asked for, with every event after it
+    parked (the daemon has read the rest); then tell it. False if that never comes."""
+
+    def asked() -> bool:
+        if not daemon.running:
+            return True
+        for d in replayed:
+            gaps, parked = replay_state(s.dsn, d.projection)
+            expected = {(e["stream"], e["seq"], e["seq"]) for e in d.withheld}
+            if gaps.keys() != expected or min(gaps.values()) < 1 or parked != d.parked_behind():
+                return False
+        return True
+
+    try:
+        _wait_until("the withheld events' gaps", asked, timeout=60)
+    except TimeoutError as exc:
+        console.print(f"[red]✗ {exc}[/]")
+        return False
+    if not daemon.running:
+        console.print("[red]✗ projector run ended before the withheld events were asked for[/]")
+        return False
+    for d in replayed:
+        console.print(
+            f"{d.projection}: the {d.parked_behind()} events after the {len(d.withheld)} withheld"
+            f" ones in their streams are parked in {STATE_SCHEMA}.holding, and a gap is open"
+            f" before each. After gap_timeout ({GAP_TIMEOUT:g} s) the daemon asked for them"
+            f" ('requested replay' above) on {s.requests_topic}, and asks again, ever less often"
+            f" (at most {MAX_INTERVAL:g} s apart), while they stay open; with a replay channel,"
+            " --exit-when-caught-up waits for them. No write side answers yet:"
+        )
+    return True
+
+
+def start_responder(s: Settings, replayed: Sequence[Delivery]) -> Command:
+    """The reference responder (``projector replay-responder``), in the background."""
+    (d,) = replayed  # one responder, one target topic: one projection with replay here
+    target = d.replay_topic or d.topic
+    console.print(
+        f"\nNow the write side's reference responder: it takes the requests from"
+        f" {s.requests_topic}, reads the events from {'.'.join(EVENT_STORE)} and re-publishes"
+        f" them, as first published and keyed by stream, on {target}, which {d.projection}"
+        " also consumes."
+    )
+    lines = [
+        ["replay-responder", "--bootstrap", s.kafka, "--schema", EVENT_SCHEMA],
+        ["--requests-topic", s.requests_topic, "--target-topic", target],
+        ["--group", s.responder_group],
+        ["--exit-when-idle", "--idle-seconds", f"{IDLE_SECONDS:g}"],
+    ]
+    args = [a for line in lines for a in line]
+    console.print(
+        f"$ export PROJECTOR_RESPONDER_DSN='{redact(s.dsn)}'", style="bold", soft_wrap=True
+    )
+    shown = " \\\n      ".join(" ".join(line) for line in lines)
+    shown = f"projector {shown} &"
+    return Command(args, shown, who="responder", env={"PROJECTOR_RESPONDER_DSN": s.dsn})
+
+
+def end_responder(responder: Command) -> None:
+    """Let the responder exit by itself, once idle; stop it if it does not."""
+    console.print(
+        f"projector replay-responder: exits by itself {IDLE_SECONDS:g} s after its last request…"
+    )
+    try:
+        code = responder.wait(IDLE_SECONDS + 30)
+    except subprocess.TimeoutExpired:
+        console.print("[red]✗ the responder did not exit when idle: stopping it[/]")
+        responder.stop()
+        return
+    console.print(f"projector replay-responder: exit code {code}")
+
+
+def show_fill(
+    s: Settings, daemon: Command, responder: Command, replayed: Sequence[Delivery]
+) -> None:
+    sent, served, published = replay_counts(daemon.lines, responder.lines)
+    withheld = sum(len(d.withheld) for d in replayed)
+    console.print(
+        f"\nThe daemon sent {sent} replay requests for the {withheld} gaps (a gap is asked for"
+        f" again until it fills); the responder served {served} and re-published {published}"
+        f" events. projector applied each withheld event once, then the events parked behind"
+        f" it; the {max(0, published - withheld)} repeats count among the duplicates above."
+    )
+    for d in replayed:
+        gaps, parked = replay_state(s.dsn, d.projection)
+        ok = not gaps and parked == 0
+        mark = "[green]✓[/]" if ok else "[red]✗[/]"
+        console.print(
+            f"{mark} {d.projection}: the {len(d.withheld)} gaps were"
+            f" {'filled through replay' if ok else 'NOT all filled'}: {len(gaps)} open,"
+            f" {parked} events parked"
+        )
 
 
 def run_table(totals: Mapping[str, Mapping[str, int]], deliveries: Sequence[Delivery]) -> Table:
@@ -612,6 +947,7 @@ def run_table(totals: Mapping[str, Mapping[str, int]], deliveries: Sequence[Deli
 
 def show_results(s: Settings, views: Mapping[str, View], case: SeedCase) -> bool:
     section("5. The views, compared row by row with the oracle")
+    console.print("The oracles read each log in full and in order, the withheld events too.\n")
     ok = all([show_view(s.dsn, v) for v in views.values()])  # a list: show every view
     ok = show_seed_case(s.dsn, case, views) and ok
     section("6. projector's own state")
@@ -626,6 +962,7 @@ def what_next(s: Settings, config: Path) -> None:
             "what could not be applied, and why (nothing, here)",
             f"projector dead-letters list -c {c}",
         ),
+        ("open gaps and their replay requests (none left, here)", f"projector gaps list -c {c}"),
         ("keep projecting while you publish more; Ctrl-C stops cleanly", f"projector run -c {c}"),
         ("the views themselves", f"psql '{redact(s.dsn)}' -c 'table games.games'"),
         ("all of this again, from scratch", "make demo"),
@@ -647,7 +984,7 @@ def main() -> int:
     if code:
         return code
     deliveries = publish_all(s, rng, projections, case)
-    code = run_projector(config, deliveries)
+    code = run_projector(s, config, deliveries)
     if code:
         return code
     ok = show_results(s, views, case)
