@@ -128,12 +128,18 @@ class BatchApplier:
         messages: Sequence[RawMessage],
         decoders: Mapping[str, Decoder],
         epochs: Mapping[TopicPartition, int],
+        positions: Mapping[TopicPartition, int] | None = None,
     ) -> BatchResult:
         """Apply one consumed batch in one transaction (see the module docstring for the steps).
+        ``positions`` are the consumer's positions right after the batch: past a transaction's
+        commit marker where one follows, so the checkpoint reaches the partition's end.
         Raises ``Fenced`` if this instance no longer owns one of the batch's partitions."""
         decoded = decode_all(messages, decoders)
         result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
         result.checkpoints = next_offsets(messages)
+        for tp, position in (positions or {}).items():
+            if tp in result.checkpoints:
+                result.checkpoints[tp] = max(result.checkpoints[tp], position)
         with self.store.batch(self.projection, self.view_schema) as tx:
             tx.fence(result.checkpoints, epochs)
             self.apply_events(tx, decoded.events, result)

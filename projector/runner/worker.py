@@ -221,10 +221,11 @@ class ProjectionWorker:
         return self.channel is not None and count_open_gaps(self.store, self.projection.name) > 0
 
     def _apply(self, source: KafkaSource, messages: list[RawMessage]) -> BatchResult | None:
+        positions = source.positions({(m.topic, m.partition) for m in messages})
         while messages:
             try:
                 return self._retrying()(
-                    self.applier.apply, messages, self.decoders, dict(self.epochs)
+                    self.applier.apply, messages, self.decoders, dict(self.epochs), positions
                 )
             except Fenced as fenced:
                 log.warning("projection %s: %s; dropping them", self.projection.name, fenced)

@@ -121,6 +121,18 @@ class KafkaSource:
                 log.warning("Kafka: %s", err.str())
         return out
 
+    def positions(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The consumer's next offsets, which step over transaction markers (control records
+        the application never sees)."""
+        tps = [KafkaTopicPartition(t, p) for t, p in partitions]
+        if not tps:
+            return {}
+        return {
+            (tp.topic, tp.partition): tp.offset
+            for tp in self._consumer.position(tps)
+            if tp.offset >= 0
+        }
+
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Tell Kafka how far we are (after the store committed). Best effort: the store's
         checkpoint, not this, decides where reading resumes."""

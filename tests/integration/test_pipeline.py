@@ -3,13 +3,15 @@ delivery over several partitions ends in exactly the oracle's views."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from projector import scenarios
-from tests.conftest import Services
+from tests.conftest import Services, unique
 from tests.integration.harness import (
     make_config,
     migrate_all,
@@ -55,3 +57,39 @@ def test_shuffled_duplicated_events_on_several_partitions_equal_the_oracle(
     assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
     checkpoints = rows(pg_dsn, "select sum(next_offset) from projector.checkpoints")
     assert checkpoints == [(len(delivered),)]
+
+
+def test_transactional_topic_checkpoints_reach_the_partition_end(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves a topic written by a transactional producer (an aborted transaction, then a
+    committed one) is read up to its end: aborted events never reach the view, the burst run
+    ends, and the stored checkpoint equals the end offset (the commit marker included), so
+    lag reads 0 rather than 1 forever."""
+    topic = new_topic()
+    producer = Producer({"bootstrap.servers": services.kafka, "transactional.id": unique("tx")})
+    producer.init_transactions(10)
+    log = scenarios.account_log(random.Random(2), accounts=3, events_per_account=4)
+    producer.begin_transaction()
+    producer.produce(topic, json.dumps({**log[0], "data": {"owner": "aborted"}}).encode(), key=b"x")
+    producer.abort_transaction(10)
+    producer.begin_transaction()
+    for wire in log:
+        producer.produce(topic, json.dumps(wire).encode(), key=wire["stream"].encode())
+    producer.commit_transaction(10)
+    config = make_config(services, pg_dsn, [projection("accounts", [topic], ["handlers.accounts"])])
+    migrate_all(config)
+
+    assert run_until_caught_up(config) == 0
+
+    assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": services.kafka,
+            "group.id": unique("probe"),
+            "isolation.level": "read_committed",
+        }
+    )
+    _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
+    consumer.close()
+    assert rows(pg_dsn, "select next_offset from projector.checkpoints") == [(end,)]
