@@ -6,6 +6,7 @@ configuration (the message names the key), 3 database schema behind (run `projec
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -400,18 +401,25 @@ def _status_item(st: ProjectionStatus, now: float) -> dict[str, Any]:
         "held_gaps": st.held_gaps,
         "oldest_gap_age_s": None if oldest is None else round(now - oldest, 1),
         "dead_letters": st.dead_letters,
+        "rate_per_s": None if st.rate is None else round(st.rate, 1),
+        "eta_s": None if st.eta_seconds is None else round(st.eta_seconds, 1),
     }
 
 
 def _status_tables(items: list[dict[str, Any]]) -> list[Table]:
-    summary = Table("projection", "lag", "parked", "open gaps", "oldest gap", "dead letters")
+    summary = Table(
+        "projection", "lag", "rate/s", "ETA", "parked", "open gaps", "oldest gap", "dead letters"
+    )
     lags = Table("projection", "topic", "partition", "checkpoint", "high", "lag", title="lag")
     for i in items:
         age = i["oldest_gap_age_s"]
         gaps_text = f"{i['open_gaps']}" + (f" ({i['held_gaps']} held)" if i["held_gaps"] else "")
+        eta = i["eta_s"]
         summary.add_row(
             i["projection"],
             str(i["lag"]),
+            "-" if i["rate_per_s"] is None else f"{i['rate_per_s']:.0f}",
+            "-" if eta is None else _human(eta),
             str(i["parked"]),
             gaps_text,
             "-" if age is None else _human(age),
@@ -437,17 +445,25 @@ def status_cmd(
     config: ConfigOpt = Path("projector.yaml"),
     projection: Annotated[str | None, typer.Option("--projection", "-p")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    sample: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to watch a projection that is behind, for its rate and ETA (0: don't)."
+        ),
+    ] = 2.0,
 ) -> None:
-    """Per projection: consumer lag (per partition and total), parked events, open gaps and the
-    oldest one's age, open dead letters. Reads only; safe while the daemon runs."""
+    """Per projection: consumer lag (per partition and total), rate and ETA while behind,
+    parked events, open gaps and the oldest one's age, open dead letters. Reads only; safe
+    while the daemon runs."""
     cfg = _config(config)
-    found = _guard(lambda: _with_store(cfg, lambda s: status(cfg, s, projection)))
+    found = _guard(lambda: _with_store(cfg, lambda s: status(cfg, s, projection, sample)))
     now = time.time()
     items = [_status_item(st, now) for st in found]
     if as_json:
         typer.echo(json.dumps(items, indent=2))
         return
-    console = Console()
+    # Piped (a log, a test) there is no terminal width to fit: don't wrap the tables at 80.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     for table in _status_tables(items):
         console.print(table)
 

@@ -9,8 +9,9 @@ Reading lag never joins the projection's consumer group, so it is safe while the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -107,14 +108,49 @@ class ProjectionStatus:
     held_gaps: int
     oldest_gap_first_seen: float | None
     dead_letters: int  # open ones
+    rate: float | None = None  # messages/s read over the sample window; None: not sampled
 
     @property
     def lag(self) -> int:
         return sum(p.lag for p in self.partitions)
 
+    @property
+    def eta_seconds(self) -> float | None:
+        """Time to catch up at the sampled rate; 0 when caught up, None when unknown/stuck."""
+        if self.lag == 0:
+            return 0.0
+        return self.lag / self.rate if self.rate else None
 
-def status(config: Config, store: PostgresStore, projection: str | None) -> list[ProjectionStatus]:
-    """The status of one projection, or of every projection in the config."""
+
+def status(
+    config: Config,
+    store: PostgresStore,
+    projection: str | None,
+    sample: float = 0.0,
+    wait: Callable[[float], None] = time.sleep,
+) -> list[ProjectionStatus]:
+    """The status of one projection, or of every projection in the config. With ``sample``
+    seconds, projections that are behind also get their rate (checkpoints read twice, that
+    far apart) and so an ETA."""
+    found = _status_once(config, store, projection)
+    behind = [s for s in found if s.lag > 0]
+    if sample <= 0 or not behind:
+        return found
+    before = {s.projection: (_applied(store, s.projection), time.monotonic()) for s in behind}
+    wait(sample)
+    rates = {}
+    for name, (count, started) in before.items():
+        rates[name] = (_applied(store, name) - count) / max(time.monotonic() - started, 1e-9)
+    return [replace(s, rate=rates.get(s.projection)) for s in found]
+
+
+def _applied(store: PostgresStore, projection: str) -> int:
+    return sum(o or 0 for o in store.checkpoints(projection).values())
+
+
+def _status_once(
+    config: Config, store: PostgresStore, projection: str | None
+) -> list[ProjectionStatus]:
     selected = [config.projection(projection)] if projection else list(config.projections)
     kafka = config.kafka
     conf = {k: v for k, v in kafka.consumer.items() if k != "group.instance.id"}

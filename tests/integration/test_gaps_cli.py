@@ -21,6 +21,8 @@ from typer.testing import CliRunner, Result
 from projector.cli import app
 from projector.config import Config, parse_config
 from projector.runner.daemon import run
+from projector.runner.operations import status
+from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration.harness import (
     config_dict,
@@ -115,7 +117,8 @@ def gaps_json(setup: Setup, *args: str) -> list[dict[str, Any]]:
 
 
 def status_json(setup: Setup, *args: str) -> dict[str, dict[str, Any]]:
-    result = invoke(setup, "status", "--json", *args)
+    # No sampling here: rate and ETA have their own test, and the figures must be repeatable.
+    result = invoke(setup, "status", "--json", "--sample", "0", *args)
     assert_clean_exit(result, 0)
     return {item["projection"]: item for item in json.loads(result.stdout)}
 
@@ -258,7 +261,7 @@ def test_status_reports_lag_parked_gaps_and_dead_letters(setup: Setup) -> None:
     )
     assert status_json(setup, "-p", "idle") == {"idle": idle}
 
-    text = invoke(setup, "status")
+    text = invoke(setup, "status", "--sample", "0")
     assert_clean_exit(text, 0)
     assert "projection" in text.stdout and "dead letters" in text.stdout
     assert "accounts" in text.stdout and "idle" in text.stdout
@@ -321,3 +324,29 @@ def test_commands_refuse_a_database_never_migrated(
         finally:
             close_leaked_stores(result)
     assert rows(pg_dsn, "select count(*) from pg_namespace where nspname = 'projector'") == [(0,)]
+
+
+def test_status_samples_the_rate_and_gives_an_eta(setup: Setup) -> None:
+    """Proves the rate and ETA of a projection that is behind: its checkpoints are read twice
+    around the sample window (here the window itself moves the checkpoint 100 offsets on, as
+    a running daemon would), giving a positive rate and lag / rate as the ETA; a projection
+    that is behind and does not move has rate 0 and no ETA."""
+    config = setup.config
+    store = PostgresStore(setup.pg_dsn)
+    store.claim("idle", [(setup.idle_topic, 0)], "x")
+
+    def progress(_seconds: float) -> None:
+        with store.conn.transaction():
+            store.conn.execute(
+                "update projector.checkpoints set next_offset = coalesce(next_offset, 0) + 100 where projection = 'idle'"
+            )
+
+    try:
+        found = {s.projection: s for s in status(config, store, None, sample=0.5, wait=progress)}
+    finally:
+        store.close()
+    idle = found["idle"]
+    assert idle.rate is not None and idle.rate > 0
+    assert idle.eta_seconds == pytest.approx(idle.lag / idle.rate)
+    stuck = found["accounts"]
+    assert stuck.lag > 0 and stuck.rate == 0 and stuck.eta_seconds is None
