@@ -1,5 +1,6 @@
-"""Logging: human-readable by default, JSON lines on request, with the thread (one per
-projection) named in every line."""
+"""Logging: human-readable by default, JSON lines on request. Each projection runs in its own
+thread (``projection-<name>``), so every line says which projection it is about; topic and
+partition are in the messages that concern one."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ class JsonFormatter(logging.Formatter):
             "thread": record.threadName,
             "msg": record.getMessage(),
         }
+        if record.threadName and record.threadName.startswith("projection-"):
+            out["projection"] = record.threadName.removeprefix("projection-")
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
