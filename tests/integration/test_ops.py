@@ -170,3 +170,47 @@ def test_instance_without_partitions_is_ready(
             get(second.ops.port, "/readyz")[1].strip(),
         }
         assert reasons == {"ready"}
+
+
+def test_lag_metric_equals_end_offset_minus_checkpoint_while_paused(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves the lag gauge while behind: with the source paused by back-pressure (max_parked)
+    the per-partition lag in messages equals the partition's end offset minus the stored
+    checkpoint, the back-pressure gauge is 1, and the lag in seconds is positive."""
+    _, delivered, _ = split_log(accounts=60, events=10, withheld_seqs={2})
+    source, replay_topic = new_topic(), new_topic()
+    publish(services.kafka, source, delivered)
+    config = ops_config(
+        services, pg_dsn, [source], replay_topic=replay_topic, max_parked=50, batch_max_messages=40
+    )
+    with running_daemon(config, FakeClock()) as daemon:
+        assert daemon.ops is not None
+        port = daemon.ops.port
+        wait_until(
+            lambda: value(port, "projector_backpressure", projection="accounts") == 1,
+            "back-pressure",
+        )
+
+        def lag_matches() -> bool:
+            [(checkpoint,)] = rows(
+                pg_dsn, "select next_offset from projector.checkpoints where topic = %s", (source,)
+            )
+            lag = value(
+                port,
+                "projector_consumer_lag_messages",
+                projection="accounts",
+                topic=source,
+                partition="0",
+            )
+            return lag is not None and lag > 0 and lag == len(delivered) - checkpoint
+
+        wait_until(lag_matches, "the lag gauge to equal end offset minus checkpoint")
+        seconds = value(
+            port,
+            "projector_consumer_lag_seconds",
+            projection="accounts",
+            topic=source,
+            partition="0",
+        )
+        assert seconds is not None and seconds > 0
