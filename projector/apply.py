@@ -17,7 +17,7 @@ so a batch costs a few round trips, not one per event. ``MIGRATIONS`` are applie
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,24 +47,41 @@ class PgHandler(Protocol):
 
 
 @dataclass(frozen=True)
+class DocumentChange:
+    """Merge mode: a document after this batch (``None``: deleted) and the events that
+    changed it. A merge handler's ``handle_documents(changes, view)`` gets one per changed
+    document; stale and duplicate events change nothing and reach no handler."""
+
+    stream: str
+    document: dict[str, Any] | None
+    events: tuple[Event, ...]
+
+
+class PgDocumentHandler(Protocol):
+    def __call__(self, changes: Sequence[DocumentChange], view: PgView) -> None: ...
+
+
+@dataclass(frozen=True)
 class LoadedHandler:
     """A handler function and its module's view migrations, as named in the config."""
 
     name: str
-    handle: PgHandler
+    handle: Callable[[Sequence[Any], PgView], None]
     migrations: tuple[str, ...]
 
 
-def load_handler(path: str) -> LoadedHandler:
-    """Import ``package.module`` (its ``handle``) or ``package.module:function``."""
+def load_handler(path: str, mode: str = "sequence") -> LoadedHandler:
+    """Import ``package.module`` (its ``handle``, or ``handle_documents`` in merge mode) or
+    ``package.module:function``."""
     module_name, _, attr = path.partition(":")
+    attr = attr or ("handle_documents" if mode == "merge" else "handle")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"handler module {module_name!r} cannot be imported: {exc}") from exc
-    fn = getattr(module, attr or "handle", None)
+    fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"handler {path!r} has no callable {attr or 'handle'!r}")
+        raise ValueError(f"handler {path!r} has no callable {attr!r}")
     migrations = getattr(module, "MIGRATIONS", ())
     if not all(isinstance(m, str) for m in migrations):
         raise ValueError(f"{module_name}.MIGRATIONS must be a list of SQL strings")

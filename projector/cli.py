@@ -26,7 +26,7 @@ from projector.replay.responder import ReplayResponder, respond
 from projector.runner.daemon import run as run_daemon
 from projector.runner.dead_letters import resolve
 from projector.runner.operations import ProjectionStatus, gaps, skip_gaps, status
-from projector.runner.worker import build_decoders, check_supported, load_handlers, view_migrations
+from projector.runner.worker import build_decoders, load_handlers, view_migrations
 from projector.store.errors import SchemaBehind, StoreError
 from projector.store.migrate import check_schema
 from projector.store.migrate import migrate as do_migrate
@@ -96,7 +96,6 @@ def _setup_logging(config: Config) -> None:
 
 
 def _check_projection(projection: ProjectionConfig) -> None:
-    check_supported(projection)
     load_handlers(projection)
     build_decoders(projection)
 

@@ -22,6 +22,8 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -90,6 +92,18 @@ class DecoderConfig(BaseModel):
         return self
 
 
+class MergeConfig(_Strict):
+    """Merge mode: how deletions are told, and the built-in view."""
+
+    # Event types that delete the whole document (Debezium's op d decodes to "delete").
+    delete_types: list[str] = Field(default_factory=lambda: ["delete"])
+    # A data field listing removed field paths ("a.b" or ["a", "b"]); null: none.
+    removed_field: str | None = "$removed"
+    # With no handlers, the built-in one keeps each document as JSONB in this table of the
+    # view schema: (id text primary key, doc jsonb, updated_at timestamptz).
+    view_table: Name | None = None
+
+
 class ReplayConfig(_Strict):
     """Where replay requests for gaps go. ``none``: gaps wait (and alert) without asking."""
 
@@ -123,7 +137,9 @@ class ProjectionConfig(_Strict):
     view_schema: Name | None = None
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     decoders: dict[str, DecoderConfig] = Field(default_factory=dict)
-    handlers: list[Annotated[str, AfterValidator(_handler_path)]] = Field(min_length=1)
+    merge: MergeConfig = MergeConfig()
+    # Unset in merge mode with merge.view_table: the built-in JSONB document view.
+    handlers: list[Annotated[str, AfterValidator(_handler_path)]] = Field(default_factory=list)
     first_seq: int = 1
     max_seq_jump: int = Field(100_000, gt=0)
     batch_max_messages: int = Field(2000, gt=0, le=100_000)
@@ -138,6 +154,17 @@ class ProjectionConfig(_Strict):
     replay_topic: str | None = None
     # Parked events allowed for the projection; at the bound its source partitions pause.
     max_parked: int = Field(100_000, gt=0)
+
+    @field_validator("handlers")
+    @classmethod
+    def _some_handler(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        merge = info.data.get("merge")
+        if not value and not (info.data.get("mode") == "merge" and merge and merge.view_table):
+            raise ValueError(
+                "name at least one handler module, or in merge mode set merge.view_table for"
+                " the built-in JSONB view"
+            )
+        return value
 
     @property
     def schema_name(self) -> str:

@@ -54,7 +54,8 @@ class Daemon:
         self.stop = stop or threading.Event()
         self.metrics = metrics or Metrics()
         self.failures: list[BaseException] = []
-        instance = instance_id(config.kafka.instance_id, scope=config.kafka.group_prefix)
+        self.instance = instance_id(config.kafka.instance_id, scope=config.kafka.group_prefix)
+        instance = self.instance.value
         selected = [p for p in config.projections if not projections or p.name in projections]
         self.workers = [
             ProjectionWorker(
@@ -131,6 +132,7 @@ class Daemon:
             if self.ops is not None:
                 self.ops.stop()
             self._figures_store.close()
+            self.instance.release()
         return 1 if self.failures else 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

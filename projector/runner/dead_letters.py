@@ -18,8 +18,14 @@ from projector.config import Config
 from projector.core.decode import DecodeError, Decoder
 from projector.core.event import Event
 from projector.core.sequencer import StreamPosition
-from projector.runner.batch import BatchApplier, BatchResult, Clock
-from projector.runner.worker import build_applier, build_decoders, load_handlers, view_migrations
+from projector.runner.batch import BatchResult, Clock
+from projector.runner.worker import (
+    Applier,
+    build_applier,
+    build_decoders,
+    load_handlers,
+    view_migrations,
+)
 from projector.store.migrate import check_schema
 from projector.store.postgres import (
     DeadLetterRow,
@@ -94,7 +100,7 @@ def resolve(
     return outcomes
 
 
-def _skip(applier: BatchApplier, tx: PgBatch, row: DeadLetterRow, result: BatchResult) -> Outcome:
+def _skip(applier: Applier, tx: PgBatch, row: DeadLetterRow, result: BatchResult) -> Outcome:
     overrides: dict[str, Callable[[StreamPosition], StreamPosition]] = {}
     if row.kind == "handler" and row.event is not None:
         overrides[row.event.stream] = _skip_past(row.event)
@@ -104,7 +110,7 @@ def _skip(applier: BatchApplier, tx: PgBatch, row: DeadLetterRow, result: BatchR
 
 
 def _retry(
-    applier: BatchApplier,
+    applier: Applier,
     decoders: Mapping[str, Decoder],
     tx: PgBatch,
     row: DeadLetterRow,

@@ -14,10 +14,9 @@ import fcntl
 import os
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
-
-_held: list[IO[bytes]] = []  # lock files stay open for the life of the process
 
 
 def _lock_dir() -> Path:
@@ -27,11 +26,25 @@ def _lock_dir() -> Path:
     return path
 
 
-def instance_id(configured: str | None, scope: str = "default", max_slots: int = 64) -> str:
+@dataclass
+class InstanceId:
+    """The id, and the slot lock held while the daemon runs (released at its end, so a daemon
+    started again in the same process takes the same slot)."""
+
+    value: str
+    _lock: IO[bytes] | None = None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def instance_id(configured: str | None, scope: str = "default", max_slots: int = 64) -> InstanceId:
     """``configured`` if set; else ``<hostname>-<slot>`` for the first slot not held by a live
-    process on this host (``scope`` separates unrelated deployments, e.g. by group prefix)."""
+    daemon on this host (``scope`` separates unrelated deployments, e.g. by group prefix)."""
     if configured:
-        return configured
+        return InstanceId(configured)
     host = socket.gethostname()
     for slot in range(max_slots):
         handle = (_lock_dir() / f"{scope}.{slot}.lock").open("ab")
@@ -40,8 +53,7 @@ def instance_id(configured: str | None, scope: str = "default", max_slots: int =
         except BlockingIOError:
             handle.close()
             continue
-        _held.append(handle)
-        return f"{host}-{slot}"
+        return InstanceId(f"{host}-{slot}", handle)
     raise RuntimeError(
         f"more than {max_slots} projector instances on this host: set kafka.instance_id"
     )

@@ -59,6 +59,8 @@ def skip_gaps(
     proj = config.projection(projection)
     check_schema(store.conn, store.schema, view_migrations(proj, load_handlers(proj)))
     applier = build_applier(config, proj, store, clock)
+    if not isinstance(applier, BatchApplier):
+        raise ValueError(f"projection {proj.name!r} is in merge mode: it has no gaps to skip")
     listed = [
         g
         for _, g in gaps(store, proj.name, stream, False)

@@ -19,13 +19,16 @@ from tenacity import Retrying, retry_if_exception, wait_exponential
 from projector.apply import LoadedHandler, load_handler
 from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder, load_decoder
+from projector.core.merge import MergeRules
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules
+from projector.document_view import document_view
 from projector.metrics import Metrics
 from projector.replay.channels import open_channel
 from projector.runner.backpressure import BackPressure
 from projector.runner.batch import BatchApplier, BatchResult, Clock
 from projector.runner.gap_timer import GapTimer
+from projector.runner.merge_batch import MergeApplier
 from projector.runner.progress import PartitionProgress
 from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
 from projector.store.errors import Fenced
@@ -45,7 +48,10 @@ def view_migrations(
 
 
 def load_handlers(projection: ProjectionConfig) -> list[LoadedHandler]:
-    return [load_handler(path) for path in projection.handlers]
+    loaded = [load_handler(path, projection.mode) for path in projection.handlers]
+    if projection.mode == "merge" and projection.merge.view_table and not loaded:
+        loaded.append(document_view(projection.merge.view_table))
+    return loaded
 
 
 def build_decoders(projection: ProjectionConfig) -> dict[str, Decoder]:
@@ -55,18 +61,18 @@ def build_decoders(projection: ProjectionConfig) -> dict[str, Decoder]:
     }
 
 
-def check_supported(projection: ProjectionConfig) -> None:
-    if projection.mode != "sequence":
-        raise ValueError(
-            f"projection {projection.name!r}: mode {projection.mode!r} is not supported by this"
-            " version of projector; use mode: sequence"
-        )
+Applier = BatchApplier | MergeApplier
 
 
 def build_applier(
     config: Config, projection: ProjectionConfig, store: PostgresStore, clock: Clock
-) -> BatchApplier:
-    check_supported(projection)
+) -> Applier:
+    """The projection's batch applier: sequence or merge, by its mode."""
+    if projection.mode == "merge":
+        rules = MergeRules(frozenset(projection.merge.delete_types), projection.merge.removed_field)
+        return MergeApplier(
+            projection.name, projection.schema_name, store, load_handlers(projection), rules
+        )
     return BatchApplier(
         projection.name,
         projection.schema_name,
@@ -120,8 +126,13 @@ class ProjectionWorker:
         self.channel = open_channel(
             projection.replay, config.kafka.bootstrap_servers, config.kafka.producer
         )
-        self.gap_timer = GapTimer(
-            projection, self.store, self.applier, self.channel, clock, self._count_requests
+        # Merge mode has no sequence, so no gaps to time.
+        self.gap_timer = (
+            GapTimer(
+                projection, self.store, self.applier, self.channel, clock, self._count_requests
+            )
+            if isinstance(self.applier, BatchApplier)
+            else None
         )
         self.backpressure = BackPressure(projection, self.store, clock)
         self.progress = PartitionProgress()
@@ -188,7 +199,8 @@ class ProjectionWorker:
             if result is not None:
                 source.commit(result.checkpoints)
                 self._record(messages, result, time.monotonic() - started)
-        self._retrying()(self.gap_timer.tick)
+        if self.gap_timer is not None:
+            self._retrying()(self.gap_timer.tick)
         self._retrying()(self.backpressure.update, source)
         self.metrics.backpressure.labels(self.projection.name).set(int(self.backpressure.active))
         idle = not messages

@@ -209,8 +209,14 @@ class PgBatch:
         with self.conn.transaction():
             yield
 
+    @contextmanager
+    def rolled_back(self) -> Iterator[None]:
+        """A savepoint that is always rolled back, for trying things out."""
+        with self.conn.transaction(force_rollback=True):
+            yield
+
     def run_handlers(
-        self, handlers: Sequence[Callable[[Sequence[Event], PgView], None]], events: Sequence[Event]
+        self, handlers: Sequence[Callable[[Sequence[Any], PgView], None]], events: Sequence[Any]
     ) -> None:
         """Run the handlers in a savepoint with the view schema as search_path; on any error the
         savepoint is rolled back and the error propagates."""
@@ -678,3 +684,39 @@ def inspect_stream(store: PostgresStore, projection: str, stream: str) -> Stream
         [g for _, g in list_gaps(store, projection, stream)],
         [_dead_letter_row(r) for r in letters],
     )
+
+
+def lock_documents(tx: PgBatch, streams: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+    """Merge mode: create missing document rows, lock them all in sorted order (instances
+    that touch one document serialise here) and return their stored merge states (``None``:
+    nothing merged yet)."""
+    names = sorted(set(streams))
+    if not names:
+        return {}
+    tx.conn.execute(
+        tx._q(
+            "insert into {s}.documents (projection, stream, state)"
+            " select %s, x, 'null'::jsonb from unnest(%s::text[]) as x order by x on conflict do nothing"
+        ),
+        (tx.projection, names),
+    )
+    rows = tx.conn.execute(
+        tx._q(
+            "select stream, state from {s}.documents where projection = %s and stream = any(%s)"
+            " order by stream for update"
+        ),
+        (tx.projection, names),
+    ).fetchall()
+    return {stream: state for stream, state in rows}
+
+
+def write_documents(tx: PgBatch, states: Mapping[str, dict[str, Any]]) -> None:
+    if states:
+        with tx.conn.cursor() as cur:
+            cur.executemany(
+                tx._q(
+                    "update {s}.documents set state = %s, updated_at = now()"
+                    " where projection = %s and stream = %s"
+                ),
+                [(Jsonb(state), tx.projection, stream) for stream, state in states.items()],
+            )

@@ -91,7 +91,7 @@ def test_instance_ids_differ_on_one_host_and_survive_restart(tmp_path: Path) -> 
     ids, and a process killed with -9 leaves its id to its restart."""
     code = (
         "import sys, time; from projector.runner.identity import instance_id;"
-        " print(instance_id(None, scope=sys.argv[1]), flush=True); time.sleep(30)"
+        " held = instance_id(None, scope=sys.argv[1]); print(held.value, flush=True); time.sleep(30)"
     )
     scope = tmp_path.name
 

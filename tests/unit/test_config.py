@@ -88,8 +88,14 @@ def test_example_config_parses_with_an_empty_environment() -> None:
     )
     assert (config.log.level, config.log.format) == ("INFO", "text")
 
-    assert [p.name for p in config.projections] == ["accounts", "customers", "games"]
-    accounts, customers, games = config.projections
+    assert [p.name for p in config.projections] == ["accounts", "customers", "games", "profiles"]
+    accounts, customers, games, profiles = config.projections
+    assert (profiles.mode, profiles.handlers, profiles.merge.view_table) == (
+        "merge",
+        [],
+        "profiles",
+    )
+    assert profiles.topics == ["profiles-nlp", "profiles-cv"]
     assert accounts.topics == ["accounts"]
     assert accounts.mode == "sequence"
     assert accounts.store == "postgres"

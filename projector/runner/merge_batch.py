@@ -1,0 +1,173 @@
+"""One merge-mode batch, one store transaction: decode → fence → lock documents → merge →
+handlers → write states.
+
+Merge mode has no sequence: each document (stream) keeps, per field, the value with the newest
+``(ts, id)`` (see :mod:`projector.core.merge`), so arrival order, batching and duplicates do not
+matter and nothing is parked. The merge state lives in ``documents`` beside the views and is
+locked per document, so instances touching one document serialise and restarts lose nothing.
+A handler failure is traced to its document; that document's events become dead letters (a
+retry merges them again later, order being irrelevant) and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from projector.apply import DocumentChange, LoadedHandler
+from projector.core.dead_letter import DeadLetter
+from projector.core.decode import Decoder
+from projector.core.event import Event
+from projector.core.merge import DocState, MergeRules, merge_events
+from projector.core.message import RawMessage
+from projector.core.sequencer import StreamPosition, group_by_stream
+from projector.runner.batch import BatchResult, decode_all, next_offsets
+from projector.store.errors import TransientStoreError
+from projector.store.postgres import (
+    PgBatch,
+    PostgresStore,
+    TopicPartition,
+    is_transient,
+    lock_documents,
+    write_documents,
+)
+
+log = logging.getLogger(__name__)
+
+
+class MergeApplier:
+    """Applies batches of one merge-mode projection to a PostgreSQL store."""
+
+    def __init__(
+        self,
+        projection: str,
+        view_schema: str,
+        store: PostgresStore,
+        handlers: Sequence[LoadedHandler],
+        rules: MergeRules,
+    ):
+        self.projection = projection
+        self.view_schema = view_schema
+        self.store = store
+        self.handlers = [h.handle for h in handlers]
+        self.handler_names = [h.name for h in handlers]
+        self.rules = rules
+
+    def apply(
+        self,
+        messages: Sequence[RawMessage],
+        decoders: Mapping[str, Decoder],
+        epochs: Mapping[TopicPartition, int],
+        positions: Mapping[TopicPartition, int] | None = None,
+    ) -> BatchResult:
+        """Apply one consumed batch in one transaction; raises ``Fenced`` like the sequence
+        applier when this instance no longer owns one of the batch's partitions."""
+        decoded = decode_all(messages, decoders)
+        result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
+        result.checkpoints = next_offsets(messages)
+        for tp, position in (positions or {}).items():
+            if tp in result.checkpoints:
+                result.checkpoints[tp] = max(result.checkpoints[tp], position)
+        with self.store.batch(self.projection, self.view_schema) as tx:
+            tx.fence(result.checkpoints, epochs)
+            self.apply_events(tx, decoded.events, result)
+            result.dead_letters[:0] = decoded.dead_letters
+            tx.dead_letter(decoded.dead_letters)
+        return result
+
+    def apply_events(
+        self,
+        tx: PgBatch,
+        events: Sequence[Event],
+        result: BatchResult,
+        overrides: Mapping[str, Callable[[StreamPosition], StreamPosition]] | None = None,
+    ) -> None:
+        """Merge ``events`` into their documents and run the handlers on what changed.
+        (``overrides`` exist for the sequence applier's dead-letter retry; merge mode has no
+        positions to override.)"""
+        timed = [e for e in events if e.ts is not None]
+        untimed = [
+            DeadLetter(
+                "no_timestamp", "merge mode needs a timestamp: the decoder found none", event=e
+            )
+            for e in events
+            if e.ts is None
+        ]
+        by_stream = group_by_stream(timed)
+        stored = lock_documents(tx, by_stream)
+        changes, states = self._merge(by_stream, stored, result)
+        failed = self._run_handlers(tx, changes)
+        letters = untimed + [
+            DeadLetter("handler", reason, event=e)
+            for change, reason in failed
+            for e in change.events
+        ]
+        write_documents(
+            tx, {s: state for s, state in states.items() if s not in {c.stream for c, _ in failed}}
+        )
+        tx.dead_letter(letters)
+        result.dead_letters += letters
+        result.applied += sum(len(c.events) for c in changes) - sum(
+            len(c.events) for c, _ in failed
+        )
+
+    def _merge(
+        self,
+        by_stream: Mapping[str, list[Event]],
+        stored: Mapping[str, dict[str, Any] | None],
+        result: BatchResult,
+    ) -> tuple[list[DocumentChange], dict[str, dict[str, Any]]]:
+        changes: list[DocumentChange] = []
+        states: dict[str, dict[str, Any]] = {}
+        for stream, evs in by_stream.items():
+            raw = stored.get(stream)
+            merged = merge_events(None if raw is None else DocState.from_json(raw), evs, self.rules)
+            if not merged.changed:
+                result.duplicates += len(evs)  # stale or repeated: nothing new for the view
+                continue
+            changes.append(DocumentChange(stream, merged.document, tuple(evs)))
+            states[stream] = merged.state.to_json()
+        return changes, states
+
+    def _run_handlers(
+        self, tx: PgBatch, changes: list[DocumentChange]
+    ) -> list[tuple[DocumentChange, str]]:
+        """Run the handlers on every change; a change the handlers fail on is set aside (its
+        events become dead letters) and the rest run again. Returns what failed, and why."""
+        failed: list[tuple[DocumentChange, str]] = []
+        pending = list(changes)
+        while pending:
+            try:
+                tx.run_handlers(self.handlers, pending)
+                return failed
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                culprit, reason = self._find_culprit(tx, pending, exc)
+                log.warning("dead letter: document %s: %s", culprit.stream, reason)
+                failed.append((culprit, reason))
+                pending = [c for c in pending if c is not culprit]
+        return failed
+
+    def _find_culprit(
+        self, tx: PgBatch, changes: list[DocumentChange], batch_error: Exception
+    ) -> tuple[DocumentChange, str]:
+        """Run the changes one by one (cumulatively) in a savepoint that is always rolled
+        back; the first that fails is the culprit."""
+        found: list[tuple[DocumentChange, str]] = []
+        with tx.rolled_back():
+            for change in changes:
+                try:
+                    tx.run_handlers(self.handlers, [change])
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    names = ", ".join(self.handler_names)
+                    found.append((change, f"handler {names} raised {type(exc).__name__}: {exc}"))
+                    break
+        if found:
+            return found[0]
+        raise TransientStoreError(
+            f"handler failed on the batch but on no single document: {batch_error}"
+        )
