@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import psycopg
 
@@ -101,6 +102,46 @@ class Loaded:
     skipped: dict[str, list[tuple[int, int]]]
 
 
+class EventsApplier(Protocol):
+    """What a mode's applier does inside the batch transaction (sequence or merge)."""
+
+    projection: str
+    view_schema: str
+    store: PostgresStore
+
+    def apply_events(
+        self,
+        tx: PgBatch,
+        events: Sequence[Event],
+        result: BatchResult,
+        overrides: Mapping[str, Callable[[StreamPosition], StreamPosition]] | None = None,
+    ) -> None: ...
+
+
+def apply_consumed(
+    applier: EventsApplier,
+    messages: Sequence[RawMessage],
+    decoders: Mapping[str, Decoder],
+    epochs: Mapping[TopicPartition, int],
+    positions: Mapping[TopicPartition, int] | None,
+) -> BatchResult:
+    """Steps 1 and 2 (decode, fence with the new checkpoints) around the mode's own steps, in
+    one transaction. ``positions`` are the consumer's positions right after the batch: past a
+    transaction's commit marker where one follows, so the checkpoint reaches the end."""
+    decoded = decode_all(messages, decoders)
+    result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
+    result.checkpoints = next_offsets(messages)
+    for tp, position in (positions or {}).items():
+        if tp in result.checkpoints:
+            result.checkpoints[tp] = max(result.checkpoints[tp], position)
+    with applier.store.batch(applier.projection, applier.view_schema) as tx:
+        tx.fence(result.checkpoints, epochs)
+        applier.apply_events(tx, decoded.events, result)
+        result.dead_letters[:0] = decoded.dead_letters
+        tx.dead_letter(decoded.dead_letters)
+    return result
+
+
 class BatchApplier:
     """Applies batches of one sequence-mode projection to a PostgreSQL store."""
 
@@ -131,21 +172,8 @@ class BatchApplier:
         positions: Mapping[TopicPartition, int] | None = None,
     ) -> BatchResult:
         """Apply one consumed batch in one transaction (see the module docstring for the steps).
-        ``positions`` are the consumer's positions right after the batch: past a transaction's
-        commit marker where one follows, so the checkpoint reaches the partition's end.
         Raises ``Fenced`` if this instance no longer owns one of the batch's partitions."""
-        decoded = decode_all(messages, decoders)
-        result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
-        result.checkpoints = next_offsets(messages)
-        for tp, position in (positions or {}).items():
-            if tp in result.checkpoints:
-                result.checkpoints[tp] = max(result.checkpoints[tp], position)
-        with self.store.batch(self.projection, self.view_schema) as tx:
-            tx.fence(result.checkpoints, epochs)
-            self.apply_events(tx, decoded.events, result)
-            result.dead_letters[:0] = decoded.dead_letters
-            tx.dead_letter(decoded.dead_letters)
-        return result
+        return apply_consumed(self, messages, decoders, epochs, positions)
 
     def apply_events(
         self,

@@ -22,7 +22,7 @@ from projector.core.event import Event
 from projector.core.merge import DocState, MergeRules, merge_events
 from projector.core.message import RawMessage
 from projector.core.sequencer import StreamPosition, group_by_stream
-from projector.runner.batch import BatchResult, decode_all, next_offsets
+from projector.runner.batch import BatchResult, apply_consumed
 from projector.store.errors import TransientStoreError
 from projector.store.postgres import (
     PgBatch,
@@ -63,18 +63,7 @@ class MergeApplier:
     ) -> BatchResult:
         """Apply one consumed batch in one transaction; raises ``Fenced`` like the sequence
         applier when this instance no longer owns one of the batch's partitions."""
-        decoded = decode_all(messages, decoders)
-        result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
-        result.checkpoints = next_offsets(messages)
-        for tp, position in (positions or {}).items():
-            if tp in result.checkpoints:
-                result.checkpoints[tp] = max(result.checkpoints[tp], position)
-        with self.store.batch(self.projection, self.view_schema) as tx:
-            tx.fence(result.checkpoints, epochs)
-            self.apply_events(tx, decoded.events, result)
-            result.dead_letters[:0] = decoded.dead_letters
-            tx.dead_letter(decoded.dead_letters)
-        return result
+        return apply_consumed(self, messages, decoders, epochs, positions)
 
     def apply_events(
         self,
