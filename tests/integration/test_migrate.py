@@ -14,7 +14,7 @@ import pytest
 from projector.config import Config
 from projector.runner.worker import load_handlers, view_migrations
 from projector.store.errors import SchemaBehind
-from projector.store.migrate import ViewMigrations, check_schema, expected_version
+from projector.store.migrate import ViewMigrations, check_schema, core_migrations, expected_version
 from tests.conftest import ROOT, Services
 from tests.integration.harness import (
     config_dict,
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 CORE_TABLES = [
     "checkpoints",
     "dead_letters",
+    "documents",
     "gaps",
     "holding",
     "positions",
@@ -109,7 +110,7 @@ def test_concurrent_migrates_on_a_fresh_database_both_succeed(
     assert len(results) == racers
     applied = sorted(results, key=len, reverse=True)
     assert applied[0] == [
-        "projector: applied 0001_core.sql",
+        *(f"projector: applied {path.name}" for path in core_migrations()),
         "accounts: handlers.accounts migration 1",
     ]
     assert all(done == [] for done in applied[1:])
@@ -140,7 +141,7 @@ def test_migrate_twice_in_a_row_applies_nothing_the_second_time(
 ) -> None:
     """Proves a second migrate() reports nothing done and keeps the schema as it was."""
     config = accounts_config(services, pg_dsn)
-    assert len(migrate_all(config)) == 2
+    assert len(migrate_all(config)) == len(core_migrations()) + 1
     assert migrate_all(config) == []
     assert_migrated_once(pg_dsn)
 

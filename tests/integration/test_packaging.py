@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from projector.store.migrate import expected_version
 from tests.conftest import ROOT
 from tests.integration.harness import rows
 
@@ -57,4 +58,4 @@ def test_the_wheel_carries_the_sql_migrations_and_an_install_migrates(
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert rows(pg_dsn, "select version from projector.schema_version") == [(1,)]
+    assert rows(pg_dsn, "select version from projector.schema_version") == [(expected_version(),)]
