@@ -23,12 +23,20 @@ views are a function of the three tables at read time. So there is no cross-tabl
 wrong: a course's new teacher shows on every enrolment of that course at once, and a student's
 deletion hides its enrolments even before their own deletes arrive.
 
+The views: ``enrolment_view(student_id, student_name, course_id, course_name, teacher)``, one
+row per enrolment; ``student_courses(student_id, student_name, courses)``, one row per student
+with ``courses`` a JSONB array of ``{course_id, course_name, teacher}`` ordered by course id
+(``[]`` for a student with none).
+
 The decision on partial data: ``enrolment_view`` is an inner join, so an enrolment shows only
 once its student and its course rows are both there (the source database's foreign keys hold for
 every committed state, so after a full catch-up nothing is hidden). While the topics are
 consumed at different speeds it never shows half an enrolment with null names; the raw
 ``enrolments`` table holds every enrolment row. The view tables have no foreign keys for the
-same reason: their rows arrive in any order.
+same reason: their rows arrive in any order. What the views do not give is transaction
+atomicity: the rows of one source transaction arrive on three topics (and partitions), so a
+reader can briefly see part of it (a course change's delete without its create); holding them
+back would take Debezium's transaction metadata topic.
 """
 
 from __future__ import annotations
@@ -108,9 +116,7 @@ class Table:
 TABLES = {
     "student": Table("students", ("id",), ("id", "name", "email", "age")),
     "course": Table("courses", ("id",), ("id", "name", "teacher", "room")),
-    "student_course": Table(
-        "enrolments", ("student_id", "course_id"), ("student_id", "course_id")
-    ),
+    "student_course": Table("enrolments", ("student_id", "course_id"), ("student_id", "course_id")),
 }
 
 
@@ -133,7 +139,8 @@ def handle_documents(changes: Sequence[DocumentChange], view: PgView) -> None:
             view.executemany(table.delete, sorted(deletes[prefix]))
         if upserts[prefix]:
             width = len(table.key)
-            view.executemany(table.upsert, sorted(upserts[prefix], key=lambda r: r[:width]))
+            rows: list[tuple[Any, ...]] = sorted(upserts[prefix], key=lambda r: r[:width])
+            view.executemany(table.upsert, rows)
 
 
 def table_of(stream: str) -> str:

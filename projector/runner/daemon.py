@@ -131,6 +131,8 @@ class Daemon:
                 signal.signal(s, handler)
             if self.ops is not None:
                 self.ops.stop()
+            # A scrape after the end must not reopen the store's connection (and leak it).
+            self.metrics.registry.unregister(self.collector)
             self._figures_store.close()
             self.instance.release()
         return 1 if self.failures else 0

@@ -589,3 +589,24 @@ def test_key_option_without_any_key_source() -> None:
     message = RawMessage("t", 0, 0, None, json.dumps(change("d")).encode())
     with pytest.raises(DecodeError, match="message has no key to take column 'id' from"):
         load_decoder("debezium", {"key": ["id"]}).decode(message)
+
+
+def test_unchanged_toasted_column_placeholder_is_not_data() -> None:
+    """Proves an update whose unchanged TOASTed column comes as Debezium's placeholder leaves
+    that column out of the data (so a merge keeps its stored value) and keeps the others."""
+    payload = {
+        "before": None,
+        "after": {"id": 1, "bio": "__debezium_unavailable_value", "name": "Ann"},
+        "source": {
+            "table": "student",
+            "schema": "public",
+            "lsn": 42,
+            "ts_ms": 1,
+            "snapshot": "false",
+        },
+        "op": "u",
+        "ts_ms": 2,
+    }
+    message = RawMessage("t", 0, 0, json.dumps({"id": 1}).encode(), json.dumps(payload).encode())
+    event = load_decoder("debezium", {}).decode(message)
+    assert event is not None and event.data == {"id": 1, "name": "Ann"}

@@ -4,7 +4,9 @@ Accepts the JSON converter's ``{"schema": ..., "payload": ...}`` envelope and ba
 (``schemas.enable=false``), for message values and keys alike.
 
 - op c/r/u: type create/read/update, data = ``after`` (its nulls are real values). An update
-  with ``before`` null is normal (REPLICA IDENTITY DEFAULT).
+  with ``before`` null is normal (REPLICA IDENTITY DEFAULT). An unchanged TOASTed column comes
+  as Debezium's placeholder ``__debezium_unavailable_value``: not data, so it is left out and a
+  merge keeps the value it had.
 - op d: type delete, data = the non-null fields of ``before`` (with REPLICA IDENTITY DEFAULT it
   holds the key and nulls that are not data); the key when ``before`` is null.
 - Ignored (``None``): tombstones (null value, or an envelope with a null payload), heartbeats
@@ -217,7 +219,7 @@ class DebeziumDecoder:
         elif after is None:
             raise DecodeError(f"op {op!r} without an 'after' row")
         else:
-            key, data = self._key(message, after, "after"), after
+            key, data = self._key(message, after, "after"), _available(after)
         prefix = f"{table}:" if self.options.stream_prefix is None else self.options.stream_prefix
         stream = prefix + ",".join(_key_text(v) for v in key.values())
         position = _position(source)
@@ -318,3 +320,11 @@ def _meta(payload: dict[str, Any], source: dict[str, Any], table: str, op: str) 
             tx.get("data_collection_order") if _is_int(tx.get("data_collection_order")) else None
         ),
     }
+
+
+UNAVAILABLE = "__debezium_unavailable_value"
+
+
+def _available(row: dict[str, Any]) -> dict[str, Any]:
+    """The row without Debezium's placeholder for unchanged TOASTed columns."""
+    return {k: v for k, v in row.items() if v != UNAVAILABLE}
