@@ -102,6 +102,10 @@ class MergeConfig(_Strict):
     # With no handlers, the built-in one keeps each document as JSONB in this table of the
     # view schema: (id text primary key, doc jsonb, updated_at timestamptz).
     view_table: Name | None = None
+    # Deletion tombstones of a document unchanged for this long are forgotten (a deleted
+    # document's state goes entirely). After that, a write older than the delete arriving
+    # late could bring the data back: set it well above the longest delivery delay. null: keep.
+    tombstone_retention: Duration | None = 7 * 86400.0
 
 
 class ReplayConfig(_Strict):

@@ -19,7 +19,7 @@ from projector.apply import DocumentChange, LoadedHandler
 from projector.core.dead_letter import DeadLetter
 from projector.core.decode import Decoder
 from projector.core.event import Event
-from projector.core.merge import DocState, MergeRules, merge_events
+from projector.core.merge import DocState, MergeRules, merge_events, purge_tombstones
 from projector.core.message import RawMessage
 from projector.core.sequencer import StreamPosition, group_by_stream
 from projector.runner.batch import BatchResult, apply_consumed
@@ -30,6 +30,7 @@ from projector.store.postgres import (
     TopicPartition,
     is_transient,
     lock_documents,
+    sweep_documents,
     write_documents,
 )
 
@@ -46,7 +47,11 @@ class MergeApplier:
         store: PostgresStore,
         handlers: Sequence[LoadedHandler],
         rules: MergeRules,
+        clock: Callable[[], float],
+        tombstone_retention: float | None = None,
     ):
+        self.clock = clock
+        self.tombstone_retention = tombstone_retention
         self.projection = projection
         self.view_schema = view_schema
         self.store = store
@@ -92,14 +97,23 @@ class MergeApplier:
             for change, reason in failed
             for e in change.events
         ]
-        write_documents(
-            tx, {s: state for s, state in states.items() if s not in {c.stream for c, _ in failed}}
-        )
+        failed_streams = {c.stream for c, _ in failed}
+        kept = {s: state for s, state in states.items() if s not in failed_streams}
+        write_documents(tx, kept, self.clock())
         tx.dead_letter(letters)
         result.dead_letters += letters
         result.applied += sum(len(c.events) for c in changes) - sum(
             len(c.events) for c, _ in failed
         )
+
+    def sweep(self) -> tuple[int, int]:
+        """Forget the tombstones of documents unchanged for ``tombstone_retention``; a deleted
+        document's state goes entirely. Returns (documents swept, documents removed)."""
+        if self.tombstone_retention is None:
+            return 0, 0
+        now = self.clock()
+        unchanged_since = now - self.tombstone_retention
+        return sweep_documents(self.store, self.projection, unchanged_since, now, _purged)
 
     def _merge(
         self,
@@ -160,3 +174,13 @@ class MergeApplier:
         raise TransientStoreError(
             f"handler failed on the batch but on no single document: {batch_error}"
         )
+
+
+def _purged(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A document's state without its tombstones, or ``None`` when nothing is left. Every
+    tombstone of a document unchanged for the retention is that old, whatever its ts units
+    (epoch ms or a log position), so all of them go."""
+    if raw is None:
+        return None
+    purged = purge_tombstones(DocState.from_json(raw), older_than=2**63)
+    return None if purged == DocState() else purged.to_json()

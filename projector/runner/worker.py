@@ -37,6 +37,8 @@ from projector.store.postgres import PostgresStore, count_open_gaps, is_transien
 
 log = logging.getLogger(__name__)
 
+SWEEP_SECONDS = 60.0  # how often merge projections look for tombstones past their retention
+
 
 def view_migrations(
     projection: ProjectionConfig, handlers: Sequence[LoadedHandler]
@@ -71,7 +73,13 @@ def build_applier(
     if projection.mode == "merge":
         rules = MergeRules(frozenset(projection.merge.delete_types), projection.merge.removed_field)
         return MergeApplier(
-            projection.name, projection.schema_name, store, load_handlers(projection), rules
+            projection.name,
+            projection.schema_name,
+            store,
+            load_handlers(projection),
+            rules,
+            clock,
+            projection.merge.tombstone_retention,
         )
     return BatchApplier(
         projection.name,
@@ -139,6 +147,7 @@ class ProjectionWorker:
         self.epochs: dict[TopicPartition, int] = {}
         self.stats = WorkerStats()
         self.heartbeat = time.monotonic()  # real time: a stalled loop is a real-time matter
+        self._next_sweep = 0.0
         self.metrics.gap_timeout.labels(projection.name).set(projection.gap_timeout)
 
     # -- rebalance hooks (called inside poll) -------------------------------------------------
@@ -201,6 +210,7 @@ class ProjectionWorker:
                 self._record(messages, result, time.monotonic() - started)
         if self.gap_timer is not None:
             self._retrying()(self.gap_timer.tick)
+        self._sweep_tombstones()
         self._retrying()(self.backpressure.update, source)
         self.metrics.backpressure.labels(self.projection.name).set(int(self.backpressure.active))
         idle = not messages
@@ -209,6 +219,21 @@ class ProjectionWorker:
         if not (idle and self.exit_when_caught_up and self.progress.assignment_seen):
             return False
         return all(n == 0 for n in self.progress.lag.values()) and not self._waiting_for_replays()
+
+    def _sweep_tombstones(self) -> None:
+        """Merge mode: forget old tombstones, at most once a minute (by the daemon's clock)."""
+        now = self.clock()
+        if not isinstance(self.applier, MergeApplier) or now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_SECONDS
+        swept, removed = self._retrying()(self.applier.sweep)
+        if swept:
+            log.info(
+                "projection %s: swept the tombstones of %d document(s), %d deleted ones removed",
+                self.projection.name,
+                swept,
+                removed,
+            )
 
     def _record(self, messages: list[RawMessage], result: BatchResult, seconds: float) -> None:
         """After the commit: totals, back-pressure count, progress and metrics."""

@@ -710,13 +710,58 @@ def lock_documents(tx: PgBatch, streams: Iterable[str]) -> dict[str, dict[str, A
     return {stream: state for stream, state in rows}
 
 
-def write_documents(tx: PgBatch, states: Mapping[str, dict[str, Any]]) -> None:
+def write_documents(tx: PgBatch, states: Mapping[str, dict[str, Any]], now: float) -> None:
+    """Store merge states; ``now`` (the daemon's clock) dates the change, for the sweep."""
     if states:
         with tx.conn.cursor() as cur:
             cur.executemany(
                 tx._q(
-                    "update {s}.documents set state = %s, updated_at = now()"
+                    "update {s}.documents set state = %s, updated_at = %s"
                     " where projection = %s and stream = %s"
                 ),
-                [(Jsonb(state), tx.projection, stream) for stream, state in states.items()],
+                [
+                    (Jsonb(state), _ts(now), tx.projection, stream)
+                    for stream, state in states.items()
+                ],
             )
+
+
+def sweep_documents(
+    store: PostgresStore,
+    projection: str,
+    unchanged_since: float,
+    now: float,
+    purge: Callable[[dict[str, Any]], dict[str, Any] | None],
+    limit: int = 500,
+) -> tuple[int, int]:
+    """Forget the tombstones of documents unchanged since ``unchanged_since`` and not swept
+    since their last change: ``purge`` returns the state to keep, or ``None`` when nothing is
+    left (a deleted document: its row goes). Returns (swept, removed)."""
+    with store.conn.transaction():
+        rows = store.conn.execute(
+            store._q(
+                "select stream, state from {s}.documents where projection = %s and updated_at < %s"
+                " and (swept_at is null or swept_at < updated_at) limit %s for update skip locked"
+            ),
+            (projection, _ts(unchanged_since), limit),
+        ).fetchall()
+        kept = [(stream, purge(state)) for stream, state in rows]
+        gone = [stream for stream, state in kept if state is None]
+        with store.conn.cursor() as cur:
+            cur.executemany(
+                store._q(
+                    "update {s}.documents set state = %s, swept_at = %s"
+                    " where projection = %s and stream = %s"
+                ),
+                [
+                    (Jsonb(state), _ts(now), projection, stream)
+                    for stream, state in kept
+                    if state is not None
+                ],
+            )
+        if gone:
+            store.conn.execute(
+                store._q("delete from {s}.documents where projection = %s and stream = any(%s)"),
+                (projection, gone),
+            )
+    return len(rows), len(gone)

@@ -14,6 +14,7 @@ import pytest
 from projector.runner.dead_letters import resolve
 from tests.conftest import Services
 from tests.integration import merge_poison_handler
+from tests.integration.gaps_harness import FakeClock, daemon_thread, wait_until
 from tests.integration.harness import make_config, migrate_all, publish, rows, run_until_caught_up
 
 pytestmark = pytest.mark.integration
@@ -187,3 +188,65 @@ def test_a_bad_document_is_a_dead_letter_and_retry_merges_it(
     ]
     assert docs(pg_dsn)["person:2"] == {"id": 2, "ts": T1, "name": "bad", "poison": True}
     assert json.dumps(docs(pg_dsn), sort_keys=True)
+
+
+def test_tombstones_are_forgotten_after_the_retention(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves tombstone_retention with the daemon's clock: a deleted document's state stays
+    (so an older write can't resurrect it) until it has been unchanged for the retention;
+    then the sweep removes it, while a live document keeps its fields and loses only its
+    removed-field tombstone. After that, a write older than the delete is taken as new: the
+    documented trade-off."""
+    topic = new_topic()
+    publish(
+        services.kafka,
+        topic,
+        [
+            {"id": 1, "ts": T1, "name": "gone"},
+            {"id": 1, "ts": T2, "type": "delete"},
+            {"id": 2, "ts": T1, "name": "kept", "city": "Oslo"},
+            {"id": 2, "ts": T2, "$removed": ["city"]},
+        ],
+        key_of="id",
+    )
+    proj = merge_projection([topic], merge={"view_table": "docs", "tombstone_retention": "1h"})
+    config = make_config(services, pg_dsn, [proj])
+    migrate_all(config)
+    clock = FakeClock()
+    with daemon_thread(config, clock):
+        wait_until(
+            lambda: rows(pg_dsn, "select count(*) from projector.documents") == [(2,)],
+            "both documents",
+        )
+        wait_until(
+            lambda: docs(pg_dsn) == {"person:2": {"id": 2, "ts": T2, "name": "kept"}}, "the merge"
+        )
+        clock.advance(1800)  # half the retention: nothing is swept
+        publish(
+            services.kafka, topic, [{"id": 1, "ts": T1 + 1, "name": "late but older"}], key_of="id"
+        )
+        wait_until(
+            lambda: rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)],
+            "the late write",
+        )
+        wait_until(
+            lambda: (
+                rows(pg_dsn, "select coalesce(sum(next_offset), 0) from projector.checkpoints")
+                == [(5,)]
+            ),
+            "the late write to be read",
+        )
+        assert docs(pg_dsn) == {"person:2": {"id": 2, "ts": T2, "name": "kept"}}
+        clock.advance(7200)
+        wait_until(
+            lambda: (
+                rows(pg_dsn, "select stream from projector.documents order by 1") == [("person:2",)]
+            ),
+            "the sweep",
+        )
+        assert docs(pg_dsn) == {"person:2": {"id": 2, "ts": T2, "name": "kept"}}
+        publish(
+            services.kafka, topic, [{"id": 1, "ts": T1 + 2, "name": "resurrected"}], key_of="id"
+        )
+        wait_until(lambda: "person:1" in docs(pg_dsn), "the trade-off")
