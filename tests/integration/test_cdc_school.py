@@ -1,7 +1,7 @@
 """The seed's CDC case end to end: students, courses and enrolments from three Debezium topics
 (public.student, public.course, public.student_course) into ``handlers.school``'s tables and
 views, against real Kafka and PostgreSQL, checked against the independent oracle of
-``cdc_scenario`` whatever the arrival order, duplication or restarts."""
+``projector.cdc_scenario`` whatever the arrival order, duplication or restarts."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ from typing import Any
 
 import pytest
 
-from projector.config import Config
-from projector.metrics import Metrics
-from projector.runner.daemon import Daemon
-from tests.conftest import Services
-from tests.integration.cdc_scenario import (
+from projector.cdc_scenario import (
     TABLES,
     Change,
     SchoolState,
@@ -26,6 +22,10 @@ from tests.integration.cdc_scenario import (
     redelivered,
     school_log,
 )
+from projector.config import Config
+from projector.metrics import Metrics
+from projector.runner.daemon import Daemon
+from tests.conftest import Services
 from tests.integration.harness import make_config, migrate_all, rows
 
 pytestmark = pytest.mark.integration

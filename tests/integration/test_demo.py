@@ -1,9 +1,11 @@
 """The README's first command, ``make demo``, end to end against the test services.
 
 The demo publishes the seed scenarios shuffled and partly duplicated (one game's POINT before its
-ASSIST) with a few accounts events withheld (only the write side's event store has them), runs
-the real ``projector`` CLI with the reference replay responder, and compares every row of every
-view with the scenarios' oracles, exiting non-zero if one differs. So its exit code and its
+ASSIST) with a few accounts events withheld (only the write side's event store has them), and the
+seed's CDC question as Debezium change events of three tables on three topics (shuffled, stale
+re-deliveries, tombstones, one unenrolment before its enrolment) for the merge projection
+``school``; it runs the real ``projector`` CLI with the reference replay responder, and compares
+every row of every view with the oracles, exiting non-zero if one differs. So its exit code and its
 verdict lines prove that the first thing a newcomer runs works and reports the truth; running it
 twice proves it starts from scratch each time, as the README promises.
 """
@@ -27,7 +29,14 @@ from tests.conftest import ROOT, Services, unique
 
 pytestmark = pytest.mark.integration
 
-VIEWS = ("accounts.accounts", "customers.customers", "games.games", "games.player_stats")
+VIEWS = (
+    "accounts.accounts",
+    "customers.customers",
+    "games.games",
+    "games.player_stats",
+    "school.enrolment_view",
+    "school.student_courses",
+)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 WITHHELD_ROW = re.compile(r"^│ (account:\d+) +│ (\d+) +│ (?:DEPOSITED|WITHDRAWN) +│", re.M)
 
@@ -76,15 +85,17 @@ def run_demo(env: dict[str, str]) -> str:
 def test_make_demo_ends_with_every_view_equal_to_its_oracle_and_runs_again(
     demo_env: dict[str, str],
 ) -> None:
-    """Proves ``make demo`` exits 0 and says each of the four views, and the seed's game whose
-    POINT came before its ASSIST, equals its oracle, with nothing parked, missing or
-    dead-lettered, after the withheld events' gaps opened and were filled through replay; and
-    that a second run over the first one's database and topics does too."""
+    """Proves ``make demo`` exits 0 and says each of the six views, the seed's game whose
+    POINT came before its ASSIST, and the school student whose unenrolment came before the
+    enrolment, equals its oracle, with nothing parked, missing or dead-lettered, after the
+    withheld events' gaps opened and were filled through replay; and that a second run over
+    the first one's database and topics does too."""
     for _ in range(2):
         output = run_demo(demo_env)
         for view in VIEWS:
             assert f"✓ {view} equals its oracle" in output, output
         assert re.search(r"✓ equal to the oracle: game \w+'s score", output), output
+        assert_unenrolment_before_enrolment(output)
         for state in ("parked events", "gaps", "dead letters"):
             assert re.search(rf"✓ {state} \(projector\.\w+\): 0\n", output), output
         assert_gaps_filled_through_replay(output)
@@ -105,3 +116,18 @@ def assert_gaps_filled_through_replay(output: str) -> None:
     assert re.search(r"projector replay-responder: exit code 0\b", output), output
     filled = f"✓ accounts: the {len(withheld)} gaps were filled through replay: 0 open, 0 events"
     assert filled in output, output
+
+
+def assert_unenrolment_before_enrolment(output: str) -> None:
+    """The CDC highlight: an enrolment row's delete and tombstone published before its create,
+    and the student's enrolments, none in that course, equal to the oracle (words, not line
+    breaks: the output wraps at the terminal's width)."""
+    published = r"^    unenrolment  →  tombstone  →  \d+ other messages  →  enrolment$"
+    assert re.search(published, output, re.M), output
+    verdict = (
+        r"✓ equal to the oracle: student (\d+)'s [1-9]\d* enrolments?, none in [^(]+ \(course"
+        r" (\d+)\), and no row \((\d+), (\d+)\) in school\.enrolments"
+    )
+    match = re.search(verdict.replace(" ", r"\s+"), output)
+    assert match, output
+    assert (match[1], match[2]) == (match[3], match[4]), output
