@@ -47,6 +47,9 @@ def consumer_config(
         # A broker query (end offsets for lag) waits behind an in-flight fetch on the same
         # connection; librdkafka's 500 ms default made each such query that slow.
         "fetch.wait.max.ms": 100,
+        # A topic created after the daemon started (or new partitions) is noticed within
+        # seconds rather than librdkafka's default five minutes.
+        "topic.metadata.refresh.interval.ms": 10_000,
         "client.id": f"projector-{instance_id}",
     }
     conf.update(extra)

@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from projector import scenarios
 from tests.conftest import Services, unique
+from tests.integration.gaps_harness import FakeClock, running_daemon, wait_until
 from tests.integration.harness import (
     make_config,
     migrate_all,
@@ -93,3 +94,28 @@ def test_transactional_topic_checkpoints_reach_the_partition_end(
     _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10, cached=False)
     consumer.close()
     assert rows(pg_dsn, "select next_offset from projector.checkpoints") == [(end,)]
+
+
+def test_a_topic_created_after_the_daemon_started_is_consumed(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves the daemon can start before its topic exists: it keeps polling (the missing topic
+    is a warning, not a crash) and applies the events once the topic appears."""
+    name = unique("late_topic")
+    config = make_config(services, pg_dsn, [projection("accounts", [name], ["handlers.accounts"])])
+    migrate_all(config)
+    log = scenarios.account_log(random.Random(5), accounts=3, events_per_account=3)
+    with running_daemon(config, FakeClock()) as daemon:
+        worker = daemon.workers[0]
+        started = worker.heartbeat
+        # The loop has gone round for a while with the topic missing before it is created.
+        wait_until(
+            lambda: worker.heartbeat > started + 0.5, "the poll loop to run without the topic"
+        )
+        new_topic(name=name)
+        publish(services.kafka, name, log)
+        wait_until(
+            lambda: account_rows(pg_dsn) == scenarios.accounts_oracle(log),
+            "the late topic's events",
+            limit=60,
+        )
