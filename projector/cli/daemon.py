@@ -1,0 +1,86 @@
+"""check-config, migrate and run: configure, set up and run the daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from projector.cli.common import (
+    ConfigOpt,
+    _config,
+    _guard,
+    _setup_logging,
+)
+from projector.config import ProjectionConfig, redact
+from projector.runner.daemon import run as run_daemon
+from projector.runner.worker import build_decoders, load_handlers, view_migrations
+from projector.store.migrate import migrate as do_migrate
+
+
+def _check_projection(projection: ProjectionConfig) -> None:
+    load_handlers(projection)
+    build_decoders(projection)
+
+
+def check_config(config: ConfigOpt = Path("projector.yaml")) -> None:
+    """Validate the config, import every handler and decoder, and print a summary."""
+    cfg = _config(config)
+    for p in cfg.projections:
+        _guard(lambda p=p: _check_projection(p))  # type: ignore[misc]
+        typer.echo(
+            f"projection {p.name}: mode {p.mode}, topics {', '.join(p.topics)},"
+            f" views in schema {p.schema_name}, handlers {', '.join(p.handlers)}"
+        )
+    typer.echo(
+        f"postgres: {redact(cfg.postgres.dsn.get_secret_value())} (schema {cfg.postgres.schema_})"
+    )
+    typer.echo(
+        f"kafka: {cfg.kafka.bootstrap_servers} (groups {cfg.kafka.group_prefix}.<projection>)"
+    )
+    typer.echo("config OK")
+
+
+def migrate(config: ConfigOpt = Path("projector.yaml")) -> None:
+    """Create or upgrade projector's tables and every projection's views. Safe to run from two
+    places at once."""
+    cfg = _config(config)
+    _setup_logging(cfg)
+
+    def work() -> list[str]:
+        views = [v for p in cfg.projections for v in view_migrations(p, load_handlers(p))]
+        return do_migrate(
+            cfg.postgres.dsn.get_secret_value(),
+            cfg.postgres.schema_,
+            views,
+            cfg.postgres.connect_timeout,
+        )
+
+    done = _guard(work)
+    for line in done:
+        typer.echo(line)
+    typer.echo("schema up to date" if not done else f"{len(done)} migration(s) applied")
+
+
+def run(
+    config: ConfigOpt = Path("projector.yaml"),
+    projection: Annotated[
+        list[str] | None, typer.Option("--projection", "-p", help="Run only these projections.")
+    ] = None,
+    exit_when_caught_up: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-caught-up",
+            help="Exit once every partition is caught up (demo, tests, backfills).",
+        ),
+    ] = False,
+) -> None:
+    """Run the daemon: consume, sequence, apply, until SIGTERM."""
+    cfg = _config(config)
+    _setup_logging(cfg)
+    if projection:
+        for name in projection:
+            _guard(lambda name=name: cfg.projection(name))  # type: ignore[misc]
+    code = _guard(lambda: run_daemon(cfg, projection, exit_when_caught_up))
+    raise typer.Exit(code)
