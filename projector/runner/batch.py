@@ -18,9 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
-
-import psycopg
+from typing import Any, Protocol, TypeVar
 
 from projector.apply import LoadedHandler
 from projector.core.dead_letter import DeadLetter
@@ -36,7 +34,7 @@ from projector.core.sequencer import (
     sequence_stream,
 )
 from projector.store.errors import TransientStoreError
-from projector.store.postgres import PgBatch, PostgresStore, TopicPartition, is_transient
+from projector.store.postgres import PgBatch, PgView, PostgresStore, TopicPartition, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +98,30 @@ class Loaded:
     positions: dict[str, StreamPosition]
     parked: dict[str, dict[int, Event]]
     skipped: dict[str, list[tuple[int, int]]]
+
+
+Item = TypeVar("Item")
+
+
+def first_failure(
+    tx: PgBatch,
+    handlers: Sequence[Callable[[Sequence[Any], PgView], None]],
+    names: Sequence[str],
+    items: Sequence[Item],
+) -> tuple[Item, str] | None:
+    """After the handlers failed on a whole batch: run them again item by item (events, or
+    merge documents), cumulatively so that interactions show too, in a savepoint that is always
+    rolled back. The first item they fail on, and why; ``None`` if none fails on its own.
+    Transient errors propagate: they say nothing about the item."""
+    with tx.rolled_back():
+        for item in items:
+            try:
+                tx.run_handlers(handlers, [item])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                return item, f"handler {', '.join(names)} raised {type(exc).__name__}: {exc}"
+    return None
 
 
 class EventsApplier(Protocol):
@@ -192,7 +214,7 @@ class BatchApplier:
         positions = tx.lock_positions(incoming, self.rules)
         for stream, change in overrides.items():
             positions[stream] = change(positions[stream])
-        state = Loaded(positions, tx.load_parked(incoming), tx.load_skipped(incoming))
+        state = Loaded(positions, *tx.load_held(incoming))
         plans, culprits = self._plan_and_run(tx, incoming, state)
         self._write(tx, plans, state, culprits, result)
 
@@ -249,29 +271,15 @@ class BatchApplier:
     def _find_culprit(
         self, tx: PgBatch, events: Sequence[Event], batch_error: Exception
     ) -> DeadLetter:
-        """Re-run the handlers event by event (cumulatively, so interactions between events
-        show too) in a savepoint that is always rolled back; the first event that fails is
-        the culprit."""
-        try:
-            with tx.savepoint():
-                for event in events:
-                    try:
-                        tx.run_handlers(self.handlers, [event])
-                    except Exception as exc:
-                        if is_transient(exc):
-                            raise
-                        reason = f"handler {', '.join(self.handler_names)} raised {type(exc).__name__}: {exc}"
-                        log.warning(
-                            "dead letter: stream %s seq %s: %s", event.stream, event.seq, reason
-                        )
-                        raise _Found(DeadLetter("handler", reason, event=event)) from exc
-                raise psycopg.Rollback()
-        except _Found as found:
-            return found.letter
-        # Every event passed on its own: the failure was not deterministic; retry the batch.
-        raise TransientStoreError(
-            f"handler failed on the batch but on no single event: {batch_error}"
-        )
+        found = first_failure(tx, self.handlers, self.handler_names, events)
+        if found is None:
+            # Every event passed on its own: the failure was not deterministic; retry the batch.
+            raise TransientStoreError(
+                f"handler failed on the batch but on no single event: {batch_error}"
+            )
+        event, reason = found
+        log.warning("dead letter: stream %s seq %s: %s", event.stream, event.seq, reason)
+        return DeadLetter("handler", reason, event=event)
 
     def _write(
         self,
@@ -320,8 +328,3 @@ class BatchApplier:
             result.gaps_opened += change.opened
             result.gaps_closed += change.closed
         tx.replace_gaps(touched, new)
-
-
-class _Found(Exception):
-    def __init__(self, letter: DeadLetter):
-        self.letter = letter

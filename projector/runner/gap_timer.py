@@ -8,7 +8,6 @@ send one request per gap per attempt (see ``claim_due_gaps``).
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 
 from projector.config import ProjectionConfig
@@ -56,7 +55,6 @@ class GapTimer:
         # Check often enough that a request is never more than a quarter timeout late.
         self.interval = min(1.0, projection.gap_timeout / 4)
         self.next_check = 0.0
-        self.outcomes: Counter[str] = Counter()
 
     def tick(self) -> None:
         now = self.clock()
@@ -94,12 +92,9 @@ class GapTimer:
                     r.from_seq,
                     r.to_seq,
                 )
-            self.outcomes["no_channel"] += len(requests)
             self.report("no_channel", len(requests), None)
             return
         failed = self.channel.send(requests)
-        self.outcomes["failed"] += len(failed)
-        self.outcomes["sent"] += len(requests) - len(failed)
         if failed:
             self.report("failed", len(failed), None)
         if len(requests) > len(failed):
@@ -122,8 +117,7 @@ class GapTimer:
         )
         result = BatchResult()
         with self.store.batch(self.projection.name, self.projection.schema_name) as tx:
-            skipped = self.applier.skip_gap(tx, gap, result)
-        self.outcomes["skipped"] += len(skipped)
+            self.applier.skip_gap(tx, gap, result)
         self.report("skipped", 0, result)
 
 

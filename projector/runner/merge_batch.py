@@ -22,7 +22,7 @@ from projector.core.event import Event
 from projector.core.merge import DocState, MergeRules, merge_events, purge_tombstones
 from projector.core.message import RawMessage
 from projector.core.sequencer import StreamPosition, group_by_stream
-from projector.runner.batch import BatchResult, apply_consumed
+from projector.runner.batch import BatchResult, apply_consumed, first_failure
 from projector.store.errors import TransientStoreError
 from projector.store.postgres import (
     PgBatch,
@@ -156,24 +156,12 @@ class MergeApplier:
     def _find_culprit(
         self, tx: PgBatch, changes: list[DocumentChange], batch_error: Exception
     ) -> tuple[DocumentChange, str]:
-        """Run the changes one by one (cumulatively) in a savepoint that is always rolled
-        back; the first that fails is the culprit."""
-        found: list[tuple[DocumentChange, str]] = []
-        with tx.rolled_back():
-            for change in changes:
-                try:
-                    tx.run_handlers(self.handlers, [change])
-                except Exception as exc:
-                    if is_transient(exc):
-                        raise
-                    names = ", ".join(self.handler_names)
-                    found.append((change, f"handler {names} raised {type(exc).__name__}: {exc}"))
-                    break
-        if found:
-            return found[0]
-        raise TransientStoreError(
-            f"handler failed on the batch but on no single document: {batch_error}"
-        )
+        found = first_failure(tx, self.handlers, self.handler_names, changes)
+        if found is None:
+            raise TransientStoreError(
+                f"handler failed on the batch but on no single document: {batch_error}"
+            )
+        return found
 
 
 def _purged(raw: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -8,7 +8,6 @@ and checkpoints. Driver errors are translated into :mod:`projector.store.errors`
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -155,17 +154,29 @@ class PgBatch:
             ).fetchall()
         return {r[0]: StreamPosition(r[0], r[1], r[2], r[3], r[4]) for r in rows}
 
-    def load_parked(self, streams: Iterable[str]) -> dict[str, dict[int, Event]]:
-        out: dict[str, dict[int, Event]] = {}
+    def load_held(
+        self, streams: Iterable[str]
+    ) -> tuple[dict[str, dict[int, Event]], dict[str, list[tuple[int, int]]]]:
+        """In one round trip: the streams' parked events, and their ranges given up on with
+        the skip policy (which the sequencer steps over)."""
+        parked: dict[str, dict[int, Event]] = {}
+        skipped: dict[str, list[tuple[int, int]]] = {}
+        names = sorted(set(streams))
         rows = self.conn.execute(
             self._q(
-                "select stream, seq, event from {s}.holding where projection = %s and stream = any(%s)"
+                "select stream, seq, event, null::bigint from {s}.holding"
+                " where projection = %s and stream = any(%s)"
+                " union all select stream, from_seq, null, to_seq from {s}.gaps"
+                " where projection = %s and stream = any(%s) and state = 'skipped'"
             ),
-            (self.projection, sorted(set(streams))),
+            (self.projection, names, self.projection, names),
         ).fetchall()
-        for stream, seq, event in rows:
-            out.setdefault(stream, {})[seq] = Event.from_json(event)
-        return out
+        for stream, seq, event, to_seq in rows:
+            if event is not None:
+                parked.setdefault(stream, {})[seq] = Event.from_json(event)
+            else:
+                skipped.setdefault(stream, []).append((seq, to_seq))
+        return parked, skipped
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
         """The open (or held) gaps of these streams; skipped ranges are not gaps any more."""
@@ -181,20 +192,6 @@ class PgBatch:
             out.setdefault(r[0], []).append(_gap(r))
         return out
 
-    def load_skipped(self, streams: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
-        """The ranges of these streams given up on with the skip policy."""
-        out: dict[str, list[tuple[int, int]]] = {}
-        rows = self.conn.execute(
-            self._q(
-                "select stream, from_seq, to_seq from {s}.gaps where projection = %s"
-                " and stream = any(%s) and state = 'skipped'"
-            ),
-            (self.projection, sorted(set(streams))),
-        ).fetchall()
-        for stream, lo, hi in rows:
-            out.setdefault(stream, []).append((lo, hi))
-        return out
-
     def mark_skipped(self, gap: Gap) -> None:
         self.conn.execute(
             self._q(
@@ -203,11 +200,6 @@ class PgBatch:
             ),
             (self.projection, gap.stream, gap.from_seq),
         )
-
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        with self.conn.transaction():
-            yield
 
     @contextmanager
     def rolled_back(self) -> Iterator[None]:
@@ -402,16 +394,6 @@ class PostgresStore:
         with self.conn.transaction():
             yield PgBatch(self.conn, self.schema, projection, view_schema)
 
-    def schema_version(self) -> int | None:
-        row = self.conn.execute(
-            "select 1 from information_schema.tables where table_schema = %s and table_name = 'schema_version'",
-            (self.schema,),
-        ).fetchone()
-        if row is None:
-            return None
-        got = self.conn.execute(self._q("select version from {s}.schema_version")).fetchone()
-        return None if got is None else int(got[0])
-
     def checkpoints(self, projection: str) -> dict[TopicPartition, int | None]:
         rows = self.conn.execute(
             self._q(
@@ -420,10 +402,6 @@ class PostgresStore:
             (projection,),
         ).fetchall()
         return {(r[0], r[1]): r[2] for r in rows}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=str)
 
 
 @dataclass(frozen=True, slots=True)
