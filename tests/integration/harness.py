@@ -70,6 +70,16 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def process_config(
+    services: Services, pg_dsn: str, tmp_path: Path, projections: list[dict[str, Any]]
+) -> Path:
+    """A config file for ``projector run`` as a real process, its schema migrated."""
+    data = config_dict(services, pg_dsn, projections)
+    path = write_config(tmp_path / "config.yaml", data)
+    migrate_all(parse_config(data, env={}))
+    return path
+
+
 def migrate_all(config: Config) -> list[str]:
     views = [v for p in config.projections for v in view_migrations(p, load_handlers(p))]
     return migrate(config.postgres.dsn.get_secret_value(), config.postgres.schema_, views)

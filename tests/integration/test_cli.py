@@ -4,8 +4,6 @@ a schema that is behind, and the dead-letters list and purge commands."""
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +29,6 @@ CORE_TABLES = {
     "schema_version",
     "view_migrations",
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The commands install their own root log handler on the runner's (closed afterwards)
-    stderr; put pytest's handlers and level back so later tests log normally."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def accounts_config(services: Services, pg_dsn: str, **extra: Any) -> dict[str, Any]:

@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 
 from projector import scenarios
-from projector.config import parse_config
 from tests.conftest import Services
 from tests.integration.harness import (
-    config_dict,
     daemon_process,
-    migrate_all,
+    process_config,
     projection,
     publish,
     rows,
-    write_config,
 )
 from tests.integration.test_pipeline import account_rows
 
@@ -74,13 +71,12 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(
     )
     topic = new_topic(partitions=4)
     publish(services.kafka, topic, delivered)
-    data = config_dict(
+    path = process_config(
         services,
         pg_dsn,
+        tmp_path,
         [projection("accounts", [topic], ["handlers.accounts"], batch_max_messages=150)],
     )
-    path = write_config(tmp_path / "config.yaml", data)
-    migrate_all(parse_config(data, env={}))
 
     kills, in_batch, parked_at_kills = 0, 0, 0
     while kills < 12:
@@ -121,13 +117,12 @@ def test_sigterm_mid_run_finishes_the_batch_and_exits_0_quickly(
     log = scenarios.account_log(rng, accounts=300, events_per_account=40)
     topic = new_topic(partitions=2)
     publish(services.kafka, topic, scenarios.shuffle_within_windows(rng, log, 200))
-    data = config_dict(
+    path = process_config(
         services,
         pg_dsn,
+        tmp_path,
         [projection("accounts", [topic], ["handlers.accounts"], batch_max_messages=100)],
     )
-    path = write_config(tmp_path / "config.yaml", data)
-    migrate_all(parse_config(data, env={}))
     proc = daemon_process(path, "--exit-when-caught-up")
     assert wait_for_progress(pg_dsn, proc, 0)
     asked = time.monotonic()

@@ -17,19 +17,18 @@ from typing import Any
 import pytest
 
 from projector import scenarios
-from projector.config import Config, parse_config
+from projector.config import Config
 from tests.conftest import Services
 from tests.integration.gaps_harness import FakeClock, RequestReader, daemon_thread, wait_until
 from tests.integration.harness import (
-    config_dict,
     daemon_process,
     make_config,
     migrate_all,
+    process_config,
     projection,
     publish,
     rows,
     run_until_caught_up,
-    write_config,
 )
 from tests.integration.test_pipeline import account_rows
 
@@ -250,13 +249,12 @@ def test_a_gap_keeps_its_age_across_a_kill_9_and_is_requested_on_time(
     source, requests = new_topic(), new_topic()
     publish(services.kafka, source, delivered)
     replay = {"channel": "kafka", "topic": requests}
-    data = config_dict(
+    path = process_config(
         services,
         pg_dsn,
+        tmp_path,
         [projection("accounts", [source], ["handlers.accounts"], gap_timeout="3s", replay=replay)],
     )
-    path = write_config(tmp_path / "config.yaml", data)
-    migrate_all(parse_config(data, env={}))
     first = daemon_process(path, "--exit-when-caught-up")
     wait_until(lambda: count(pg_dsn, "select count(*) from projector.gaps") == 3, "3 gaps")
     first.send_signal(signal.SIGKILL)

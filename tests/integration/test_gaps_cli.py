@@ -7,10 +7,9 @@ also for a projection that never ran and while the daemon runs."""
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,16 +37,6 @@ from tests.integration.test_pipeline import account_rows
 pytestmark = pytest.mark.integration
 
 GAP_STREAM = "account:g"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The commands install their own root log handler; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def event(stream: str, seq: int) -> dict[str, Any]:

@@ -13,16 +13,13 @@ from pathlib import Path
 import pytest
 
 from projector import scenarios
-from projector.config import parse_config
 from tests.conftest import Services
 from tests.integration.harness import (
-    config_dict,
     daemon_process,
-    migrate_all,
+    process_config,
     projection,
     publish,
     rows,
-    write_config,
 )
 from tests.integration.test_pipeline import account_rows
 
@@ -46,13 +43,12 @@ def test_two_instances_share_the_partitions_and_serialise_on_shared_streams(
     the views equal the oracle. Also proves SIGTERM: each instance finishes its batch, commits
     and exits 0."""
     topic_a, topic_b = new_topic(partitions=2), new_topic(partitions=2)
-    data = config_dict(
+    path = process_config(
         services,
         pg_dsn,
+        tmp_path,
         [projection("accounts", [topic_a, topic_b], ["handlers.accounts"], batch_max_messages=100)],
     )
-    path = write_config(tmp_path / "config.yaml", data)
-    migrate_all(parse_config(data, env={}))
     procs = [daemon_process(path, log=tmp_path / f"instance{i}.log") for i in range(2)]
     try:
         poll_until(

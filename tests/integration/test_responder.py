@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -47,16 +47,6 @@ pytestmark = pytest.mark.integration
 
 SCHEMA, TABLE = "write_side", "events"
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/nothing"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The CLI installs its own root log handler; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def wire(stream: str, seq: int) -> dict[str, Any]:

@@ -9,19 +9,17 @@ from pathlib import Path
 import pytest
 
 from projector import scenarios
-from projector.config import parse_config
 from tests.conftest import Services
 from tests.integration import flaky_handler
 from tests.integration.harness import (
-    config_dict,
     daemon_process,
     make_config,
     migrate_all,
+    process_config,
     projection,
     publish,
     rows,
     run_until_caught_up,
-    write_config,
 )
 from tests.integration.test_crash import applied_offsets, wait_for_progress
 from tests.integration.test_pipeline import account_rows
@@ -62,13 +60,12 @@ def test_backends_terminated_mid_run_are_survived(
     log = scenarios.account_log(rng, accounts=300, events_per_account=40)
     topic = new_topic(partitions=2)
     publish(services.kafka, topic, scenarios.shuffle_within_windows(rng, log, 200))
-    data = config_dict(
+    path = process_config(
         services,
         pg_dsn,
+        tmp_path,
         [projection("accounts", [topic], ["handlers.accounts"], batch_max_messages=100)],
     )
-    path = write_config(tmp_path / "config.yaml", data)
-    migrate_all(parse_config(data, env={}))
     proc = daemon_process(path, "--exit-when-caught-up")
     terminated = 0
     for _ in range(5):
