@@ -1,8 +1,8 @@
 """The configuration: one YAML file, ``${ENV}`` interpolation, validated at start.
 
 Every error names the key (``projections[1].max_seq_jump``) and what to do about it. Secrets
-(``postgres.dsn``, SASL passwords in ``kafka.consumer``) are ``SecretStr`` or redacted so they
-never reach a log line.
+(``postgres.dsn``, ``redis.url``, SASL passwords in ``kafka.consumer``) are ``SecretStr`` or
+redacted so they never reach a log line.
 """
 
 from __future__ import annotations
@@ -76,6 +76,41 @@ class PostgresConfig(_Strict):
     connect_timeout: Duration = 10.0
 
 
+_REDIS_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _redis_prefix(value: str) -> str:
+    if not _REDIS_PREFIX.match(value):
+        raise ValueError(
+            f"{value!r} is not a key prefix: write 1 to 64 letters, digits, '_', '.' or '-'"
+            " (no ':', projector adds it)"
+        )
+    return value
+
+
+def _redis_url(value: SecretStr) -> SecretStr:
+    # The message must not quote the URL: it may hold the password.
+    if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(
+            "expected a URL such as redis://:password@host:6379/0 (rediss:// for TLS,"
+            " unix:///path/to/redis.sock for a socket)"
+        )
+    return value
+
+
+class RedisConfig(_Strict):
+    """The Redis server of the projections with ``store: redis``."""
+
+    # redis://[user:password@]host:port/db or rediss:// (TLS). Its password is never logged.
+    url: Annotated[SecretStr, AfterValidator(_redis_url)]
+    # Every key projector writes (views, positions, checkpoints) starts with "<prefix>:".
+    prefix: Annotated[str, AfterValidator(_redis_prefix)] = "projector"
+    # True: the views may be lost (rebuilt from Kafka after a Redis restart), so the start-up
+    # check only warns about a Redis without persistence or with eviction instead of refusing.
+    disposable: bool = False
+    connect_timeout: Duration = 10.0
+
+
 class DecoderConfig(BaseModel):
     """``kind`` (json, debezium, or ``package.module:Factory``) and that decoder's options."""
 
@@ -137,7 +172,7 @@ class ProjectionConfig(_Strict):
     name: Name
     topics: list[str] = Field(min_length=1)
     mode: Literal["sequence", "merge"] = "sequence"
-    store: Literal["postgres"] = "postgres"
+    store: Literal["postgres", "redis"] = "postgres"
     view_schema: Name | None = None
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     decoders: dict[str, DecoderConfig] = Field(default_factory=dict)
@@ -194,6 +229,11 @@ class ProjectionConfig(_Strict):
         unknown = set(self.decoders) - set(self.consumed_topics)
         if unknown:
             raise ValueError(f"decoders names topics not in topics: {sorted(unknown)}")
+        if self.store == "redis" and self.merge.view_table:
+            raise ValueError(
+                "merge.view_table is the built-in PostgreSQL JSONB view; with store: redis name"
+                " a handler module with handle_documents(changes, view) instead"
+            )
         if self.mode == "sequence":
             for topic in self.consumed_topics:
                 dec = self.decoder_for(topic)
@@ -227,7 +267,9 @@ class LogConfig(_Strict):
 
 class Config(_Strict):
     kafka: KafkaConfig
-    postgres: PostgresConfig
+    # Each section is needed only when a projection has that store (postgres is the default).
+    postgres: PostgresConfig | None = None
+    redis: RedisConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     projections: list[ProjectionConfig] = Field(min_length=1)
@@ -241,14 +283,47 @@ class Config(_Strict):
             dup = {v for v in values if values.count(v) > 1}
             if dup:
                 raise ValueError(f"two projections share the {what} {sorted(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _stores(self) -> Config:
         for i, p in enumerate(self.projections):
-            if p.schema_name == self.postgres.schema_:
+            where = f"projections[{i}] ({p.name!r})"
+            if p.store == "redis" and self.redis is None:
                 raise ValueError(
-                    f"projections[{i}] ({p.name!r}) would keep its views in schema"
-                    f" {p.schema_name!r}, which is postgres.schema (projector's own tables):"
-                    " set its view_schema"
+                    f"{where} has store: redis but there is no redis section: add redis.url"
+                )
+            if p.store == "postgres" and self.postgres is None:
+                raise ValueError(
+                    f"{where} has store: postgres but there is no postgres section:"
+                    " add postgres.dsn (or set the projection's store: redis)"
+                )
+            if (
+                p.store == "postgres"
+                and self.postgres is not None
+                and p.schema_name == self.postgres.schema_
+            ):
+                raise ValueError(
+                    f"{where} would keep its views in schema {p.schema_name!r}, which is"
+                    " postgres.schema (projector's own tables): set its view_schema"
                 )
         return self
+
+    def postgres_config(self) -> PostgresConfig:
+        """The postgres section; ConfigError if the config has none."""
+        if self.postgres is None:
+            raise ConfigError(
+                "the config has no postgres section, and this needs PostgreSQL: add postgres.dsn"
+            )
+        return self.postgres
+
+    def redis_config(self) -> RedisConfig:
+        """The redis section; ConfigError if the config has none."""
+        if self.redis is None:
+            raise ConfigError(
+                "the config has no redis section, and this needs Redis: add redis.url"
+            )
+        return self.redis
 
     def projection(self, name: str) -> ProjectionConfig:
         for p in self.projections:
@@ -325,7 +400,10 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 
 
 def redact(dsn: str) -> str:
-    """A DSN or URL with its password replaced, for logs and messages."""
-    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    """A DSN or URL with its password replaced, for logs and messages (postgresql://,
+    redis://, rediss://: ``user:password@`` or ``:password@``, or ``password=``)."""
+    # Up to the last "@" of the authority, as redis-py (urllib) reads it: a password with an
+    # unencoded "@" is hidden whole.
+    dsn = re.sub(r"(://[^:/@]*:)[^/?#]*@", r"\1***@", dsn)
     dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
     return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", dsn)

@@ -23,7 +23,7 @@ from projector import __version__
 
 if TYPE_CHECKING:
     from projector.runner.batch import BatchResult
-    from projector.store.postgres import PostgresStore, ProjectionFigures
+    from projector.store.base import ProjectionFigures
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,12 @@ class StoreCollector(Collector):
 
     def __init__(
         self,
-        store: PostgresStore,
         projections: Sequence[str],
-        figures: Callable[[PostgresStore, Sequence[str], float], list[ProjectionFigures]],
+        figures: Callable[[Sequence[str], float], list[ProjectionFigures]],
+        reconnect: Callable[[], None],
         clock: Callable[[], float],
     ):
-        self._store = store
+        self._reconnect = reconnect
         self._projections = list(projections)
         self._figures = figures
         self._clock = clock
@@ -175,10 +175,10 @@ class StoreCollector(Collector):
         }
         try:
             with self.lock:
-                rows = self._figures(self._store, self._projections, self._clock())
+                rows = self._figures(self._projections, self._clock())
         except Exception as exc:  # a scrape must not fail because the store is briefly away
             log.warning("metrics: cannot read projection figures from the store: %s", exc)
-            self._store.close()
+            self._reconnect()
             return
         for row in rows:
             families["parked"].add_metric([row.projection], row.parked)

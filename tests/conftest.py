@@ -80,11 +80,12 @@ def pg_dsn(services: Services) -> Iterator[str]:
 
 @pytest.fixture
 def redis_prefix(services: Services) -> Iterator[str]:
-    """A key prefix for this test; its keys are deleted afterwards."""
-    prefix = unique("t") + ":"
+    """A key prefix for this test (``redis.prefix``: keys are ``<prefix>:...``); its keys are
+    deleted afterwards."""
+    prefix = unique("t")
     yield prefix
     client = redis.Redis.from_url(services.redis_url)
-    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    keys = list(client.scan_iter(match=prefix + ":*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()

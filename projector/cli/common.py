@@ -13,11 +13,8 @@ from confluent_kafka import KafkaException
 
 from projector.config import Config, ConfigError, load_config
 from projector.logs import setup_logging
+from projector.store.connect import StoreSet
 from projector.store.errors import SchemaBehind, StoreError
-from projector.store.migrate import check_schema
-from projector.store.postgres import (
-    PostgresStore,
-)
 
 ConfigOpt = Annotated[
     Path,
@@ -53,14 +50,15 @@ def _guard(fn: Callable[[], T]) -> T:
         raise _fail(f"Kafka: {exc}", 1) from None
 
 
-def _with_store(cfg: Config, work: Callable[[PostgresStore], T]) -> T:
-    """Run ``work`` on a store whose schema is current (else SchemaBehind names migrate)."""
-    store = PostgresStore(cfg.postgres.dsn.get_secret_value(), cfg.postgres.schema_)
+def _with_stores(cfg: Config, work: Callable[[StoreSet], T]) -> T:
+    """Run ``work`` with the projections' stores, checked first (a PostgreSQL schema that is
+    behind raises SchemaBehind naming migrate; an unfit Redis is refused)."""
+    stores = StoreSet(cfg)
     try:
-        check_schema(store.conn, cfg.postgres.schema_, [])
-        return work(store)
+        stores.check(cfg.projections, [[] for _ in cfg.projections])
+        return work(stores)
     finally:
-        store.close()
+        stores.close()
 
 
 def _setup_logging(config: Config) -> None:

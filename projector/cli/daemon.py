@@ -15,7 +15,8 @@ from projector.cli.common import (
 )
 from projector.config import ProjectionConfig, redact
 from projector.runner.daemon import run as run_daemon
-from projector.runner.worker import build_decoders, load_handlers, view_migrations
+from projector.runner.worker import build_decoders, load_handlers
+from projector.store.connect import view_migrations
 from projector.store.migrate import migrate as do_migrate
 
 
@@ -29,13 +30,16 @@ def check_config(config: ConfigOpt = Path("projector.yaml")) -> None:
     cfg = _config(config)
     for p in cfg.projections:
         _guard(lambda p=p: _check_projection(p))  # type: ignore[misc]
+        where = "schema" if p.store == "postgres" else "Redis namespace"
         typer.echo(
-            f"projection {p.name}: mode {p.mode}, topics {', '.join(p.topics)},"
-            f" views in schema {p.schema_name}, handlers {', '.join(p.handlers)}"
+            f"projection {p.name}: mode {p.mode}, store {p.store}, topics {', '.join(p.topics)},"
+            f" views in {where} {p.schema_name}, handlers {', '.join(p.handlers)}"
         )
-    typer.echo(
-        f"postgres: {redact(cfg.postgres.dsn.get_secret_value())} (schema {cfg.postgres.schema_})"
-    )
+    if cfg.postgres is not None:
+        pg = cfg.postgres
+        typer.echo(f"postgres: {redact(pg.dsn.get_secret_value())} (schema {pg.schema_})")
+    if cfg.redis is not None:
+        typer.echo(f"redis: {redact(cfg.redis.url.get_secret_value())} (prefix {cfg.redis.prefix})")
     typer.echo(
         f"kafka: {cfg.kafka.bootstrap_servers} (groups {cfg.kafka.group_prefix}.<projection>)"
     )
@@ -49,13 +53,13 @@ def migrate(config: ConfigOpt = Path("projector.yaml")) -> None:
     _setup_logging(cfg)
 
     def work() -> list[str]:
-        views = [v for p in cfg.projections for v in view_migrations(p, load_handlers(p))]
-        return do_migrate(
-            cfg.postgres.dsn.get_secret_value(),
-            cfg.postgres.schema_,
-            views,
-            cfg.postgres.connect_timeout,
-        )
+        # Redis needs no migration: its keys are made as batches write them.
+        on_pg = [p for p in cfg.projections if p.store == "postgres"]
+        if not on_pg and cfg.postgres is None:
+            return []
+        pg = cfg.postgres_config()
+        views = [v for p in on_pg for v in view_migrations(p, load_handlers(p))]
+        return do_migrate(pg.dsn.get_secret_value(), pg.schema_, views, pg.connect_timeout)
 
     done = _guard(work)
     for line in done:

@@ -15,13 +15,10 @@ from projector.cli.common import (
     _config,
     _guard,
     _setup_logging,
-    _with_store,
+    _with_stores,
 )
 from projector.runner.dead_letters import resolve
-from projector.store.postgres import (
-    list_dead_letters,
-    purge_dead_letters,
-)
+from projector.runner.operations import selected
 
 app = typer.Typer(no_args_is_help=True, help="List, retry, skip and purge dead letters.")
 
@@ -39,7 +36,14 @@ def dead_letters_list(
     """List dead letters with their reason and source offset."""
     cfg = _config(config)
     rows = _guard(
-        lambda: _with_store(cfg, lambda s: list_dead_letters(s, projection, status, limit))
+        lambda: _with_stores(
+            cfg,
+            lambda s: [
+                r
+                for p in selected(cfg, projection)
+                for r in s.of(p).list_dead_letters(p.name, status, limit)
+            ][:limit],
+        )
     )
     items: list[dict[str, Any]] = []
     for r in rows:
@@ -111,6 +115,11 @@ def dead_letters_purge(
     """Delete resolved (retried or skipped) dead letters."""
     cfg = _config(config)
     count = _guard(
-        lambda: _with_store(cfg, lambda s: purge_dead_letters(s, projection, include_open))
+        lambda: _with_stores(
+            cfg,
+            lambda s: sum(
+                s.of(p).purge_dead_letters(p.name, include_open) for p in selected(cfg, projection)
+            ),
+        )
     )
     typer.echo(f"purged {count} dead letter(s)")

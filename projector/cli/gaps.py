@@ -17,13 +17,10 @@ from projector.cli.common import (
     _human,
     _iso,
     _setup_logging,
-    _with_store,
+    _with_stores,
 )
 from projector.core.gaps import Gap
 from projector.runner.operations import gaps, skip_gaps
-from projector.store.postgres import (
-    request_gaps_now,
-)
 
 app = typer.Typer(no_args_is_help=True, help="List gaps, request their replay now, skip one.")
 
@@ -70,7 +67,9 @@ def gaps_list(
     cfg = _config(config)
     if projection:
         _guard(lambda: cfg.projection(projection))
-    found = _guard(lambda: _with_store(cfg, lambda s: gaps(s, projection, stream, include_skipped)))
+    found = _guard(
+        lambda: _with_stores(cfg, lambda s: gaps(cfg, s, projection, stream, include_skipped))
+    )
     now = time.time()
     items = [_gap_item(p, g, now) for p, g in found]
     if as_json:
@@ -91,7 +90,9 @@ def gaps_request(
     cfg = _config(config)
     proj = _guard(lambda: cfg.projection(projection))
     count = _guard(
-        lambda: _with_store(cfg, lambda s: request_gaps_now(s, proj.name, stream, time.time()))
+        lambda: _with_stores(
+            cfg, lambda s: s.of(proj).request_gaps_now(proj.name, stream, time.time())
+        )
     )
     typer.echo(f"{count} gap(s) of {proj.name} due now: the daemon requests them on its next check")
     if count and proj.replay.channel == "none":
@@ -114,7 +115,7 @@ def gaps_skip(
     cfg = _config(config)
     _setup_logging(cfg)
     outcomes = _guard(
-        lambda: _with_store(
+        lambda: _with_stores(
             cfg, lambda s: skip_gaps(cfg, s, projection, stream, from_seq, time.time)
         )
     )

@@ -17,14 +17,11 @@ from projector.cli.common import (
     _config,
     _guard,
     _human,
-    _with_store,
+    _with_stores,
 )
 from projector.core.event import Event
 from projector.runner.operations import ProjectionStatus, status
-from projector.store.postgres import (
-    StreamReport,
-    inspect_stream,
-)
+from projector.store.base import StreamReport
 
 
 def _status_item(st: ProjectionStatus, now: float) -> dict[str, Any]:
@@ -103,7 +100,7 @@ def status_cmd(
     parked events, open gaps and the oldest one's age, open dead letters. Reads only; safe
     while the daemon runs."""
     cfg = _config(config)
-    found = _guard(lambda: _with_store(cfg, lambda s: status(cfg, s, projection, sample)))
+    found = _guard(lambda: _with_stores(cfg, lambda s: status(cfg, s, projection, sample)))
     now = time.time()
     items = [_status_item(st, now) for st in found]
     if as_json:
@@ -157,7 +154,9 @@ def inspect(
     cfg = _config(config)
     cfg_projection = _guard(lambda: cfg.projection(projection))
     report = _guard(
-        lambda: _with_store(cfg, lambda s: inspect_stream(s, cfg_projection.name, stream))
+        lambda: _with_stores(
+            cfg, lambda s: s.of(cfg_projection).inspect_stream(cfg_projection.name, stream)
+        )
     )
     item = _report_item(report)
     if as_json:

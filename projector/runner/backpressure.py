@@ -11,7 +11,7 @@ from collections.abc import Callable
 from projector.config import ProjectionConfig
 from projector.runner.batch import BatchResult
 from projector.source.kafka import KafkaSource, TopicPartition
-from projector.store.postgres import PostgresStore, count_parked
+from projector.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,7 @@ RESUME_AT = 0.9  # resume below 90% of the bound, so it does not flap at the edg
 
 
 class BackPressure:
-    def __init__(
-        self, projection: ProjectionConfig, store: PostgresStore, clock: Callable[[], float]
-    ):
+    def __init__(self, projection: ProjectionConfig, store: Store, clock: Callable[[], float]):
         self.name = projection.name
         self.limit = projection.max_parked
         self.source_topics = set(projection.topics)
@@ -47,7 +45,7 @@ class BackPressure:
     def update(self, source: KafkaSource) -> None:
         now = self.clock()
         if self.parked is None or now >= self.next_refresh:
-            self.parked = count_parked(self.store, self.name)
+            self.parked = self.store.count_parked(self.name)
             self.next_refresh = now + REFRESH_SECONDS
         if not self.active and self.parked >= self.limit:
             self.active = True

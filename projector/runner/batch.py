@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from projector.apply import LoadedHandler
 from projector.core.dead_letter import DeadLetter
@@ -33,8 +33,8 @@ from projector.core.sequencer import (
     group_by_stream,
     sequence_stream,
 )
-from projector.store.errors import TransientStoreError
-from projector.store.postgres import PgBatch, PgView, PostgresStore, TopicPartition, is_transient
+from projector.store.base import Handler, Store, StoreBatch, TopicPartition
+from projector.store.errors import TransientStoreError, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ Item = TypeVar("Item")
 
 
 def first_failure(
-    tx: PgBatch,
-    handlers: Sequence[Callable[[Sequence[Any], PgView], None]],
+    tx: StoreBatch,
+    handlers: Sequence[Handler],
     names: Sequence[str],
     items: Sequence[Item],
 ) -> tuple[Item, str] | None:
@@ -129,11 +129,11 @@ class EventsApplier(Protocol):
 
     projection: str
     view_schema: str
-    store: PostgresStore
+    store: Store
 
     def apply_events(
         self,
-        tx: PgBatch,
+        tx: StoreBatch,
         events: Sequence[Event],
         result: BatchResult,
         overrides: Mapping[str, Callable[[StreamPosition], StreamPosition]] | None = None,
@@ -165,13 +165,13 @@ def apply_consumed(
 
 
 class BatchApplier:
-    """Applies batches of one sequence-mode projection to a PostgreSQL store."""
+    """Applies batches of one sequence-mode projection to its store."""
 
     def __init__(
         self,
         projection: str,
         view_schema: str,
-        store: PostgresStore,
+        store: Store,
         handlers: Sequence[LoadedHandler],
         rules: SequenceRules,
         gap_timeout: float,
@@ -199,7 +199,7 @@ class BatchApplier:
 
     def apply_events(
         self,
-        tx: PgBatch,
+        tx: StoreBatch,
         events: Sequence[Event],
         result: BatchResult,
         overrides: Mapping[str, Callable[[StreamPosition], StreamPosition]] | None = None,
@@ -218,7 +218,7 @@ class BatchApplier:
         plans, culprits = self._plan_and_run(tx, incoming, state)
         self._write(tx, plans, state, culprits, result)
 
-    def skip_gap(self, tx: PgBatch, gap: Gap, result: BatchResult) -> list[tuple[int, int]]:
+    def skip_gap(self, tx: StoreBatch, gap: Gap, result: BatchResult) -> list[tuple[int, int]]:
         """Give up on a gap (policy skip, or by hand): record what is still missing of it as
         skipped, then let its stream step over it and drain what was parked behind it, in this
         transaction. The gap is read again under the stream's lock, since events may have
@@ -238,7 +238,7 @@ class BatchApplier:
 
     def _plan_and_run(
         self,
-        tx: PgBatch,
+        tx: StoreBatch,
         incoming: Mapping[str, list[Event]],
         state: Loaded,
     ) -> tuple[dict[str, StreamPlan], dict[str, DeadLetter]]:
@@ -269,7 +269,7 @@ class BatchApplier:
                 culprits[letter.stream or ""] = letter
 
     def _find_culprit(
-        self, tx: PgBatch, events: Sequence[Event], batch_error: Exception
+        self, tx: StoreBatch, events: Sequence[Event], batch_error: Exception
     ) -> DeadLetter:
         found = first_failure(tx, self.handlers, self.handler_names, events)
         if found is None:
@@ -283,7 +283,7 @@ class BatchApplier:
 
     def _write(
         self,
-        tx: PgBatch,
+        tx: StoreBatch,
         plans: Mapping[str, StreamPlan],
         state: Loaded,
         culprits: Mapping[str, DeadLetter],
@@ -308,7 +308,7 @@ class BatchApplier:
 
     def _write_gaps(
         self,
-        tx: PgBatch,
+        tx: StoreBatch,
         plans: Mapping[str, StreamPlan],
         parked_before: Mapping[str, Mapping[int, Event]],
         result: BatchResult,

@@ -19,21 +19,19 @@ from projector.runner.batch import Clock
 from projector.runner.gap_timer import ProjectionFailed
 from projector.runner.identity import instance_id
 from projector.runner.ops_server import OpsServer
-from projector.runner.worker import ProjectionWorker, load_handlers, view_migrations
-from projector.store.migrate import check_schema
-from projector.store.postgres import PostgresStore, projection_figures
+from projector.runner.worker import ProjectionWorker, load_handlers
+from projector.store.connect import StoreSet
 
 log = logging.getLogger(__name__)
 
 
 def check_ready_to_run(config: Config) -> None:
     """``projector run`` never changes the schema: it refuses one that is behind."""
-    store = PostgresStore(config.postgres.dsn.get_secret_value(), config.postgres.schema_)
+    stores = StoreSet(config)
     try:
-        views = [v for p in config.projections for v in view_migrations(p, load_handlers(p))]
-        check_schema(store.conn, config.postgres.schema_, views)
+        stores.check(config.projections, [load_handlers(p) for p in config.projections])
     finally:
-        store.close()
+        stores.close()
 
 
 class Daemon:
@@ -63,13 +61,11 @@ class Daemon:
             )
             for p in selected
         ]
-        self._figures_store = PostgresStore(
-            config.postgres.dsn.get_secret_value(), config.postgres.schema_
-        )
+        self._figures_stores = StoreSet(config)
         self.collector = StoreCollector(
-            self._figures_store,
             [w.projection.name for w in self.workers],
-            projection_figures,
+            self._figures_stores.figures,
+            self._figures_stores.close,
             clock,
         )
         self.metrics.registry.register(self.collector)
@@ -94,8 +90,8 @@ class Daemon:
         max_age = self.config.metrics.ready_max_gap_age
         if max_age is not None:
             with self.collector.lock:
-                figures = projection_figures(
-                    self._figures_store, [w.projection.name for w in self.workers], self.clock()
+                figures = self._figures_stores.figures(
+                    [w.projection.name for w in self.workers], self.clock()
                 )
             reasons += [
                 (
@@ -133,7 +129,7 @@ class Daemon:
                 self.ops.stop()
             # A scrape after the end must not reopen the store's connection (and leak it).
             self.metrics.registry.unregister(self.collector)
-            self._figures_store.close()
+            self._figures_stores.close()
             self.instance.release()
         return 1 if self.failures else 0
 

@@ -19,21 +19,10 @@ from projector.core.decode import DecodeError, Decoder
 from projector.core.event import Event
 from projector.core.sequencer import StreamPosition
 from projector.runner.batch import BatchResult, Clock
-from projector.runner.worker import (
-    Applier,
-    build_applier,
-    build_decoders,
-    load_handlers,
-    view_migrations,
-)
-from projector.store.migrate import check_schema
-from projector.store.postgres import (
-    DeadLetterRow,
-    PgBatch,
-    PostgresStore,
-    lock_dead_letter,
-    resolve_dead_letter,
-)
+from projector.runner.worker import Applier, build_applier, build_decoders, load_handlers
+from projector.store.base import DeadLetterRow, StoreBatch
+from projector.store.connect import StoreSet
+from projector.store.errors import transient_retries
 
 log = logging.getLogger(__name__)
 
@@ -68,51 +57,54 @@ def resolve(
 ) -> list[Outcome]:
     """Retry or skip the given dead letters of one projection."""
     proj = config.projection(projection)
-    store = PostgresStore(config.postgres.dsn.get_secret_value(), config.postgres.schema_)
-    check_schema(store.conn, config.postgres.schema_, view_migrations(proj, load_handlers(proj)))
-    applier = build_applier(config, proj, store, clock)
-    decoders = build_decoders(proj)
-    outcomes = []
+    stores = StoreSet(config)
     try:
+        stores.check([proj], [load_handlers(proj)])
+        store = stores.of(proj)
+        applier = build_applier(config, proj, store, clock)
+        decoders = build_decoders(proj)
+        outcomes = []
         for letter_id in ids:
-            with store.batch(proj.name, proj.schema_name) as tx:
-                row = lock_dead_letter(tx, letter_id)
-                if row is None:
-                    outcomes.append(
-                        Outcome(
-                            letter_id, "not-found", f"no dead letter {letter_id} in {projection}"
-                        )
-                    )
-                    continue
-                if row.status != "open":
-                    outcomes.append(
-                        Outcome(letter_id, "already-resolved", f"status is {row.status}")
-                    )
-                    continue
-                result = BatchResult()
-                if action == "skip":
-                    outcome = _skip(applier, tx, row, result)
-                else:
-                    outcome = _retry(applier, decoders, tx, row, result)
-                outcomes.append(outcome)
+            for attempt in transient_retries():
+                with attempt, store.batch(proj.name, proj.schema_name) as tx:
+                    outcome = _resolve_one(applier, decoders, tx, letter_id, action)
+            outcomes.append(outcome)
     finally:
-        store.close()
+        stores.close()
     return outcomes
 
 
-def _skip(applier: Applier, tx: PgBatch, row: DeadLetterRow, result: BatchResult) -> Outcome:
+def _resolve_one(
+    applier: Applier,
+    decoders: Mapping[str, Decoder],
+    tx: StoreBatch,
+    letter_id: int,
+    action: str,
+) -> Outcome:
+    row = tx.lock_dead_letter(letter_id)
+    if row is None:
+        return Outcome(letter_id, "not-found", f"no dead letter {letter_id} in {tx.projection}")
+    if row.status != "open":
+        return Outcome(letter_id, "already-resolved", f"status is {row.status}")
+    result = BatchResult()
+    if action == "skip":
+        return _skip(applier, tx, row, result)
+    return _retry(applier, decoders, tx, row, result)
+
+
+def _skip(applier: Applier, tx: StoreBatch, row: DeadLetterRow, result: BatchResult) -> Outcome:
     overrides: dict[str, Callable[[StreamPosition], StreamPosition]] = {}
     if row.kind == "handler" and row.event is not None:
         overrides[row.event.stream] = _skip_past(row.event)
     applier.apply_events(tx, [], result, overrides)
-    resolve_dead_letter(tx, row.id, "skipped")
+    tx.resolve_dead_letter(row.id, "skipped")
     return Outcome(row.id, "skipped", f"drained {result.applied} parked event(s)")
 
 
 def _retry(
     applier: Applier,
     decoders: Mapping[str, Decoder],
-    tx: PgBatch,
+    tx: StoreBatch,
     row: DeadLetterRow,
     result: BatchResult,
 ) -> Outcome:
@@ -126,13 +118,13 @@ def _retry(
         try:
             event = decoder.decode(row.message)
         except DecodeError as exc:
-            resolve_dead_letter(tx, row.id, "open", exc.reason)
+            tx.resolve_dead_letter(row.id, "open", exc.reason)
             return Outcome(row.id, "still-failing", exc.reason)
     overrides: dict[str, Callable[[StreamPosition], StreamPosition]] = {}
     if row.kind == "handler" and event is not None:
         overrides[event.stream] = _unblock(event.seq)
     applier.apply_events(tx, [] if event is None else [event], result, overrides)
-    resolve_dead_letter(tx, row.id, "retried")
+    tx.resolve_dead_letter(row.id, "retried")
     if result.dead_letters:
         return Outcome(row.id, "still-failing", result.dead_letters[0].reason)
     return Outcome(

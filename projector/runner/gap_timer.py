@@ -15,7 +15,8 @@ from projector.core.gaps import Gap, ReplaySchedule, decide
 from projector.core.replay_request import ReplayRequest
 from projector.replay.channels import ReplayChannel
 from projector.runner.batch import BatchApplier, BatchResult
-from projector.store.postgres import PostgresStore, claim_due_gaps
+from projector.store.base import Store
+from projector.store.errors import transient_retries
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class GapTimer:
     def __init__(
         self,
         projection: ProjectionConfig,
-        store: PostgresStore,
+        store: Store,
         applier: BatchApplier,
         channel: ReplayChannel | None,
         clock: Clock,
@@ -61,8 +62,8 @@ class GapTimer:
         if now < self.next_check:
             return
         self.next_check = now + self.interval
-        decided = claim_due_gaps(
-            self.store, self.projection.name, now, 500, lambda g: _decision(g, self.schedule, now)
+        decided = self.store.claim_due_gaps(
+            self.projection.name, now, 500, lambda g: _decision(g, self.schedule, now)
         )
         requests = [
             ReplayRequest.for_gap(self.projection.name, g, now)
@@ -115,9 +116,13 @@ class GapTimer:
             gap.stream,
             now - gap.first_seen,
         )
-        result = BatchResult()
-        with self.store.batch(self.projection.name, self.projection.schema_name) as tx:
-            self.applier.skip_gap(tx, gap, result)
+        # Retried here, not by the caller: the gap was claimed (its schedule moved on), so a
+        # retry of the whole tick would not find it due again.
+        for attempt in transient_retries():
+            with attempt:
+                result = BatchResult()
+                with self.store.batch(self.projection.name, self.projection.schema_name) as tx:
+                    self.applier.skip_gap(tx, gap, result)
         self.report("skipped", 0, result)
 
 

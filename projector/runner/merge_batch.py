@@ -3,8 +3,8 @@ handlers → write states.
 
 Merge mode has no sequence: each document (stream) keeps, per field, the value with the newest
 ``(ts, id)`` (see :mod:`projector.core.merge`), so arrival order, batching and duplicates do not
-matter and nothing is parked. The merge state lives in ``documents`` beside the views and is
-locked per document, so instances touching one document serialise and restarts lose nothing.
+matter and nothing is parked. The merge state is kept per document in the store beside the views, held
+per document, so instances touching one document serialise and restarts lose nothing.
 A handler failure is traced to its document; that document's events become dead letters (a
 retry merges them again later, order being irrelevant) and the others go on.
 """
@@ -23,28 +23,20 @@ from projector.core.merge import DocState, MergeRules, merge_events, purge_tombs
 from projector.core.message import RawMessage
 from projector.core.sequencer import StreamPosition, group_by_stream
 from projector.runner.batch import BatchResult, apply_consumed, first_failure
-from projector.store.errors import TransientStoreError
-from projector.store.postgres import (
-    PgBatch,
-    PostgresStore,
-    TopicPartition,
-    is_transient,
-    lock_documents,
-    sweep_documents,
-    write_documents,
-)
+from projector.store.base import Store, StoreBatch, TopicPartition
+from projector.store.errors import TransientStoreError, is_transient
 
 log = logging.getLogger(__name__)
 
 
 class MergeApplier:
-    """Applies batches of one merge-mode projection to a PostgreSQL store."""
+    """Applies batches of one merge-mode projection to its store."""
 
     def __init__(
         self,
         projection: str,
         view_schema: str,
-        store: PostgresStore,
+        store: Store,
         handlers: Sequence[LoadedHandler],
         rules: MergeRules,
         clock: Callable[[], float],
@@ -72,7 +64,7 @@ class MergeApplier:
 
     def apply_events(
         self,
-        tx: PgBatch,
+        tx: StoreBatch,
         events: Sequence[Event],
         result: BatchResult,
         overrides: Mapping[str, Callable[[StreamPosition], StreamPosition]] | None = None,
@@ -89,7 +81,7 @@ class MergeApplier:
             if e.ts is None
         ]
         by_stream = group_by_stream(timed)
-        stored = lock_documents(tx, by_stream)
+        stored = tx.lock_documents(by_stream)
         changes, states = self._merge(by_stream, stored, result)
         failed = self._run_handlers(tx, changes)
         letters = untimed + [
@@ -99,7 +91,7 @@ class MergeApplier:
         ]
         failed_streams = {c.stream for c, _ in failed}
         kept = {s: state for s, state in states.items() if s not in failed_streams}
-        write_documents(tx, kept, self.clock())
+        tx.write_documents(kept, self.clock())
         tx.dead_letter(letters)
         result.dead_letters += letters
         result.applied += sum(len(c.events) for c in changes) - sum(
@@ -113,7 +105,7 @@ class MergeApplier:
             return 0, 0
         now = self.clock()
         unchanged_since = now - self.tombstone_retention
-        return sweep_documents(self.store, self.projection, unchanged_since, now, _purged)
+        return self.store.sweep_documents(self.projection, unchanged_since, now, _purged)
 
     def _merge(
         self,
@@ -134,7 +126,7 @@ class MergeApplier:
         return changes, states
 
     def _run_handlers(
-        self, tx: PgBatch, changes: list[DocumentChange]
+        self, tx: StoreBatch, changes: list[DocumentChange]
     ) -> list[tuple[DocumentChange, str]]:
         """Run the handlers on every change; a change the handlers fail on is set aside (its
         events become dead letters) and the rest run again. Returns what failed, and why."""
@@ -154,7 +146,7 @@ class MergeApplier:
         return failed
 
     def _find_culprit(
-        self, tx: PgBatch, changes: list[DocumentChange], batch_error: Exception
+        self, tx: StoreBatch, changes: list[DocumentChange], batch_error: Exception
     ) -> tuple[DocumentChange, str]:
         found = first_failure(tx, self.handlers, self.handler_names, changes)
         if found is None:

@@ -18,23 +18,31 @@ from confluent_kafka import Consumer, TopicPartition
 from projector.config import Config, ProjectionConfig
 from projector.core.gaps import Gap
 from projector.runner.batch import BatchApplier, BatchResult, Clock
-from projector.runner.worker import build_applier, load_handlers, view_migrations
-from projector.store.migrate import check_schema
-from projector.store.postgres import (
-    PostgresStore,
-    count_open_dead_letters,
-    count_parked,
-    gap_summary,
-    list_gaps,
-)
+from projector.runner.worker import build_applier, load_handlers
+from projector.store.base import Store
+from projector.store.connect import StoreSet
+from projector.store.errors import transient_retries
+
+
+def selected(config: Config, projection: str | None) -> list[ProjectionConfig]:
+    """The named projection, or every projection of the config."""
+    return [config.projection(projection)] if projection else list(config.projections)
 
 
 def gaps(
-    store: PostgresStore, projection: str | None, stream: str | None, include_skipped: bool
+    config: Config,
+    stores: StoreSet,
+    projection: str | None,
+    stream: str | None,
+    include_skipped: bool,
 ) -> list[tuple[str, Gap]]:
     """(projection, gap) for the open and held gaps, and the skipped ones if asked."""
-    rows = list_gaps(store, projection, stream)
-    return [(p, g) for p, g in rows if include_skipped or g.state != "skipped"]
+    return [
+        (p.name, g)
+        for p in selected(config, projection)
+        for g in stores.of(p).list_gaps(p.name, stream)
+        if include_skipped or g.state != "skipped"
+    ]
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class SkipOutcome:
 
 def skip_gaps(
     config: Config,
-    store: PostgresStore,
+    stores: StoreSet,
     projection: str,
     stream: str,
     seq: int | None,
@@ -57,26 +65,29 @@ def skip_gaps(
     """Give up on the open gaps of ``stream`` (only the one holding ``seq``, if given): each
     is recorded as skipped and what was parked behind it drains, one transaction per gap."""
     proj = config.projection(projection)
-    check_schema(store.conn, store.schema, view_migrations(proj, load_handlers(proj)))
+    stores.check([proj], [load_handlers(proj)])
+    store = stores.of(proj)
     applier = build_applier(config, proj, store, clock)
     if not isinstance(applier, BatchApplier):
         raise ValueError(f"projection {proj.name!r} is in merge mode: it has no gaps to skip")
     listed = [
         g
-        for _, g in gaps(store, proj.name, stream, False)
+        for _, g in gaps(config, stores, proj.name, stream, False)
         if seq is None or g.from_seq <= seq <= g.to_seq
     ]
     return [_skip_one(applier, store, proj, g) for g in listed]
 
 
 def _skip_one(
-    applier: BatchApplier, store: PostgresStore, proj: ProjectionConfig, listed: Gap
+    applier: BatchApplier, store: Store, proj: ProjectionConfig, listed: Gap
 ) -> SkipOutcome:
     """Skip what is still missing of ``listed``, read again under the stream's lock (events
     may have filled, shrunk or split it since it was listed)."""
-    result = BatchResult()
-    with store.batch(proj.name, proj.schema_name) as tx:
-        skipped = applier.skip_gap(tx, listed, result)
+    for attempt in transient_retries():
+        with attempt:
+            result = BatchResult()
+            with store.batch(proj.name, proj.schema_name) as tx:
+                skipped = applier.skip_gap(tx, listed, result)
     return SkipOutcome(
         listed.stream,
         (listed.from_seq, listed.to_seq),
@@ -126,7 +137,7 @@ class ProjectionStatus:
 
 def status(
     config: Config,
-    store: PostgresStore,
+    stores: StoreSet,
     projection: str | None,
     sample: float = 0.0,
     wait: Callable[[float], None] = time.sleep,
@@ -134,26 +145,25 @@ def status(
     """The status of one projection, or of every projection in the config. With ``sample``
     seconds, projections that are behind also get their rate (checkpoints read twice, that
     far apart) and so an ETA."""
-    found = _status_once(config, store, projection)
+    found = _status_once(config, stores, projection)
     behind = [s for s in found if s.lag > 0]
     if sample <= 0 or not behind:
         return found
-    before = {s.projection: (_applied(store, s.projection), time.monotonic()) for s in behind}
+    before = {s.projection: (_applied(stores, s.projection), time.monotonic()) for s in behind}
     wait(sample)
     rates = {}
     for name, (count, started) in before.items():
-        rates[name] = (_applied(store, name) - count) / max(time.monotonic() - started, 1e-9)
+        rates[name] = (_applied(stores, name) - count) / max(time.monotonic() - started, 1e-9)
     return [replace(s, rate=rates.get(s.projection)) for s in found]
 
 
-def _applied(store: PostgresStore, projection: str) -> int:
-    return sum(o or 0 for o in store.checkpoints(projection).values())
+def _applied(stores: StoreSet, projection: str) -> int:
+    return sum(o or 0 for o in stores.of(projection).checkpoints(projection).values())
 
 
 def _status_once(
-    config: Config, store: PostgresStore, projection: str | None
+    config: Config, stores: StoreSet, projection: str | None
 ) -> list[ProjectionStatus]:
-    selected = [config.projection(projection)] if projection else list(config.projections)
     kafka = config.kafka
     conf = {k: v for k, v in kafka.consumer.items() if k != "group.instance.id"}
     # A group no projection can have (names never hold "-"); never joined: no subscribe.
@@ -163,12 +173,12 @@ def _status_once(
     }
     consumer = Consumer({**conf, "enable.auto.commit": False})
     try:
-        return [_status(consumer, store, p) for p in selected]
+        return [_status(consumer, stores.of(p), p) for p in selected(config, projection)]
     finally:
         consumer.close()
 
 
-def _status(consumer: Consumer, store: PostgresStore, proj: ProjectionConfig) -> ProjectionStatus:
+def _status(consumer: Consumer, store: Store, proj: ProjectionConfig) -> ProjectionStatus:
     checkpoints = store.checkpoints(proj.name)
     partitions: list[PartitionLag] = []
     unavailable: dict[str, str] = {}
@@ -178,16 +188,16 @@ def _status(consumer: Consumer, store: PostgresStore, proj: ProjectionConfig) ->
             unavailable[topic] = "no metadata" if meta is None else meta.error.str()
             continue
         partitions += _lags(consumer, topic, sorted(meta.partitions), checkpoints)
-    open_gaps, held, oldest = gap_summary(store, proj.name)
+    open_gaps, held, oldest = store.gap_summary(proj.name)
     return ProjectionStatus(
         proj.name,
         partitions,
         unavailable,
-        count_parked(store, proj.name),
+        store.count_parked(proj.name),
         open_gaps,
         held,
         oldest,
-        count_open_dead_letters(store, proj.name),
+        store.count_open_dead_letters(proj.name),
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tenacity import Retrying, retry_if_exception, wait_exponential
@@ -31,22 +31,13 @@ from projector.runner.gap_timer import GapTimer
 from projector.runner.merge_batch import MergeApplier
 from projector.runner.progress import PartitionProgress
 from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
-from projector.store.errors import Fenced
-from projector.store.migrate import ViewMigrations
-from projector.store.postgres import PostgresStore, count_open_gaps, is_transient
+from projector.store.base import Store
+from projector.store.connect import open_store
+from projector.store.errors import Fenced, is_transient
 
 log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 60.0  # how often merge projections look for tombstones past their retention
-
-
-def view_migrations(
-    projection: ProjectionConfig, handlers: Sequence[LoadedHandler]
-) -> list[ViewMigrations]:
-    return [
-        ViewMigrations(projection.name, projection.schema_name, h.name, h.migrations)
-        for h in handlers
-    ]
 
 
 def load_handlers(projection: ProjectionConfig) -> list[LoadedHandler]:
@@ -67,7 +58,7 @@ Applier = BatchApplier | MergeApplier
 
 
 def build_applier(
-    config: Config, projection: ProjectionConfig, store: PostgresStore, clock: Clock
+    config: Config, projection: ProjectionConfig, store: Store, clock: Clock
 ) -> Applier:
     """The projection's batch applier: sequence or merge, by its mode."""
     if projection.mode == "merge":
@@ -124,11 +115,7 @@ class ProjectionWorker:
         self.stop = stop
         self.clock = clock
         self.exit_when_caught_up = exit_when_caught_up
-        self.store = PostgresStore(
-            config.postgres.dsn.get_secret_value(),
-            config.postgres.schema_,
-            config.postgres.connect_timeout,
-        )
+        self.store = open_store(config, projection)
         self.applier = build_applier(config, projection, self.store, clock)
         self.decoders = build_decoders(projection)
         self.channel = open_channel(
@@ -255,7 +242,7 @@ class ProjectionWorker:
 
     def _waiting_for_replays(self) -> bool:
         """Open gaps a replay can still fill keep a burst run going."""
-        return self.channel is not None and count_open_gaps(self.store, self.projection.name) > 0
+        return self.channel is not None and self.store.count_open_gaps(self.projection.name) > 0
 
     def _apply(self, source: KafkaSource, messages: list[RawMessage]) -> BatchResult | None:
         positions = source.positions({(m.topic, m.partition) for m in messages})

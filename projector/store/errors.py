@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import psycopg
+import redis
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
 
 class StoreError(Exception):
     pass
@@ -27,3 +31,46 @@ class Fenced(StoreError):
 
 class SchemaBehind(StoreError):
     """The database schema is older than this version of projector."""
+
+
+_PG_TRANSIENT = (
+    psycopg.OperationalError,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+)
+# Lost connection, timeout, a server still loading its AOF, a script running too long, a
+# replica gone read-only in a failover: all pass. A NOSCRIPT is healed by the store itself.
+_REDIS_TRANSIENT = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.WatchError,
+)
+_REDIS_TRANSIENT_REPLIES = ("BUSY ", "OOM ", "LOADING ", "TRYAGAIN ", "MASTERDOWN ")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that mean "try the batch again", not "this event is bad"."""
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return False  # a wrong password stays wrong
+    if isinstance(exc, (TransientStoreError, *_PG_TRANSIENT, *_REDIS_TRANSIENT)):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
+        _REDIS_TRANSIENT_REPLIES
+    )
+
+
+def transient_retries(attempts: int = 10) -> Retrying:
+    """For one-off store work outside the poll loop (a command, a gap skip): try again on a
+    transient error, briefly, then give up with it."""
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential(multiplier=0.05, max=2),
+        stop=stop_after_attempt(attempts),
+        reraise=True,
+    )

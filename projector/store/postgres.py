@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,27 +25,18 @@ from projector.core.event import Event
 from projector.core.gaps import Gap
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules, StreamPosition
-from projector.store.errors import Fenced, StoreUnavailable, TransientStoreError
+from projector.store.base import (
+    Claim,
+    DeadLetterRow,
+    Handler,
+    Held,
+    ProjectionFigures,
+    StreamReport,
+    TopicPartition,
+)
+from projector.store.errors import Fenced, StoreUnavailable
 
 log = logging.getLogger(__name__)
-
-TopicPartition = tuple[str, int]
-
-_TRANSIENT = (
-    psycopg.errors.SerializationFailure,
-    psycopg.errors.DeadlockDetected,
-    psycopg.errors.LockNotAvailable,
-    psycopg.errors.QueryCanceled,
-    psycopg.errors.AdminShutdown,
-    psycopg.errors.CannotConnectNow,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors that mean "try the batch again", not "this event is bad"."""
-    if isinstance(exc, TransientStoreError | StoreUnavailable):
-        return True
-    return isinstance(exc, (psycopg.OperationalError, *_TRANSIENT))
 
 
 def _ts(epoch: float | None) -> datetime | None:
@@ -66,10 +56,18 @@ def _gap(r: Sequence[Any]) -> Gap:
     return Gap(r[0], r[1], r[2], r[3].timestamp(), r[4], _epoch(r[5]), _epoch(r[6]), r[7])
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    epoch: int
-    next_offset: int | None
+_DL_COLUMNS = (
+    'id, projection, kind, reason, stream, seq, event, topic, partition, "offset", key, value,'
+    " status, attempts, created_at"
+)
+
+
+def _dead_letter_row(r: tuple[Any, ...]) -> DeadLetterRow:
+    message = None
+    if r[7] is not None:
+        message = RawMessage(r[7], r[8], r[9], r[10], r[11])
+    event = None if r[6] is None else Event.from_json(r[6])
+    return DeadLetterRow(r[0], r[1], r[2], r[3], r[4], r[5], event, message, r[12], r[13], r[14])
 
 
 class PgView:
@@ -154,9 +152,7 @@ class PgBatch:
             ).fetchall()
         return {r[0]: StreamPosition(r[0], r[1], r[2], r[3], r[4]) for r in rows}
 
-    def load_held(
-        self, streams: Iterable[str]
-    ) -> tuple[dict[str, dict[int, Event]], dict[str, list[tuple[int, int]]]]:
+    def load_held(self, streams: Iterable[str]) -> Held:
         """In one round trip: the streams' parked events, and their ranges given up on with
         the skip policy (which the sequencer steps over)."""
         parked: dict[str, dict[int, Event]] = {}
@@ -207,9 +203,7 @@ class PgBatch:
         with self.conn.transaction(force_rollback=True):
             yield
 
-    def run_handlers(
-        self, handlers: Sequence[Callable[[Sequence[Any], PgView], None]], events: Sequence[Any]
-    ) -> None:
+    def run_handlers(self, handlers: Sequence[Handler], events: Sequence[Any]) -> None:
         """Run the handlers in a savepoint with the view schema as search_path; on any error the
         savepoint is rolled back and the error propagates."""
         if not events:
@@ -328,6 +322,65 @@ class PgBatch:
                     rows,
                 )
 
+    def lock_documents(self, streams: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+        """Merge mode: create missing document rows, lock them all in sorted order (instances
+        that touch one document serialise here) and return their stored merge states (``None``:
+        nothing merged yet)."""
+        names = sorted(set(streams))
+        if not names:
+            return {}
+        self.conn.execute(
+            self._q(
+                "insert into {s}.documents (projection, stream, state)"
+                " select %s, x, 'null'::jsonb from unnest(%s::text[]) as x order by x"
+                " on conflict do nothing"
+            ),
+            (self.projection, names),
+        )
+        rows = self.conn.execute(
+            self._q(
+                "select stream, state from {s}.documents where projection = %s"
+                " and stream = any(%s) order by stream for update"
+            ),
+            (self.projection, names),
+        ).fetchall()
+        return {stream: state for stream, state in rows}
+
+    def write_documents(self, states: Mapping[str, dict[str, Any]], now: float) -> None:
+        """Store merge states; ``now`` (the daemon's clock) dates the change, for the sweep."""
+        if states:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "update {s}.documents set state = %s, updated_at = %s"
+                        " where projection = %s and stream = %s"
+                    ),
+                    [
+                        (Jsonb(state), _ts(now), self.projection, stream)
+                        for stream, state in states.items()
+                    ],
+                )
+
+    def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None:
+        row = self.conn.execute(
+            self._q(
+                f"select {_DL_COLUMNS} from {{s}}.dead_letters where id = %s and projection = %s"
+                " for update"
+            ),
+            (letter_id, self.projection),
+        ).fetchone()
+        return None if row is None else _dead_letter_row(row)
+
+    def resolve_dead_letter(self, letter_id: int, status: str, reason: str | None = None) -> None:
+        self.conn.execute(
+            self._q(
+                "update {s}.dead_letters set status = %s, reason = coalesce(%s, reason),"
+                " attempts = attempts + (case when %s = 'open' then 1 else 0 end),"
+                " resolved_at = case when %s = 'open' then null else now() end where id = %s"
+            ),
+            (status, reason, status, status, letter_id),
+        )
+
 
 class PostgresStore:
     """One connection (autocommit, explicit transaction blocks) per projection worker."""
@@ -403,343 +456,219 @@ class PostgresStore:
         ).fetchall()
         return {(r[0], r[1]): r[2] for r in rows}
 
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterRow:
-    id: int
-    projection: str
-    kind: str
-    reason: str
-    stream: str | None
-    seq: int | None
-    event: Event | None
-    message: RawMessage | None
-    status: str
-    attempts: int
-    created_at: datetime
-
-
-_DL_COLUMNS = (
-    'id, projection, kind, reason, stream, seq, event, topic, partition, "offset", key, value,'
-    " status, attempts, created_at"
-)
-
-
-def _dead_letter_row(r: tuple[Any, ...]) -> DeadLetterRow:
-    message = None
-    if r[7] is not None:
-        message = RawMessage(r[7], r[8], r[9], r[10], r[11])
-    event = None if r[6] is None else Event.from_json(r[6])
-    return DeadLetterRow(r[0], r[1], r[2], r[3], r[4], r[5], event, message, r[12], r[13], r[14])
-
-
-def list_dead_letters(
-    store: PostgresStore, projection: str | None, status: str | None, limit: int
-) -> list[DeadLetterRow]:
-    rows = store.conn.execute(
-        store._q(
-            f"select {_DL_COLUMNS} from {{s}}.dead_letters where (%s::text is null or projection = %s)"
-            " and (%s::text is null or status = %s) order by id limit %s"
-        ),
-        (projection, projection, status, status, limit),
-    ).fetchall()
-    return [_dead_letter_row(r) for r in rows]
-
-
-def lock_dead_letter(tx: PgBatch, letter_id: int) -> DeadLetterRow | None:
-    row = tx.conn.execute(
-        tx._q(
-            f"select {_DL_COLUMNS} from {{s}}.dead_letters where id = %s and projection = %s for update"
-        ),
-        (letter_id, tx.projection),
-    ).fetchone()
-    return None if row is None else _dead_letter_row(row)
-
-
-def resolve_dead_letter(
-    tx: PgBatch, letter_id: int, status: str, reason: str | None = None
-) -> None:
-    tx.conn.execute(
-        tx._q(
-            "update {s}.dead_letters set status = %s, reason = coalesce(%s, reason),"
-            " attempts = attempts + (case when %s = 'open' then 1 else 0 end),"
-            " resolved_at = case when %s = 'open' then null else now() end where id = %s"
-        ),
-        (status, reason, status, status, letter_id),
-    )
-
-
-def purge_dead_letters(store: PostgresStore, projection: str | None, include_open: bool) -> int:
-    with store.conn.transaction():
-        cur = store.conn.execute(
-            store._q(
-                "delete from {s}.dead_letters where (%s::text is null or projection = %s)"
-                " and (%s or status <> 'open')"
-            ),
-            (projection, projection, include_open),
-        )
-        return cur.rowcount
-
-
-def claim_due_gaps(
-    store: PostgresStore,
-    projection: str,
-    now: float,
-    limit: int,
-    decide: Callable[[Gap], tuple[str, Gap]],
-) -> list[tuple[str, Gap]]:
-    """Take the gaps whose next request time has passed, decide each, and store their new
-    schedule, in one transaction. ``skip locked`` and the schedule moving forward make it one
-    request (or one skip) per gap per attempt, whatever the number of instances. The requests
-    are sent, and skips applied, after this commits (no lock is held over the network)."""
-    with store.conn.transaction():
-        rows = store.conn.execute(
-            store._q(
-                f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s"
-                " and state in ('open', 'held') and next_request_at <= %s"
-                " order by next_request_at limit %s for update skip locked"
-            ),
-            (projection, _ts(now), limit),
-        ).fetchall()
-        decided = [decide(_gap(r)) for r in rows]
-        updates = [
-            (
-                g.attempts,
-                _ts(g.last_request_at),
-                _ts(g.next_request_at),
-                g.state,
-                projection,
-                g.stream,
-                g.from_seq,
-            )
-            for _, g in decided
-        ]
-        if updates:
-            with store.conn.cursor() as cur:
-                cur.executemany(
-                    store._q(
-                        "update {s}.gaps set attempts = %s, last_request_at = %s,"
-                        " next_request_at = %s, state = %s"
-                        " where projection = %s and stream = %s and from_seq = %s"
-                    ),
-                    updates,
+    def claim_due_gaps(
+        self,
+        projection: str,
+        now: float,
+        limit: int,
+        decide: Callable[[Gap], tuple[str, Gap]],
+    ) -> list[tuple[str, Gap]]:
+        """Take the gaps whose next request time has passed, decide each, and store their new
+        schedule, in one transaction. ``skip locked`` and the schedule moving forward make it
+        one request (or one skip) per gap per attempt, whatever the number of instances. The
+        requests are sent, and skips applied, after this commits (no lock is held over the
+        network)."""
+        with self.conn.transaction():
+            rows = self.conn.execute(
+                self._q(
+                    f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s"
+                    " and state in ('open', 'held') and next_request_at <= %s"
+                    " order by next_request_at limit %s for update skip locked"
+                ),
+                (projection, _ts(now), limit),
+            ).fetchall()
+            decided = [decide(_gap(r)) for r in rows]
+            updates = [
+                (
+                    g.attempts,
+                    _ts(g.last_request_at),
+                    _ts(g.next_request_at),
+                    g.state,
+                    projection,
+                    g.stream,
+                    g.from_seq,
                 )
-    return decided
+                for _, g in decided
+            ]
+            if updates:
+                with self.conn.cursor() as cur:
+                    cur.executemany(
+                        self._q(
+                            "update {s}.gaps set attempts = %s, last_request_at = %s,"
+                            " next_request_at = %s, state = %s"
+                            " where projection = %s and stream = %s and from_seq = %s"
+                        ),
+                        updates,
+                    )
+        return decided
 
-
-def list_gaps(
-    store: PostgresStore, projection: str | None, stream: str | None = None
-) -> list[tuple[str, Gap]]:
-    rows = store.conn.execute(
-        store._q(
-            f"select projection, {_GAP_COLUMNS} from {{s}}.gaps"
-            " where (%s::text is null or projection = %s) and (%s::text is null or stream = %s)"
-            " order by projection, first_seen, stream, from_seq"
-        ),
-        (projection, projection, stream, stream),
-    ).fetchall()
-    return [(r[0], _gap(r[1:])) for r in rows]
-
-
-def request_gaps_now(store: PostgresStore, projection: str, stream: str | None, now: float) -> int:
-    """Make open gaps due now (the daemon sends their requests on its next gap check)."""
-    with store.conn.transaction():
-        cur = store.conn.execute(
-            store._q(
-                "update {s}.gaps set next_request_at = %s where projection = %s"
-                " and (%s::text is null or stream = %s) and state in ('open', 'held')"
+    def list_gaps(self, projection: str, stream: str | None = None) -> list[Gap]:
+        rows = self.conn.execute(
+            self._q(
+                f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s"
+                " and (%s::text is null or stream = %s) order by first_seen, stream, from_seq"
             ),
-            (_ts(now), projection, stream, stream),
-        )
-        return cur.rowcount
-
-
-def count_parked(store: PostgresStore, projection: str) -> int:
-    row = store.conn.execute(
-        store._q("select count(*) from {s}.holding where projection = %s"), (projection,)
-    ).fetchone()
-    return 0 if row is None else int(row[0])
-
-
-def count_open_gaps(store: PostgresStore, projection: str) -> int:
-    row = store.conn.execute(
-        store._q("select count(*) from {s}.gaps where projection = %s and state = 'open'"),
-        (projection,),
-    ).fetchone()
-    return 0 if row is None else int(row[0])
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectionFigures:
-    """What a dashboard shows of a projection, from the store."""
-
-    projection: str
-    parked: int
-    open_gaps: int
-    oldest_gap_age: float
-    dead_letters: int
-
-
-def projection_figures(
-    store: PostgresStore, projections: Sequence[str], now: float
-) -> list[ProjectionFigures]:
-    """Parked events, open gaps with the oldest one's age (by the daemon's clock), and open dead
-    letters, per projection, in one round trip."""
-    rows = store.conn.execute(
-        store._q(
-            "select p.name,"
-            " (select count(*) from {s}.holding h where h.projection = p.name),"
-            " (select count(*) from {s}.gaps g where g.projection = p.name and g.state <> 'skipped'),"
-            " (select min(first_seen) from {s}.gaps g where g.projection = p.name and g.state <> 'skipped'),"
-            " (select count(*) from {s}.dead_letters d where d.projection = p.name and d.status = 'open')"
-            " from unnest(%s::text[]) as p(name)"
-        ),
-        (list(projections),),
-    ).fetchall()
-    return [
-        ProjectionFigures(
-            r[0], r[1], r[2], 0.0 if r[3] is None else max(0.0, now - r[3].timestamp()), r[4]
-        )
-        for r in rows
-    ]
-
-
-def gap_summary(store: PostgresStore, projection: str) -> tuple[int, int, float | None]:
-    """A projection's open gaps, how many of them are held (given up on, policy hold), and
-    when the oldest was first seen."""
-    row = store.conn.execute(
-        store._q(
-            "select count(*), count(*) filter (where state = 'held'), min(first_seen)"
-            " from {s}.gaps where projection = %s and state in ('open', 'held')"
-        ),
-        (projection,),
-    ).fetchone()
-    return (0, 0, None) if row is None else (int(row[0]), int(row[1]), _epoch(row[2]))
-
-
-def count_open_dead_letters(store: PostgresStore, projection: str) -> int:
-    row = store.conn.execute(
-        store._q("select count(*) from {s}.dead_letters where projection = %s and status = 'open'"),
-        (projection,),
-    ).fetchone()
-    return 0 if row is None else int(row[0])
-
-
-@dataclass(frozen=True)
-class StreamReport:
-    """One stream's story, for an operator chasing a hole."""
-
-    stream: str
-    position: StreamPosition | None
-    parked: list[tuple[int, Event]]
-    gaps: list[Gap]
-    dead_letters: list[DeadLetterRow]
-
-
-def inspect_stream(store: PostgresStore, projection: str, stream: str) -> StreamReport:
-    conn, q = store.conn, store._q
-    pos = conn.execute(
-        q(
-            "select stream, last_seq, last_id, last_hash, blocked_seq from {s}.positions"
-            " where projection = %s and stream = %s"
-        ),
-        (projection, stream),
-    ).fetchone()
-    parked = conn.execute(
-        q("select seq, event from {s}.holding where projection = %s and stream = %s order by seq"),
-        (projection, stream),
-    ).fetchall()
-    letters = conn.execute(
-        q(
-            f"select {_DL_COLUMNS} from {{s}}.dead_letters where projection = %s and stream = %s order by id"
-        ),
-        (projection, stream),
-    ).fetchall()
-    return StreamReport(
-        stream,
-        None if pos is None else StreamPosition(pos[0], pos[1], pos[2], pos[3], pos[4]),
-        [(seq, Event.from_json(event)) for seq, event in parked],
-        [g for _, g in list_gaps(store, projection, stream)],
-        [_dead_letter_row(r) for r in letters],
-    )
-
-
-def lock_documents(tx: PgBatch, streams: Iterable[str]) -> dict[str, dict[str, Any] | None]:
-    """Merge mode: create missing document rows, lock them all in sorted order (instances
-    that touch one document serialise here) and return their stored merge states (``None``:
-    nothing merged yet)."""
-    names = sorted(set(streams))
-    if not names:
-        return {}
-    tx.conn.execute(
-        tx._q(
-            "insert into {s}.documents (projection, stream, state)"
-            " select %s, x, 'null'::jsonb from unnest(%s::text[]) as x order by x on conflict do nothing"
-        ),
-        (tx.projection, names),
-    )
-    rows = tx.conn.execute(
-        tx._q(
-            "select stream, state from {s}.documents where projection = %s and stream = any(%s)"
-            " order by stream for update"
-        ),
-        (tx.projection, names),
-    ).fetchall()
-    return {stream: state for stream, state in rows}
-
-
-def write_documents(tx: PgBatch, states: Mapping[str, dict[str, Any]], now: float) -> None:
-    """Store merge states; ``now`` (the daemon's clock) dates the change, for the sweep."""
-    if states:
-        with tx.conn.cursor() as cur:
-            cur.executemany(
-                tx._q(
-                    "update {s}.documents set state = %s, updated_at = %s"
-                    " where projection = %s and stream = %s"
-                ),
-                [
-                    (Jsonb(state), _ts(now), tx.projection, stream)
-                    for stream, state in states.items()
-                ],
-            )
-
-
-def sweep_documents(
-    store: PostgresStore,
-    projection: str,
-    unchanged_since: float,
-    now: float,
-    purge: Callable[[dict[str, Any]], dict[str, Any] | None],
-    limit: int = 500,
-) -> tuple[int, int]:
-    """Forget the tombstones of documents unchanged since ``unchanged_since`` and not swept
-    since their last change: ``purge`` returns the state to keep, or ``None`` when nothing is
-    left (a deleted document: its row goes). Returns (swept, removed)."""
-    with store.conn.transaction():
-        rows = store.conn.execute(
-            store._q(
-                "select stream, state from {s}.documents where projection = %s and updated_at < %s"
-                " and (swept_at is null or swept_at < updated_at) limit %s for update skip locked"
-            ),
-            (projection, _ts(unchanged_since), limit),
+            (projection, stream, stream),
         ).fetchall()
-        kept = [(stream, purge(state)) for stream, state in rows]
-        gone = [stream for stream, state in kept if state is None]
-        with store.conn.cursor() as cur:
-            cur.executemany(
-                store._q(
-                    "update {s}.documents set state = %s, swept_at = %s"
-                    " where projection = %s and stream = %s"
+        return [_gap(r) for r in rows]
+
+    def request_gaps_now(self, projection: str, stream: str | None, now: float) -> int:
+        """Make open gaps due now (the daemon sends their requests on its next gap check)."""
+        with self.conn.transaction():
+            cur = self.conn.execute(
+                self._q(
+                    "update {s}.gaps set next_request_at = %s where projection = %s"
+                    " and (%s::text is null or stream = %s) and state in ('open', 'held')"
                 ),
-                [
-                    (Jsonb(state), _ts(now), projection, stream)
-                    for stream, state in kept
-                    if state is not None
-                ],
+                (_ts(now), projection, stream, stream),
             )
-        if gone:
-            store.conn.execute(
-                store._q("delete from {s}.documents where projection = %s and stream = any(%s)"),
-                (projection, gone),
+            return cur.rowcount
+
+    def _count(self, query: str, projection: str) -> int:
+        row = self.conn.execute(self._q(query), (projection,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def count_parked(self, projection: str) -> int:
+        return self._count("select count(*) from {s}.holding where projection = %s", projection)
+
+    def count_open_gaps(self, projection: str) -> int:
+        return self._count(
+            "select count(*) from {s}.gaps where projection = %s and state = 'open'", projection
+        )
+
+    def count_open_dead_letters(self, projection: str) -> int:
+        return self._count(
+            "select count(*) from {s}.dead_letters where projection = %s and status = 'open'",
+            projection,
+        )
+
+    def gap_summary(self, projection: str) -> tuple[int, int, float | None]:
+        """A projection's open gaps, how many of them are held (given up on, policy hold), and
+        when the oldest was first seen."""
+        row = self.conn.execute(
+            self._q(
+                "select count(*), count(*) filter (where state = 'held'), min(first_seen)"
+                " from {s}.gaps where projection = %s and state in ('open', 'held')"
+            ),
+            (projection,),
+        ).fetchone()
+        return (0, 0, None) if row is None else (int(row[0]), int(row[1]), _epoch(row[2]))
+
+    def projection_figures(self, projections: Sequence[str], now: float) -> list[ProjectionFigures]:
+        """Parked events, open gaps with the oldest one's age (by the daemon's clock), and open
+        dead letters, per projection, in one round trip."""
+        rows = self.conn.execute(
+            self._q(
+                "select p.name,"
+                " (select count(*) from {s}.holding h where h.projection = p.name),"
+                " (select count(*) from {s}.gaps g where g.projection = p.name"
+                "  and g.state <> 'skipped'),"
+                " (select min(first_seen) from {s}.gaps g where g.projection = p.name"
+                "  and g.state <> 'skipped'),"
+                " (select count(*) from {s}.dead_letters d where d.projection = p.name"
+                "  and d.status = 'open')"
+                " from unnest(%s::text[]) as p(name)"
+            ),
+            (list(projections),),
+        ).fetchall()
+        return [
+            ProjectionFigures(
+                r[0], r[1], r[2], 0.0 if r[3] is None else max(0.0, now - r[3].timestamp()), r[4]
             )
-    return len(rows), len(gone)
+            for r in rows
+        ]
+
+    def list_dead_letters(
+        self, projection: str, status: str | None, limit: int
+    ) -> list[DeadLetterRow]:
+        rows = self.conn.execute(
+            self._q(
+                f"select {_DL_COLUMNS} from {{s}}.dead_letters where projection = %s"
+                " and (%s::text is null or status = %s) order by id limit %s"
+            ),
+            (projection, status, status, limit),
+        ).fetchall()
+        return [_dead_letter_row(r) for r in rows]
+
+    def purge_dead_letters(self, projection: str, include_open: bool) -> int:
+        with self.conn.transaction():
+            cur = self.conn.execute(
+                self._q(
+                    "delete from {s}.dead_letters where projection = %s"
+                    " and (%s or status <> 'open')"
+                ),
+                (projection, include_open),
+            )
+            return cur.rowcount
+
+    def inspect_stream(self, projection: str, stream: str) -> StreamReport:
+        conn, q = self.conn, self._q
+        pos = conn.execute(
+            q(
+                "select stream, last_seq, last_id, last_hash, blocked_seq from {s}.positions"
+                " where projection = %s and stream = %s"
+            ),
+            (projection, stream),
+        ).fetchone()
+        parked = conn.execute(
+            q(
+                "select seq, event from {s}.holding where projection = %s and stream = %s"
+                " order by seq"
+            ),
+            (projection, stream),
+        ).fetchall()
+        letters = conn.execute(
+            q(
+                f"select {_DL_COLUMNS} from {{s}}.dead_letters where projection = %s"
+                " and stream = %s order by id"
+            ),
+            (projection, stream),
+        ).fetchall()
+        return StreamReport(
+            stream,
+            None if pos is None else StreamPosition(pos[0], pos[1], pos[2], pos[3], pos[4]),
+            [(seq, Event.from_json(event)) for seq, event in parked],
+            self.list_gaps(projection, stream),
+            [_dead_letter_row(r) for r in letters],
+        )
+
+    def sweep_documents(
+        self,
+        projection: str,
+        unchanged_since: float,
+        now: float,
+        purge: Callable[[dict[str, Any]], dict[str, Any] | None],
+        limit: int = 500,
+    ) -> tuple[int, int]:
+        """Forget the tombstones of documents unchanged since ``unchanged_since`` and not swept
+        since their last change: ``purge`` returns the state to keep, or ``None`` when nothing
+        is left (a deleted document: its row goes). Returns (swept, removed)."""
+        with self.conn.transaction():
+            rows = self.conn.execute(
+                self._q(
+                    "select stream, state from {s}.documents where projection = %s"
+                    " and updated_at < %s and (swept_at is null or swept_at < updated_at)"
+                    " limit %s for update skip locked"
+                ),
+                (projection, _ts(unchanged_since), limit),
+            ).fetchall()
+            kept = [(stream, purge(state)) for stream, state in rows]
+            gone = [stream for stream, state in kept if state is None]
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "update {s}.documents set state = %s, swept_at = %s"
+                        " where projection = %s and stream = %s"
+                    ),
+                    [
+                        (Jsonb(state), _ts(now), projection, stream)
+                        for stream, state in kept
+                        if state is not None
+                    ],
+                )
+            if gone:
+                self.conn.execute(
+                    self._q("delete from {s}.documents where projection = %s and stream = any(%s)"),
+                    (projection, gone),
+                )
+        return len(rows), len(gone)

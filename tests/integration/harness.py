@@ -16,7 +16,8 @@ from confluent_kafka import Producer
 
 from projector.config import Config, parse_config
 from projector.runner.daemon import run
-from projector.runner.worker import load_handlers, view_migrations
+from projector.runner.worker import load_handlers
+from projector.store.connect import view_migrations
 from projector.store.migrate import migrate
 from tests.conftest import ROOT, Services, unique
 
@@ -43,9 +44,21 @@ def projection(
 
 
 def config_dict(
-    services: Services, pg_dsn: str, projections: list[dict[str, Any]], **kafka: Any
+    services: Services,
+    pg_dsn: str,
+    projections: list[dict[str, Any]],
+    redis_prefix: str | None = None,
+    **kafka: Any,
 ) -> dict[str, Any]:
+    """A config for the test's services; with ``redis_prefix``, a redis section too (for
+    projections with ``store: redis``)."""
+    redis = (
+        {}
+        if redis_prefix is None
+        else {"redis": {"url": services.redis_url, "prefix": redis_prefix}}
+    )
     return {
+        **redis,
         "kafka": {
             "bootstrap_servers": services.kafka,
             "group_prefix": unique("g"),
@@ -60,9 +73,13 @@ def config_dict(
 
 
 def make_config(
-    services: Services, pg_dsn: str, projections: list[dict[str, Any]], **kafka: Any
+    services: Services,
+    pg_dsn: str,
+    projections: list[dict[str, Any]],
+    redis_prefix: str | None = None,
+    **kafka: Any,
 ) -> Config:
-    return parse_config(config_dict(services, pg_dsn, projections, **kafka), env={})
+    return parse_config(config_dict(services, pg_dsn, projections, redis_prefix, **kafka), env={})
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
@@ -71,18 +88,24 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 def process_config(
-    services: Services, pg_dsn: str, tmp_path: Path, projections: list[dict[str, Any]]
+    services: Services,
+    pg_dsn: str,
+    tmp_path: Path,
+    projections: list[dict[str, Any]],
+    redis_prefix: str | None = None,
 ) -> Path:
     """A config file for ``projector run`` as a real process, its schema migrated."""
-    data = config_dict(services, pg_dsn, projections)
+    data = config_dict(services, pg_dsn, projections, redis_prefix)
     path = write_config(tmp_path / "config.yaml", data)
     migrate_all(parse_config(data, env={}))
     return path
 
 
 def migrate_all(config: Config) -> list[str]:
-    views = [v for p in config.projections for v in view_migrations(p, load_handlers(p))]
-    return migrate(config.postgres.dsn.get_secret_value(), config.postgres.schema_, views)
+    on_pg = [p for p in config.projections if p.store == "postgres"]
+    views = [v for p in on_pg for v in view_migrations(p, load_handlers(p))]
+    pg = config.postgres_config()
+    return migrate(pg.dsn.get_secret_value(), pg.schema_, views)
 
 
 def publish(

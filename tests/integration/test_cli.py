@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from projector.cli import app
+from projector.store.connect import StoreSet
 from projector.store.migrate import expected_version
 from projector.store.postgres import PostgresStore
 from tests.conftest import Services
@@ -81,7 +82,9 @@ def test_check_config_accepts_a_good_config(config_path: Path) -> None:
     summary of each projection and "config OK", and exits 0."""
     result = invoke("check-config", "-c", str(config_path))
     assert_clean_exit(result, 0)
-    assert "projection accounts: mode sequence, topics accounts-cli" in result.stdout
+    assert (
+        "projection accounts: mode sequence, store postgres, topics accounts-cli" in result.stdout
+    )
     assert "views in schema accounts" in result.stdout
     assert "handlers handlers.accounts" in result.stdout
     assert result.stdout.rstrip().endswith("config OK")
@@ -340,6 +343,6 @@ def close_leaked_stores(result: Result) -> None:
     tb = result.exc_info[2] if result.exc_info else None
     while tb is not None:
         for value in tb.tb_frame.f_locals.values():
-            if isinstance(value, PostgresStore):
+            if isinstance(value, PostgresStore | StoreSet):
                 value.close()
         tb = tb.tb_next

@@ -13,8 +13,9 @@ import pytest
 
 from projector.core.message import RawMessage
 from projector.runner.worker import build_applier, build_decoders
+from projector.store.base import Claim
 from projector.store.errors import Fenced
-from projector.store.postgres import Claim, PostgresStore
+from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration.harness import make_config, migrate_all, projection, rows
 

@@ -21,6 +21,7 @@ from projector.cli import app
 from projector.config import Config, parse_config
 from projector.runner.daemon import run
 from projector.runner.operations import status
+from projector.store.connect import StoreSet
 from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration.harness import (
@@ -321,7 +322,9 @@ def test_status_samples_the_rate_and_gives_an_eta(setup: Setup) -> None:
     a running daemon would), giving a positive rate and lag / rate as the ETA; a projection
     that is behind and does not move has rate 0 and no ETA."""
     config = setup.config
-    store = PostgresStore(setup.pg_dsn)
+    stores = StoreSet(config)
+    store = stores.of("idle")
+    assert isinstance(store, PostgresStore)
     store.claim("idle", [(setup.idle_topic, 0)], "x")
 
     def progress(_seconds: float) -> None:
@@ -331,9 +334,9 @@ def test_status_samples_the_rate_and_gives_an_eta(setup: Setup) -> None:
             )
 
     try:
-        found = {s.projection: s for s in status(config, store, None, sample=0.5, wait=progress)}
+        found = {s.projection: s for s in status(config, stores, None, sample=0.5, wait=progress)}
     finally:
-        store.close()
+        stores.close()
     idle = found["idle"]
     assert idle.rate is not None and idle.rate > 0
     assert idle.eta_seconds == pytest.approx(idle.lag / idle.rate)

@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 from projector.config import Config
-from projector.runner.worker import load_handlers, view_migrations
+from projector.runner.worker import load_handlers
+from projector.store.connect import view_migrations
 from projector.store.errors import SchemaBehind
 from projector.store.migrate import ViewMigrations, check_schema, core_migrations, expected_version
 from tests.conftest import ROOT, Services

@@ -85,11 +85,11 @@ def test_redis_multi_exec_and_persistence(services: Services, redis_prefix: str)
     """Proves a real Redis: MULTI/EXEC applies as a unit; AOF is on and nothing is evicted."""
     client = redis.Redis.from_url(services.redis_url)
     with client.pipeline(transaction=True) as pipe:
-        pipe.set(redis_prefix + "a", 1)
-        pipe.incr(redis_prefix + "a")
-        pipe.hset(redis_prefix + "h", "f", "v")
+        pipe.set(redis_prefix + ":a", 1)
+        pipe.incr(redis_prefix + ":a")
+        pipe.hset(redis_prefix + ":h", "f", "v")
         assert pipe.execute() == [True, 2, 1]
-    assert client.get(redis_prefix + "a") == b"2"
+    assert client.get(redis_prefix + ":a") == b"2"
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
     client.close()

@@ -19,6 +19,7 @@ from projector.config import (
     MetricsConfig,
     PostgresConfig,
     ProjectionConfig,
+    RedisConfig,
     ReplayConfig,
     load_config,
     parse_config,
@@ -57,6 +58,43 @@ def first(data: dict[str, Any]) -> dict[str, Any]:
     return projection
 
 
+def with_redis(d: dict[str, Any]) -> None:
+    """Adds a redis section and a second projection, ``scores``, kept in Redis."""
+    d["redis"] = {"url": f"redis://:{SECRET}@cache:6379/0"}
+    d["projections"].append({**copy.deepcopy(first(d)), "name": "scores", "store": "redis"})
+
+
+def redis_with(**settings: object) -> Callable[[dict[str, Any]], None]:
+    """A change for ``config_with``: ``with_redis``, then these redis settings."""
+
+    def change(d: dict[str, Any]) -> None:
+        with_redis(d)
+        d["redis"].update(settings)
+
+    return change
+
+
+def uncommented(text: str, first_line: str) -> str:
+    """``text`` with the commented-out block that starts at the line ``first_line`` made live:
+    that line and the lines after it that start with its indentation and ``#`` lose the
+    ``# `` (a nested comment ``#   # note`` stays a comment)."""
+    lines = text.splitlines()
+    start = lines.index(first_line)
+    indent = first_line[: len(first_line) - len(first_line.lstrip())]
+    end = start
+    while end < len(lines) and lines[end].startswith(indent + "#"):
+        rest = lines[end][len(indent) + 1 :]
+        lines[end] = indent + rest.removeprefix(" ")
+        end += 1
+    return "\n".join(lines) + "\n"
+
+
+def example_with_redis() -> str:
+    """config.example.yaml with its commented redis section and Redis projection made live."""
+    text = uncommented(EXAMPLE.read_text(), "# redis:")
+    return uncommented(text, "  # - name: scores")
+
+
 def error_of(data: Any, env: Mapping[str, str] | None = None) -> str:
     with pytest.raises(ConfigError) as info:
         parse_config(data, env={} if env is None else env)
@@ -77,10 +115,11 @@ def test_example_config_parses_with_an_empty_environment() -> None:
     assert config.kafka.consumer == {}
     assert config.kafka.producer == {}
     assert (
-        config.postgres.dsn.get_secret_value() == "postgresql://projector@127.0.0.1:15432/projector"
+        config.postgres_config().dsn.get_secret_value()
+        == "postgresql://projector@127.0.0.1:15432/projector"
     )
-    assert config.postgres.schema_ == "projector"
-    assert config.postgres.connect_timeout == 10.0
+    assert config.postgres_config().schema_ == "projector"
+    assert config.postgres_config().connect_timeout == 10.0
     assert (config.metrics.enabled, config.metrics.host, config.metrics.port) == (
         True,
         "127.0.0.1",
@@ -129,6 +168,23 @@ def test_example_config_parses_with_an_empty_environment() -> None:
     assert games.decoder_for("game-plays").options["seq"] == "seq"
 
 
+def test_example_config_has_no_redis_until_its_section_is_uncommented() -> None:
+    """Proves the example as shipped needs no Redis (its redis section and Redis projection
+    are comments), and that uncommenting them gives a valid config whose ``scores``
+    projection is kept in Redis, with the documented defaults."""
+    config = load_config(EXAMPLE, env={})
+    assert config.redis is None
+    assert {p.store for p in config.projections} == {"postgres"}
+
+    config = parse_config(yaml.safe_load(example_with_redis()), env={})
+    redis = config.redis_config()
+    assert redis.url.get_secret_value() == "redis://127.0.0.1:16379/0"
+    assert (redis.prefix, redis.disposable, redis.connect_timeout) == ("projector", False, 10.0)
+    scores = config.projection("scores")
+    assert (scores.store, scores.schema_name) == ("redis", "scores")
+    assert config.postgres_config().schema_ == "projector"
+
+
 def test_example_config_takes_values_from_the_environment() -> None:
     """Proves the example's ``${VAR:-default}`` references read the environment when it
     provides the variable."""
@@ -138,18 +194,20 @@ def test_example_config_takes_values_from_the_environment() -> None:
     }
     config = load_config(EXAMPLE, env=env)
     assert config.kafka.bootstrap_servers == "broker-1:9092,broker-2:9092"
-    assert config.postgres.dsn.get_secret_value() == env["PROJECTOR_PG_DSN"]
+    assert config.postgres_config().dsn.get_secret_value() == env["PROJECTOR_PG_DSN"]
 
 
 def test_example_config_documents_every_key() -> None:
     """Proves config.example.yaml names every key of every section (its first projection shows
-    every projection key), so the file really documents them all."""
-    raw = yaml.safe_load(EXAMPLE.read_text())
+    every projection key; the redis section, commented out in the file, counts once made
+    live), so the file really documents them all."""
+    raw = yaml.safe_load(example_with_redis())
 
     def keys(model: type[Any]) -> set[str]:
         return {f.alias or name for name, f in model.model_fields.items()}
 
     assert set(raw) == keys(Config)
+    assert set(raw["redis"]) == keys(RedisConfig)
     assert set(raw["kafka"]) == keys(KafkaConfig)
     assert set(raw["postgres"]) == keys(PostgresConfig)
     assert set(raw["metrics"]) == keys(MetricsConfig)
@@ -204,7 +262,7 @@ def test_interpolation_substitutes_values_and_defaults() -> None:
     assert config.kafka.bootstrap_servers == "broker:9092"
     assert config.kafka.group_prefix == "prod"
     assert config.kafka.instance_id == ""
-    assert config.postgres.dsn.get_secret_value() == f"postgresql://app:{SECRET}@db/app"
+    assert config.postgres_config().dsn.get_secret_value() == f"postgresql://app:{SECRET}@db/app"
     assert config.metrics.port == 9400
     assert config.metrics.enabled is False
 
@@ -219,7 +277,7 @@ def test_values_from_the_environment_are_not_interpolated_again() -> None:
     (nor reported as a missing variable)."""
     data = config_with(lambda d: d["postgres"].update(dsn="${PG_DSN}"))
     config = parse_config(data, env={"PG_DSN": "postgresql://u:${NOT_A_VAR}@db/app"})
-    assert config.postgres.dsn.get_secret_value() == "postgresql://u:${NOT_A_VAR}@db/app"
+    assert config.postgres_config().dsn.get_secret_value() == "postgresql://u:${NOT_A_VAR}@db/app"
 
 
 # --- validation messages name the key ---------------------------------------------------------
@@ -240,6 +298,14 @@ def test_values_from_the_environment_are_not_interpolated_again() -> None:
         (lambda d: d.pop("projections"), "projections"),
         (lambda d: d.update(metrics={"port": 70000}), "metrics.port"),
         (lambda d: d.update(log={"level": "LOUD"}), "log.level"),
+        (lambda d: first(d).update(store="mongodb"), "projections[0].store"),
+        (lambda d: d.update(redis={"prefix": "p"}), "redis.url"),
+        (lambda d: d.update(redis={"url": "redis://h", "prefix": "a:b"}), "redis.prefix"),
+        (lambda d: d.update(redis={"url": "redis://h", "disposable": "maybe"}), "redis.disposable"),
+        (
+            lambda d: d.update(redis={"url": "redis://h", "connect_timeout": "soon"}),
+            "redis.connect_timeout",
+        ),
     ],
     ids=[
         "negative-max_seq_jump",
@@ -254,6 +320,11 @@ def test_values_from_the_environment_are_not_interpolated_again() -> None:
         "missing-projections",
         "port-range",
         "log-level",
+        "unknown-store",
+        "missing-redis-url",
+        "redis-prefix-colon",
+        "redis-disposable",
+        "redis-connect_timeout",
     ],
 )
 def test_invalid_values_name_their_key(
@@ -274,8 +345,9 @@ def test_invalid_values_name_their_key(
         (lambda d: d.update(metrics={"prot": 1}), "metrics.prot"),
         (lambda d: d.update(log={"levle": "INFO"}), "log.levle"),
         (lambda d: first(d).update(max_seq_jmp=5), "projections[0].max_seq_jmp"),
+        (lambda d: d.update(redis={"url": "redis://h", "prefx": "x"}), "redis.prefx"),
     ],
-    ids=["top", "kafka", "postgres", "metrics", "log", "projection"],
+    ids=["top", "kafka", "postgres", "metrics", "log", "projection", "redis"],
 )
 def test_unknown_key_is_named(change: Callable[[dict[str, Any]], object], key: str) -> None:
     """Proves a typo'd key anywhere is rejected (extra="forbid"), not silently ignored, and the
@@ -360,6 +432,149 @@ def test_view_schema_clash_names_the_projection() -> None:
 
     message = error_of(config_with(clash))
     assert "projections[1]" in message or "'projector' (projection" in message, message
+
+
+# --- stores: which section each projection needs ---------------------------------------------
+
+
+def test_redis_section_parses_with_defaults() -> None:
+    """Proves a redis section needs only ``url``: prefix ``projector``, not disposable, 10 s
+    connect timeout; and the given values are taken (durations in seconds)."""
+    config = parse_config(config_with(with_redis), env={})
+    redis = config.redis_config()
+    assert redis.url.get_secret_value() == f"redis://:{SECRET}@cache:6379/0"
+    assert (redis.prefix, redis.disposable, redis.connect_timeout) == ("projector", False, 10.0)
+    assert [p.store for p in config.projections] == ["postgres", "redis"]
+
+    custom = redis_with(prefix="app-1.views_v2", disposable=True, connect_timeout="250ms")
+    redis = parse_config(config_with(custom), env={}).redis_config()
+    assert (redis.prefix, redis.disposable) == ("app-1.views_v2", True)
+    assert redis.connect_timeout == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("prefix", ["projector", "P", "a.b-c_D9", "x" * 64])
+def test_redis_prefix_accepts_letters_digits_dot_dash_underscore(prefix: str) -> None:
+    """Proves 1 to 64 characters of [A-Za-z0-9_.-] make a valid redis.prefix."""
+    data = config_with(redis_with(prefix=prefix))
+    assert parse_config(data, env={}).redis_config().prefix == prefix
+
+
+@pytest.mark.parametrize("prefix", ["", "x" * 65, "a:b", "views:", "a b", "a*", "ü"])
+def test_redis_prefix_rejects_colons_and_odd_characters(prefix: str) -> None:
+    """Proves an empty, too long, ':'-containing (projector adds the ':' itself) or otherwise
+    odd redis.prefix is an error on the key that says what a prefix may hold."""
+    message = error_of(config_with(redis_with(prefix=prefix)))
+    assert "\n  redis.prefix: " in message, message
+    assert "1 to 64 letters, digits" in message
+    assert "no ':'" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h",
+        "redis://:pw@h:6379/0",
+        "rediss://user:pw@h/1",
+        "unix:///run/redis.sock?db=0",
+    ],
+)
+def test_redis_url_schemes_are_accepted(url: str) -> None:
+    """Proves redis://, rediss:// (TLS) and unix:// (socket) URLs are valid redis.url values."""
+    data = config_with(redis_with(url=url))
+    assert parse_config(data, env={}).redis_config().url.get_secret_value() == url
+
+
+def test_redis_url_with_another_scheme_is_rejected_without_quoting_it() -> None:
+    """Proves a redis.url that is not a Redis URL (here a PostgreSQL DSN pasted by mistake) is
+    an error on the key showing the expected form, and the message does not quote the URL,
+    which may hold a password."""
+    url = f"postgresql://app:{SECRET}@db/app"
+    message = error_of(config_with(redis_with(url=url)))
+    assert "\n  redis.url: " in message, message
+    assert "redis://:password@host:6379/0" in message
+    assert SECRET not in message
+
+
+def test_redis_projection_without_redis_section_names_the_projection() -> None:
+    """Proves a projection with ``store: redis`` in a config without a redis section is
+    refused, naming the projection by index and name and the key to add."""
+
+    def no_section(d: dict[str, Any]) -> None:
+        with_redis(d)
+        del d["redis"]
+
+    message = error_of(config_with(no_section))
+    assert (
+        "projections[1] ('scores') has store: redis but there is no redis section:"
+        " add redis.url" in message
+    ), message
+
+
+def test_postgres_projection_without_postgres_section_names_the_projection() -> None:
+    """Proves a projection with ``store: postgres`` (the default, not written) in a config
+    without a postgres section is refused, naming the projection and the key to add."""
+
+    def no_section(d: dict[str, Any]) -> None:
+        with_redis(d)
+        del d["postgres"]
+
+    message = error_of(config_with(no_section))
+    assert "projections[0] ('accounts') has store: postgres" in message, message
+    assert "no postgres section" in message
+    assert "postgres.dsn" in message
+
+
+def test_redis_only_config_needs_no_postgres_section() -> None:
+    """Proves a config whose projections are all in Redis is valid without a postgres section,
+    and that asking it for its postgres section is a ConfigError saying what to add."""
+
+    def redis_only(d: dict[str, Any]) -> None:
+        del d["postgres"]
+        d["redis"] = {"url": "redis://cache:6379/0"}
+        first(d)["store"] = "redis"
+
+    config = parse_config(config_with(redis_only), env={})
+    assert config.postgres is None
+    assert config.redis_config().url.get_secret_value() == "redis://cache:6379/0"
+    with pytest.raises(ConfigError, match=r"no postgres section.*add postgres\.dsn"):
+        config.postgres_config()
+
+
+def test_postgres_only_config_has_no_redis_section() -> None:
+    """Proves the redis section is optional when no projection uses Redis, and that asking
+    for it is a ConfigError saying what to add; the postgres section is returned as is."""
+    config = parse_config(config_with(), env={})
+    assert config.redis is None
+    assert config.postgres_config() is config.postgres
+    with pytest.raises(ConfigError, match=r"no redis section.*add redis\.url"):
+        config.redis_config()
+
+
+def test_config_without_any_store_section_is_rejected() -> None:
+    """Proves a config with neither store section is refused (the default store is postgres),
+    rather than failing later when the daemon starts."""
+    message = error_of(config_with(lambda d: d.pop("postgres")))
+    assert "projections[0] ('accounts') has store: postgres" in message
+
+
+def test_redis_projection_may_use_the_postgres_schema_name() -> None:
+    """Proves the view_schema/postgres.schema clash applies to PostgreSQL projections only: a
+    Redis projection's view_schema names a key namespace, not a schema, so ``projector``
+    is fine for it."""
+
+    def same_name(d: dict[str, Any]) -> None:
+        with_redis(d)
+        d["projections"][1]["view_schema"] = "projector"
+
+    config = parse_config(config_with(same_name), env={})
+    assert config.projection("scores").schema_name == "projector"
+
+    def redis_only(d: dict[str, Any]) -> None:
+        del d["postgres"]
+        d["redis"] = {"url": "redis://cache"}
+        first(d).update(store="redis", view_schema="projector")
+
+    assert parse_config(config_with(redis_only), env={}).postgres is None
 
 
 def test_sequence_mode_needs_a_seq_path() -> None:
@@ -524,6 +739,47 @@ def test_redact_hides_passwords(dsn: str, redacted: str) -> None:
     assert SECRET not in redact(dsn)
 
 
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        (f"redis://:{SECRET}@host:6379/0", "redis://:***@host:6379/0"),
+        (f"redis://user:{SECRET}@host/0", "redis://user:***@host/0"),
+        (f"rediss://user:{SECRET}@host:6380/2", "rediss://user:***@host:6380/2"),
+        (f"redis://:p@{SECRET}@host/0", "redis://:***@host/0"),
+        (
+            f"unix:///run/redis.sock?db=0&password={SECRET}",
+            "unix:///run/redis.sock?db=0&password=***",
+        ),
+        (f"redis://host:6379/0?password={SECRET}", "redis://host:6379/0?password=***"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("redis://user@host/0", "redis://user@host/0"),
+    ],
+)
+def test_redact_hides_redis_passwords(url: str, redacted: str) -> None:
+    """Proves redact() hides the password of redis:// and rediss:// URLs, with or without a
+    user name, given in the query, or holding an unencoded ``@`` (redis-py takes the
+    password up to the last ``@``), and leaves URLs without a password readable."""
+    assert redact(url) == redacted
+    assert SECRET not in redact(url)
+
+
+def test_redis_url_never_shows_in_repr_or_str() -> None:
+    """Proves redis.url (a SecretStr) stays out of repr(config), str(config), the redis
+    section's repr and a JSON dump, wherever its password came from."""
+    data = config_with(redis_with(url="redis://:${REDIS_PASSWORD}@cache:6379/0"))
+    config = parse_config(data, env={"REDIS_PASSWORD": SECRET})
+    assert config.redis_config().url.get_secret_value() == f"redis://:{SECRET}@cache:6379/0"
+    for text in (
+        repr(config),
+        str(config),
+        repr(config.redis),
+        str(config.redis_config().url),
+        config.model_dump_json(),
+    ):
+        assert SECRET not in text
+        assert "cache:6379" not in text
+
+
 def test_redact_hides_a_quoted_password_with_spaces() -> None:
     """Proves a libpq quoted value (``password='correct horse'``, which libpq reads as the
     password ``correct horse``) is hidden completely."""
@@ -542,12 +798,12 @@ def test_dsn_never_shows_in_repr_or_str() -> None:
     section's repr and a JSON dump, wherever its password came from."""
     data = config_with(lambda d: d["postgres"].update(dsn="postgresql://app:${PG_PASSWORD}@db/app"))
     config = parse_config(data, env={"PG_PASSWORD": SECRET})
-    assert config.postgres.dsn.get_secret_value() == f"postgresql://app:{SECRET}@db/app"
+    assert config.postgres_config().dsn.get_secret_value() == f"postgresql://app:{SECRET}@db/app"
     for text in (
         repr(config),
         str(config),
         repr(config.postgres),
-        str(config.postgres.dsn),
+        str(config.postgres_config().dsn),
         config.model_dump_json(),
     ):
         assert SECRET not in text

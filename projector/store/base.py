@@ -1,0 +1,191 @@
+"""The store interface: what the runner and the operations ask of a store, whatever it is.
+
+Two stores implement it: :mod:`projector.store.postgres` (one SQL transaction per batch) and
+:mod:`projector.store.redis` (one Lua script per batch, after optimistic reads under WATCH).
+The runner decides (sequence, merge, gaps); a store only executes, in one atomic unit per batch:
+fence, positions, holding, gaps, dead letters, documents, the handlers' view writes and the
+checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from projector.core.dead_letter import DeadLetter
+from projector.core.event import Event
+from projector.core.gaps import Gap
+from projector.core.message import RawMessage
+from projector.core.sequencer import SequenceRules, StreamPosition
+
+TopicPartition = tuple[str, int]
+Handler = Callable[[Sequence[Any], Any], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    epoch: int
+    next_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    id: int
+    projection: str
+    kind: str
+    reason: str
+    stream: str | None
+    seq: int | None
+    event: Event | None
+    message: RawMessage | None
+    status: str
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionFigures:
+    """What a dashboard shows of a projection, from the store."""
+
+    projection: str
+    parked: int
+    open_gaps: int
+    oldest_gap_age: float
+    dead_letters: int
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """One stream's story, for an operator chasing a hole."""
+
+    stream: str
+    position: StreamPosition | None
+    parked: list[tuple[int, Event]]
+    gaps: list[Gap]
+    dead_letters: list[DeadLetterRow]
+
+
+Held = tuple[dict[str, dict[int, Event]], dict[str, list[tuple[int, int]]]]
+
+
+class StoreBatch(Protocol):
+    """One batch of one projection, applied atomically when its context exits normally.
+    Methods are called in the order the runner's appliers document: fence → lock → load →
+    handlers → write."""
+
+    projection: str
+
+    def fence(
+        self, checkpoints: Mapping[TopicPartition, int], epochs: Mapping[TopicPartition, int]
+    ) -> None:
+        """Compare-and-set every checkpoint on its epoch; raises ``Fenced`` (now, or at the
+        latest when the batch commits) naming the partitions this instance no longer owns."""
+
+    def lock_positions(
+        self, streams: Iterable[str], rules: SequenceRules
+    ) -> dict[str, StreamPosition]:
+        """The streams' positions, held so that no other batch changes them before this one
+        commits (a lock, or a watch that makes the commit fail and the batch run again)."""
+
+    def load_held(self, streams: Iterable[str]) -> Held:
+        """Parked events and ranges skipped, of streams already locked."""
+
+    def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
+        """The open or held gaps of streams already locked."""
+
+    def mark_skipped(self, gap: Gap) -> None: ...
+
+    def rolled_back(self) -> AbstractContextManager[None]:
+        """A scope whose view writes are always discarded, for trying handlers out."""
+
+    def run_handlers(self, handlers: Sequence[Handler], items: Sequence[Any]) -> None:
+        """Run the handlers on ``items``; on an error their writes are discarded and the error
+        propagates."""
+
+    def write_positions(self, positions: Iterable[StreamPosition]) -> None: ...
+
+    def park(self, events: Iterable[Event]) -> None: ...
+
+    def unpark(self, keys: Iterable[tuple[str, int]]) -> None: ...
+
+    def replace_gaps(self, streams: Iterable[str], gaps: Iterable[Gap]) -> None:
+        """The open/held gaps of ``streams`` become ``gaps`` (skipped ranges stay)."""
+
+    def dead_letter(self, letters: Iterable[DeadLetter]) -> None: ...
+
+    def lock_documents(self, streams: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+        """Merge mode: the documents' stored merge states, held like positions."""
+
+    def write_documents(self, states: Mapping[str, dict[str, Any]], now: float) -> None: ...
+
+    def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None: ...
+
+    def resolve_dead_letter(
+        self, letter_id: int, status: str, reason: str | None = None
+    ) -> None: ...
+
+
+class Store(Protocol):
+    """A store connection of one worker or command."""
+
+    def close(self) -> None: ...
+
+    def claim(
+        self, projection: str, partitions: Iterable[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Claim]:
+        """Take a new epoch per partition (fencing out the previous owner); with the stored
+        checkpoint to seek to."""
+
+    def batch(self, projection: str, view_schema: str) -> AbstractContextManager[StoreBatch]: ...
+
+    def checkpoints(self, projection: str) -> dict[TopicPartition, int | None]: ...
+
+    def claim_due_gaps(
+        self,
+        projection: str,
+        now: float,
+        limit: int,
+        decide: Callable[[Gap], tuple[str, Gap]],
+    ) -> list[tuple[str, Gap]]:
+        """Take the gaps due by ``now``, decide each and store their new schedule, so that
+        several instances send one request per gap per attempt."""
+
+    def list_gaps(self, projection: str, stream: str | None = None) -> list[Gap]:
+        """Every gap (skipped ones too), oldest first."""
+
+    def request_gaps_now(self, projection: str, stream: str | None, now: float) -> int: ...
+
+    def count_parked(self, projection: str) -> int: ...
+
+    def count_open_gaps(self, projection: str) -> int: ...
+
+    def gap_summary(self, projection: str) -> tuple[int, int, float | None]:
+        """Open or held gaps, how many held, and when the oldest was first seen."""
+
+    def count_open_dead_letters(self, projection: str) -> int: ...
+
+    def projection_figures(
+        self, projections: Sequence[str], now: float
+    ) -> list[ProjectionFigures]: ...
+
+    def list_dead_letters(
+        self, projection: str, status: str | None, limit: int
+    ) -> list[DeadLetterRow]: ...
+
+    def purge_dead_letters(self, projection: str, include_open: bool) -> int: ...
+
+    def inspect_stream(self, projection: str, stream: str) -> StreamReport: ...
+
+    def sweep_documents(
+        self,
+        projection: str,
+        unchanged_since: float,
+        now: float,
+        purge: Callable[[dict[str, Any]], dict[str, Any] | None],
+        limit: int = 500,
+    ) -> tuple[int, int]:
+        """Forget the tombstones of documents unchanged since ``unchanged_since``; returns
+        (swept, removed)."""

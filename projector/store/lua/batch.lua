@@ -1,0 +1,142 @@
+#!lua
+-- One batch of one projection, all or nothing (see projector/store/redis.py).
+-- ARGV[1]: "commit" (check, then write) or "check" (only check: a dry run of the writes).
+-- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset}...},
+--                ops = {{COMMAND, key, arg...}...}, own = number of projector's own ops first}
+-- Returns {"ok"}, {"fenced", field...}, or {"badwrite", op index (1-based), reason}.
+-- Redis does not roll a script back when a command fails half-way, so everything that could
+-- fail is checked first: the fence, then each op against the type (and, for counters, the
+-- value) its key will have by then, simulated in op order. Only then is anything written.
+local mode = ARGV[1]
+local batch = cjson.decode(ARGV[2])
+
+if mode == "commit" then
+  local lost = {}
+  for _, f in ipairs(batch.fence) do
+    if redis.call("HGET", f[1], f[3]) ~= f[4] then lost[#lost + 1] = f[3] end
+  end
+  if #lost > 0 then return {"fenced", unpack(lost)} end
+end
+
+local KIND = {
+  SET = "string", INCRBY = "string", INCRBYFLOAT = "string",
+  HSET = "hash", HDEL = "hash", HINCRBY = "hash", HINCRBYFLOAT = "hash",
+  SADD = "set", SREM = "set",
+  ZADD = "zset", ZREM = "zset", ZINCRBY = "zset",
+  DLADD = "hash",
+}
+local LIMIT = 9.2e18 -- INCRBY past a signed 64-bit integer fails; stay clear of it
+
+local types, cleared, numbers = {}, {}, {}
+
+local function type_of(key)
+  local t = types[key]
+  if t == nil then
+    t = redis.call("TYPE", key)["ok"]
+    types[key] = t
+  end
+  return t
+end
+
+-- What a stored string is to INCRBY / INCRBYFLOAT: "int", "float", "none" or "other".
+local function class_of(raw)
+  if not raw then return "none", 0 end
+  if (raw == "0" or string.match(raw, "^%-?[1-9]%d*$")) and #raw <= 19 then
+    return "int", tonumber(raw)
+  end
+  local n = tonumber(raw)
+  if n and not string.find(raw, "[%sxXnN]") and n == n and n ~= math.huge and n ~= -math.huge then
+    return "float", n
+  end
+  return "other", 0
+end
+
+local function number_at(key, field)
+  local slot = field and (key .. "\0" .. field) or key
+  local known = numbers[slot]
+  if known then return slot, known[1], known[2] end
+  local raw = false
+  if not cleared[key] then
+    if field then
+      if type_of(key) == "hash" then raw = redis.call("HGET", key, field) end
+    elseif type_of(key) == "string" then
+      raw = redis.call("GET", key)
+    end
+  end
+  local cls, value = class_of(raw)
+  return slot, cls, value
+end
+
+local function add(key, field, amount_raw, integer)
+  local slot, cls, value = number_at(key, field)
+  local amount = tonumber(amount_raw)
+  local what = field and ("field " .. field .. " of " .. key) or key
+  if integer and cls ~= "none" and cls ~= "int" then
+    return what .. " does not hold an integer"
+  end
+  if not integer and cls == "other" then return what .. " does not hold a number" end
+  local result = value + amount
+  if integer and (result > LIMIT or result < -LIMIT) then
+    return "incrementing " .. what .. " would overflow a 64-bit integer"
+  end
+  if result ~= result or result == math.huge or result == -math.huge then
+    return "incrementing " .. what .. " would not give a finite number"
+  end
+  numbers[slot] = {integer and "int" or "float", result}
+  return nil
+end
+
+local function check(op)
+  local cmd, key = op[1], op[2]
+  if cmd == "DEL" then
+    types[key], cleared[key] = "none", true
+    for slot in pairs(numbers) do
+      if slot == key or string.sub(slot, 1, #key + 1) == key .. "\0" then numbers[slot] = nil end
+    end
+    return nil
+  end
+  local want = KIND[cmd]
+  if want == nil then return "unknown command " .. tostring(cmd) end
+  local have = type_of(key)
+  if cmd == "SET" then
+    types[key] = "string"
+    numbers[key] = {class_of(op[3])}
+    return nil
+  end
+  if have ~= "none" and have ~= want then
+    return "WRONGTYPE: " .. cmd .. " needs a " .. want .. " but " .. key .. " is a " .. have
+  end
+  types[key] = want
+  if cmd == "INCRBY" then return add(key, nil, op[3], true) end
+  if cmd == "INCRBYFLOAT" then return add(key, nil, op[3], false) end
+  if cmd == "HINCRBY" then return add(key, op[3], op[4], true) end
+  if cmd == "HINCRBYFLOAT" then return add(key, op[3], op[4], false) end
+  if cmd == "HSET" then
+    for i = 3, #op - 1, 2 do numbers[key .. "\0" .. op[i]] = {class_of(op[i + 1])} end
+  elseif cmd == "HDEL" then
+    for i = 3, #op do numbers[key .. "\0" .. op[i]] = {"none", 0} end
+  end
+  return nil
+end
+
+for i, op in ipairs(batch.ops) do
+  local problem = check(op)
+  if problem then return {"badwrite", i, problem} end
+end
+if mode ~= "commit" then return {"ok"} end
+
+for _, f in ipairs(batch.fence) do
+  local stored = tonumber(redis.call("HGET", f[2], f[3]) or "-1")
+  if tonumber(f[5]) > stored then redis.call("HSET", f[2], f[3], f[5]) end
+end
+for _, op in ipairs(batch.ops) do
+  if op[1] == "DLADD" then
+    -- {DLADD, letters hash, id counter, open set, record JSON}: a new dead letter, numbered here
+    local id = redis.call("INCR", op[3])
+    redis.call("HSET", op[2], id, op[5])
+    redis.call("SADD", op[4], id)
+  else
+    redis.call(unpack(op))
+  end
+end
+return {"ok"}

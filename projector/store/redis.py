@@ -1,0 +1,853 @@
+"""Redis store: projector's own state and the projections' views, one Lua script per batch.
+
+A batch reads what it needs first, on one connection, under WATCH: the batch's stream hashes
+(position, parked events, gaps, merge state) and whatever the handlers read. The runner plans
+as usual; the handlers' writes and projector's own changes are collected as plain commands.
+The commit is MULTI / EVALSHA / EXEC: the script checks the fence (each partition's epoch) and
+the type of every key it will touch before it writes anything, since Redis never rolls a
+script back. EXEC fails if anything WATCHed changed meanwhile (another instance touched one of
+the streams): the batch is planned again from fresh reads. A retry always plans again, so a
+commit whose reply was lost is never applied twice (its streams show its events as applied).
+
+Keys, under ``<prefix>:`` (no TTLs anywhere, so only an ``allkeys-*`` policy could evict them):
+- ``s:<projection>:epochs|offsets|owners``: hashes per ``topic:partition`` (fence, checkpoint);
+- ``s:<projection>:st:<stream>``: a stream's hash: ``seq id hash blocked`` (position),
+  ``p:<seq>`` (a parked event), ``gaps`` (JSON), ``doc``/``doc_at`` (merge state);
+- ``s:<projection>:parked`` (count), ``gaps``/``gapdue``/``gapskipped`` (sorted sets of
+  ``[stream, from_seq]`` by first seen / next request), ``gapheld`` (set);
+- ``s:<projection>:dl`` (dead letters by id), ``dlseq``, ``dlopen``; ``docs`` (merge
+  documents by last change, for the tombstone sweep);
+- ``v:<view_schema>:<key>``: the handlers' views.
+The stream id is always the last part of its key, so distinct streams never share a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.client import Pipeline
+from redis.retry import Retry
+
+from projector.core.dead_letter import DeadLetter
+from projector.core.event import Event
+from projector.core.gaps import Gap
+from projector.core.message import RawMessage
+from projector.core.sequencer import SequenceRules, StreamPosition
+from projector.store.base import (
+    Claim,
+    DeadLetterRow,
+    Handler,
+    Held,
+    ProjectionFigures,
+    StreamReport,
+    TopicPartition,
+)
+from projector.store.errors import Fenced, StoreError, StoreUnavailable, TransientStoreError
+from projector.store.redis_view import Op, RedisView
+
+log = logging.getLogger(__name__)
+
+MAX_ARGS = 1000  # per recorded command: Lua's unpack() has a stack limit
+
+
+def _watch(pipe: Pipeline, *keys: str) -> None:
+    pipe.watch(*keys)  # type: ignore[no-untyped-call]
+
+
+def _script(name: str) -> str:
+    return resources.files("projector.store").joinpath(f"lua/{name}.lua").read_text()
+
+
+class RedisWriteRejected(Exception):
+    """A handler's write would fail in Redis (a key of another type, a counter that holds no
+    number). Not transient: it is the handler's event that is at fault."""
+
+
+class RedisStateCorrupt(StoreError):
+    """One of projector's own keys has a type projector never gives it: something else writes
+    in its namespace. The projection stops rather than guess."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names of one projection (see the module docstring)."""
+
+    prefix: str
+    projection: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:s:{self.projection}"
+
+    def __getattr__(self, name: str) -> str:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return f"{self.base}:{name}"
+
+    def stream(self, stream: str) -> str:
+        return f"{self.base}:st:{stream}"
+
+    def stream_of(self, key: str) -> str:
+        return key[len(self.base) + 4 :]
+
+    def views(self, view_schema: str) -> str:
+        return f"{self.prefix}:v:{view_schema}"
+
+
+def _tp(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+def _untp(text: str) -> TopicPartition:
+    topic, _, part = text.rpartition(":")
+    return topic, int(part)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _gap_json(g: Gap) -> dict[str, Any]:
+    d = asdict(g)
+    del d["stream"]
+    return d
+
+
+def _gap(stream: str, d: Mapping[str, Any]) -> Gap:
+    return Gap(stream, **d)
+
+
+def _member(stream: str, from_seq: int) -> str:
+    return _dumps([stream, from_seq])
+
+
+def _score(value: float | None) -> str:
+    return "+inf" if value is None else repr(float(value))
+
+
+def _chunks(command: str, key: str, args: Sequence[str], width: int) -> list[Op]:
+    step = max(width, (MAX_ARGS // width) * width)
+    return [[command, key, *args[i : i + step]] for i in range(0, len(args), step)]
+
+
+@dataclass
+class _Stream:
+    """One stream hash as read, and what the batch changes in it."""
+
+    key: str
+    stored: dict[str, str]
+    sets: dict[str, str] = field(default_factory=dict)
+    dels: set[str] = field(default_factory=set)
+    gaps: list[Gap] | None = None  # the stream's gap list once the batch changed it
+
+    def get(self, name: str) -> str | None:
+        if name in self.sets:
+            return self.sets[name]
+        return None if name in self.dels else self.stored.get(name)
+
+    def set(self, name: str, value: str) -> None:
+        self.sets[name] = value
+        self.dels.discard(name)
+
+    def delete(self, name: str) -> None:
+        self.sets.pop(name, None)
+        self.dels.add(name)
+
+    def stored_gaps(self, stream: str) -> list[Gap]:
+        raw = self.stored.get("gaps")
+        return [_gap(stream, d) for d in json.loads(raw)] if raw else []
+
+    def current_gaps(self, stream: str) -> list[Gap]:
+        return list(self.gaps) if self.gaps is not None else self.stored_gaps(stream)
+
+
+def _position(stream: str, s: _Stream, rules: SequenceRules) -> StreamPosition:
+    seq = s.get("seq")
+    blocked = s.get("blocked")
+    return StreamPosition(
+        stream,
+        rules.first_seq - 1 if seq is None else int(seq),
+        s.get("id"),
+        s.get("hash"),
+        None if blocked is None else int(blocked),
+    )
+
+
+def _letter_record(d: DeadLetter, now: float) -> dict[str, Any]:
+    e, m = d.event, d.message
+    src = e.source if e is not None else (m.source if m is not None else None)
+    return {
+        "kind": d.kind,
+        "reason": d.reason,
+        "stream": d.stream,
+        "seq": d.seq,
+        "event": None if e is None else e.to_json(),
+        "source": None if src is None else [src.topic, src.partition, src.offset],
+        "key": None if m is None or m.key is None else base64.b64encode(m.key).decode(),
+        "value": None if m is None or m.value is None else base64.b64encode(m.value).decode(),
+        "status": "open",
+        "attempts": 0,
+        "created_at": now,
+    }
+
+
+def _letter_row(projection: str, letter_id: int, raw: str) -> DeadLetterRow:
+    r = json.loads(raw)
+    message = None
+    if r["source"] is not None and r["event"] is None:
+        key = None if r["key"] is None else base64.b64decode(r["key"])
+        value = None if r["value"] is None else base64.b64decode(r["value"])
+        message = RawMessage(r["source"][0], r["source"][1], r["source"][2], key, value)
+    return DeadLetterRow(
+        letter_id,
+        projection,
+        r["kind"],
+        r["reason"],
+        r["stream"],
+        r["seq"],
+        None if r["event"] is None else Event.from_json(r["event"]),
+        message,
+        r["status"],
+        r["attempts"],
+        datetime.fromtimestamp(r["created_at"], UTC),
+    )
+
+
+class _Scripts:
+    """The store's Lua scripts by SHA; loaded again when Redis answers NOSCRIPT (a restart
+    without persistence of the script cache, SCRIPT FLUSH, a failover)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.source = {name: _script(name) for name in ("batch", "read", "claim")}
+        self.sha: dict[str, str] = {}
+
+    def load(self) -> None:
+        for name, text in self.source.items():
+            self.sha[name] = str(self.client.script_load(text))
+
+    def call(
+        self, runner: redis.Redis | Pipeline, name: str, keys: Sequence[str], *args: str
+    ) -> Any:
+        if not self.sha:
+            self.load()
+        try:
+            return runner.evalsha(self.sha[name], len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            log.info("Redis lost projector's scripts (NOSCRIPT); loading them again")
+            self.load()
+            return runner.evalsha(self.sha[name], len(keys), *keys, *args)
+
+
+class RedisBatch:
+    """One batch of one projection (see :class:`projector.store.base.StoreBatch`)."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        pipe: Pipeline,
+        projection: str,
+        view_schema: str,
+        check_writes: bool,
+    ) -> None:
+        self.projection = projection
+        self.keys = Keys(store.prefix, projection)
+        self._store = store
+        self._pipe = pipe
+        self._namespace = self.keys.views(view_schema)
+        self._check_writes = check_writes
+        self._streams: dict[str, _Stream] = {}
+        self._fence: list[list[str]] = []
+        self._views: list[Op] = []
+        self._own: list[Op] = []
+        self._parked_delta = 0
+        self._letters: dict[int, dict[str, Any]] = {}
+
+    # -- reads, under WATCH ---------------------------------------------------------------
+    def read(self, op: str, keys: Sequence[str], args: Sequence[str]) -> list[Any]:
+        if not keys:
+            return []
+        _watch(self._pipe, *keys)
+        rows = self._store.scripts.call(self._pipe, "read", keys, op, *args)
+        if op in ("get", "hget", "zscore", "exists"):
+            return [r[0] for r in rows]
+        return list(rows)
+
+    def _load(self, streams: Iterable[str]) -> dict[str, _Stream]:
+        missing = sorted(set(streams) - set(self._streams))
+        keys = [self.keys.stream(s) for s in missing]
+        for stream, key, flat in zip(missing, keys, self.read("hgetall", keys, []), strict=True):
+            self._streams[stream] = _Stream(key, dict(zip(flat[::2], flat[1::2], strict=True)))
+        return self._streams
+
+    # -- the StoreBatch interface ---------------------------------------------------------
+    def fence(
+        self, checkpoints: Mapping[TopicPartition, int], epochs: Mapping[TopicPartition, int]
+    ) -> None:
+        """Checked by the script at commit: ``Fenced`` is raised then, and nothing written."""
+        k = self.keys
+        for (topic, part), offset in sorted(checkpoints.items()):
+            epoch = epochs.get((topic, part), -1)
+            self._fence.append([k.epochs, k.offsets, _tp(topic, part), str(epoch), str(offset)])
+
+    def lock_positions(
+        self, streams: Iterable[str], rules: SequenceRules
+    ) -> dict[str, StreamPosition]:
+        names = set(streams)
+        loaded = self._load(names)
+        return {s: _position(s, loaded[s], rules) for s in names}
+
+    def load_held(self, streams: Iterable[str]) -> Held:
+        parked: dict[str, dict[int, Event]] = {}
+        skipped: dict[str, list[tuple[int, int]]] = {}
+        names = set(streams)
+        loaded = self._load(names)
+        for stream in names:
+            s = loaded[stream]
+            for name in {*s.stored, *s.sets} - s.dels:
+                if name.startswith("p:"):
+                    raw = s.get(name)
+                    assert raw is not None
+                    parked.setdefault(stream, {})[int(name[2:])] = Event.from_json(json.loads(raw))
+            for g in s.current_gaps(stream):
+                if g.state == "skipped":
+                    skipped.setdefault(stream, []).append((g.from_seq, g.to_seq))
+        return parked, skipped
+
+    def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
+        loaded = self._load(streams)
+        out: dict[str, list[Gap]] = {}
+        for stream in set(streams):
+            found = [g for g in loaded[stream].current_gaps(stream) if g.state != "skipped"]
+            if found:
+                out[stream] = found
+        return out
+
+    def mark_skipped(self, gap: Gap) -> None:
+        s = self._load([gap.stream])[gap.stream]
+        s.gaps = [
+            replace(g, state="skipped") if g.from_seq == gap.from_seq else g
+            for g in s.current_gaps(gap.stream)
+        ]
+
+    @contextmanager
+    def rolled_back(self) -> Iterator[None]:
+        mark = len(self._views)
+        try:
+            yield
+        finally:
+            del self._views[mark:]
+
+    def run_handlers(self, handlers: Sequence[Handler], items: Sequence[Any]) -> None:
+        if not items:
+            return
+        mark = len(self._views)
+        view = RedisView(self._namespace, self._views, self.read)
+        try:
+            for handler in handlers:
+                handler(items, view)
+            if self._check_writes:
+                self._dry_run(mark)
+        except BaseException:
+            del self._views[mark:]
+            raise
+
+    def _dry_run(self, mark: int) -> None:
+        """Check this batch's view writes so far without writing: the first that would fail,
+        if it is one of these handlers' (from ``mark`` on), is their error."""
+        verdict = self._store.scripts.call(
+            self._store.client, "batch", [], "check", _dumps({"fence": [], "ops": self._views})
+        )
+        if verdict[0] == "badwrite":
+            index = int(verdict[1]) - 1
+            if index >= mark:
+                raise RedisWriteRejected(verdict[2])
+            raise TransientStoreError(f"a view write checked before is rejected now: {verdict[2]}")
+
+    def write_positions(self, positions: Iterable[StreamPosition]) -> None:
+        for p in positions:
+            s = self._load([p.stream])[p.stream]
+            s.set("seq", str(p.last_seq))
+            for name, value in (("id", p.last_id), ("hash", p.last_hash)):
+                if value is None:
+                    s.delete(name)
+                else:
+                    s.set(name, value)
+            if p.blocked_seq is None:
+                s.delete("blocked")
+            else:
+                s.set("blocked", str(p.blocked_seq))
+
+    def park(self, events: Iterable[Event]) -> None:
+        for e in events:
+            self._load([e.stream])[e.stream].set(f"p:{e.seq}", _dumps(e.to_json()))
+            self._parked_delta += 1
+
+    def unpark(self, keys: Iterable[tuple[str, int]]) -> None:
+        for stream, seq in keys:
+            s = self._load([stream])[stream]
+            if f"p:{seq}" in s.stored:
+                s.delete(f"p:{seq}")
+                self._parked_delta -= 1
+
+    def replace_gaps(self, streams: Iterable[str], gaps: Iterable[Gap]) -> None:
+        names = set(streams)
+        new: dict[str, list[Gap]] = {s: [] for s in names}
+        for g in gaps:
+            new[g.stream].append(g)
+        for stream, s in self._load(names).items():
+            if stream in names:
+                kept = [g for g in s.current_gaps(stream) if g.state == "skipped"]
+                s.gaps = kept + new[stream]
+
+    def dead_letter(self, letters: Iterable[DeadLetter]) -> None:
+        k = self.keys
+        for d in letters:
+            record = _dumps(_letter_record(d, self._store.now()))
+            self._own.append(["DLADD", k.dl, k.dlseq, k.dlopen, record])
+
+    def lock_documents(self, streams: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+        names = set(streams)
+        loaded = self._load(names)
+        out: dict[str, dict[str, Any] | None] = {}
+        for stream in names:
+            raw = loaded[stream].get("doc")
+            out[stream] = None if raw is None else json.loads(raw)
+        return out
+
+    def write_documents(self, states: Mapping[str, dict[str, Any]], now: float) -> None:
+        for stream, state in states.items():
+            s = self._load([stream])[stream]
+            s.set("doc", _dumps(state))
+            s.set("doc_at", repr(now))
+            self._own.append(["ZADD", self.keys.docs, repr(now), stream])
+
+    def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None:
+        raw = self.read("hget", [self.keys.dl], [str(letter_id)])[0]
+        if raw is None:
+            return None
+        self._letters[letter_id] = json.loads(raw)
+        return _letter_row(self.projection, letter_id, raw)
+
+    def resolve_dead_letter(self, letter_id: int, status: str, reason: str | None = None) -> None:
+        record = self._letters[letter_id]
+        record["status"] = status
+        if reason is not None:
+            record["reason"] = reason
+        if status == "open":
+            record["attempts"] += 1
+        k = self.keys
+        self._own.append(["HSET", k.dl, str(letter_id), _dumps(record)])
+        self._own.append(["SADD" if status == "open" else "SREM", k.dlopen, str(letter_id)])
+
+    # -- the commit -----------------------------------------------------------------------
+    def ops(self) -> list[Op]:
+        """Projector's own changes as commands, then the handlers' view writes."""
+        k = self.keys
+        own: list[Op] = []
+        for stream, s in sorted(self._streams.items()):
+            if s.gaps is not None:
+                own += self._gap_ops(stream, s)
+            if s.sets:
+                own += _chunks("HSET", s.key, [p for kv in sorted(s.sets.items()) for p in kv], 2)
+            gone = sorted(n for n in s.dels if n in s.stored)
+            if gone:
+                own += _chunks("HDEL", s.key, gone, 1)
+        if self._parked_delta:
+            own.append(["INCRBY", k.parked, str(self._parked_delta)])
+        return own + self._own + self._views
+
+    def _gap_ops(self, stream: str, s: _Stream) -> list[Op]:
+        k = self.keys
+        assert s.gaps is not None
+        ops: list[Op] = []
+        before = [_member(stream, g.from_seq) for g in s.stored_gaps(stream)]
+        if before:
+            for index in (k.gaps, k.gapdue):
+                ops.append(["ZREM", index, *before])
+            ops.append(["SREM", k.gapheld, *before])
+        for g in s.gaps:
+            member = _member(stream, g.from_seq)
+            if g.state == "skipped":
+                ops.append(["ZADD", k.gapskipped, _score(g.first_seen), member])
+                continue
+            ops.append(["ZADD", k.gaps, _score(g.first_seen), member])
+            ops.append(["ZADD", k.gapdue, _score(g.next_request_at), member])
+            if g.state == "held":
+                ops.append(["SADD", k.gapheld, member])
+        if s.gaps:
+            s.set("gaps", _dumps([_gap_json(g) for g in s.gaps]))
+        else:
+            s.delete("gaps")
+        return ops
+
+    def commit(self) -> None:
+        ops = self.ops()
+        if not ops and not self._fence:
+            return
+        own = len(ops) - len(self._views)
+        try:
+            verdict = self._store.apply(self._pipe, self._fence, ops)
+        except redis.exceptions.WatchError:
+            raise TransientStoreError(
+                "another instance changed one of the batch's streams; planning it again"
+            ) from None
+        if verdict[0] == "fenced":
+            raise Fenced([_untp(f) for f in verdict[1:]])
+        if verdict[0] == "badwrite":
+            index = int(verdict[1])
+            if index <= own:
+                raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict[2]}")
+            self._store.check_writes_once()
+            raise TransientStoreError(f"a handler's write was rejected ({verdict[2]}); re-planning")
+
+
+class RedisStore:
+    """One client per projection worker or command (see :class:`projector.store.base.Store`)."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "projector",
+        connect_timeout: float = 10.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.now = clock or time.time
+        # No retries inside the client: a retried EXEC whose first reply was lost would
+        # apply a batch twice. The runner retries by planning the batch again.
+        self.client: redis.Redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=max(30.0, connect_timeout),
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.scripts = _Scripts(self.client)
+        self._check_writes = False
+
+    def close(self) -> None:
+        self.client.close()
+
+    def check_writes_once(self) -> None:
+        """The next batch checks each handler's writes as they are made, so that the one that
+        fails is traced to its event."""
+        self._check_writes = True
+
+    def apply(self, pipe: Pipeline, fence: list[list[str]], ops: list[Op]) -> list[Any]:
+        """MULTI / EVALSHA batch / EXEC on ``pipe`` (WatchError if a WATCHed key changed);
+        the script's verdict. A NOSCRIPT loads the scripts again and the caller plans anew."""
+        pipe.multi()
+        self.scripts.call(pipe, "batch", [], "commit", _dumps({"fence": fence, "ops": ops}))
+        try:
+            verdict: list[Any] = pipe.execute()[0]
+        except redis.exceptions.NoScriptError:
+            self.scripts.load()
+            raise TransientStoreError("Redis lost projector's scripts; loaded them again") from None
+        return verdict
+
+    def _apply_own(self, pipe: Pipeline, ops: list[Op]) -> None:
+        """Projector's own changes outside a batch (gap schedule, purge, sweep)."""
+        if not ops:
+            return
+        verdict = self.apply(pipe, [], ops)
+        if verdict[0] != "ok":
+            raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict}")
+
+    def keys(self, projection: str) -> Keys:
+        return Keys(self.prefix, projection)
+
+    @contextmanager
+    def _watching(self) -> Iterator[Pipeline]:
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                yield pipe
+        except redis.exceptions.ConnectionError as exc:
+            raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+
+    @contextmanager
+    def batch(self, projection: str, view_schema: str) -> Iterator[RedisBatch]:
+        """A batch; applied by one script when the block exits normally."""
+        with self._watching() as pipe:
+            checked, self._check_writes = self._check_writes, False
+            tx = RedisBatch(self, pipe, projection, view_schema, checked)
+            try:
+                yield tx
+                tx.commit()
+            except TransientStoreError:
+                if checked:
+                    self._check_writes = True  # keep checking until that batch goes through
+                raise
+
+    def claim(
+        self, projection: str, partitions: Iterable[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Claim]:
+        parts = sorted(partitions)
+        if not parts:
+            return {}
+        k = self.keys(projection)
+        fields = [_tp(t, p) for t, p in parts]
+        rows = self.scripts.call(
+            self.client, "claim", [k.epochs, k.offsets, k.owners], owner, *fields
+        )
+        return {
+            tp: Claim(int(epoch), None if offset is None else int(offset))
+            for tp, (epoch, offset) in zip(parts, rows, strict=True)
+        }
+
+    def checkpoints(self, projection: str) -> dict[TopicPartition, int | None]:
+        k = self.keys(projection)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hkeys(k.epochs)
+            pipe.hgetall(k.offsets)
+            claimed, offsets = pipe.execute()
+        out: dict[TopicPartition, int | None] = {_untp(f): None for f in claimed}
+        out.update({_untp(f): int(v) for f, v in offsets.items()})
+        return out
+
+    # -- gaps -----------------------------------------------------------------------------
+    def _gaps_of(self, pipe: Pipeline, k: Keys, streams: Sequence[str]) -> dict[str, list[Gap]]:
+        keys = [k.stream(s) for s in streams]
+        if not keys:
+            return {}
+        _watch(pipe, *keys)
+        raws = [r[0] for r in self.scripts.call(pipe, "read", keys, "hget", "gaps")]
+        return {
+            s: [_gap(s, d) for d in json.loads(raw)] if raw else []
+            for s, raw in zip(streams, raws, strict=True)
+        }
+
+    def _write_gap_changes(
+        self, pipe: Pipeline, k: Keys, gaps: Mapping[str, list[Gap]], stale: Sequence[str]
+    ) -> None:
+        ops: list[Op] = []
+        for stream, found in gaps.items():
+            ops.append(["HSET", k.stream(stream), "gaps", _dumps([_gap_json(g) for g in found])])
+            for g in found:
+                if g.state in ("open", "held"):
+                    member = _member(stream, g.from_seq)
+                    ops.append(["ZADD", k.gapdue, _score(g.next_request_at), member])
+                    ops.append(["SADD" if g.state == "held" else "SREM", k.gapheld, member])
+        if stale:
+            ops.append(["ZREM", k.gapdue, *stale])
+        self._apply_own(pipe, ops)
+
+    def _members(
+        self, index: str, lo: str, hi: str, limit: int | None = None
+    ) -> list[tuple[str, int]]:
+        if limit is None:
+            raw = self.client.zrangebyscore(index, lo, hi)
+        else:
+            raw = self.client.zrangebyscore(index, lo, hi, start=0, num=limit)
+        return [(m[0], m[1]) for m in map(json.loads, cast(list[str], raw))]
+
+    def claim_due_gaps(
+        self,
+        projection: str,
+        now: float,
+        limit: int,
+        decide: Callable[[Gap], tuple[str, Gap]],
+    ) -> list[tuple[str, Gap]]:
+        """The due gaps, decided, with their new schedule stored; the streams are WATCHed, so
+        of two instances deciding the same gap one commits and the other finds it not due."""
+        k = self.keys(projection)
+        for _ in range(10):
+            due = self._members(k.gapdue, "-inf", repr(now), limit)
+            if not due:
+                return []
+            wanted = {(s, f) for s, f in due}
+            try:
+                with self._watching() as pipe:
+                    stored = self._gaps_of(pipe, k, sorted({s for s, _ in due}))
+                    decided: list[tuple[str, Gap]] = []
+                    changed: dict[str, list[Gap]] = {}
+                    for stream, found in stored.items():
+                        new = []
+                        for g in found:
+                            due_now = g.next_request_at is not None and g.next_request_at <= now
+                            if (stream, g.from_seq) in wanted and g.state != "skipped" and due_now:
+                                decided.append(decide(g))
+                                new.append(decided[-1][1])
+                            else:
+                                new.append(g)
+                        changed[stream] = new
+                    present = {(s, g.from_seq) for s, gs in stored.items() for g in gs}
+                    stale = [_member(s, f) for s, f in due if (s, f) not in present]
+                    self._write_gap_changes(pipe, k, changed, stale)
+                    return decided
+            except redis.exceptions.WatchError:
+                continue  # another instance took them first: read what is due now
+        raise TransientStoreError("gaps kept changing under the gap timer")
+
+    def list_gaps(self, projection: str, stream: str | None = None) -> list[Gap]:
+        k = self.keys(projection)
+        members = self._members(k.gaps, "-inf", "+inf") + self._members(
+            k.gapskipped, "-inf", "+inf"
+        )
+        streams = sorted({s for s, _ in members if stream is None or s == stream})
+        if stream is not None:
+            streams = [stream]
+        with self._watching() as pipe:
+            stored = self._gaps_of(pipe, k, streams)
+        found = [g for gs in stored.values() for g in gs]
+        return sorted(found, key=lambda g: (g.first_seen, g.stream, g.from_seq))
+
+    def request_gaps_now(self, projection: str, stream: str | None, now: float) -> int:
+        k = self.keys(projection)
+        for _ in range(10):
+            members = self._members(k.gaps, "-inf", "+inf")
+            streams = sorted({s for s, _ in members if stream is None or s == stream})
+            try:
+                with self._watching() as pipe:
+                    stored = self._gaps_of(pipe, k, streams)
+                    count = 0
+                    changed: dict[str, list[Gap]] = {}
+                    for s, found in stored.items():
+                        new = []
+                        for g in found:
+                            if g.state in ("open", "held"):
+                                new.append(replace(g, next_request_at=now))
+                                count += 1
+                            else:
+                                new.append(g)
+                        changed[s] = new
+                    self._write_gap_changes(pipe, k, changed, [])
+                    return count
+            except redis.exceptions.WatchError:
+                continue
+        raise TransientStoreError("gaps kept changing; try again")
+
+    # -- figures --------------------------------------------------------------------------
+    def _figures(self, projection: str) -> tuple[int, int, int, float | None, int]:
+        """parked, open+held gaps, held gaps, oldest first seen, open dead letters."""
+        k = self.keys(projection)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(k.parked)
+            pipe.zcard(k.gaps)
+            pipe.scard(k.gapheld)
+            pipe.zrange(k.gaps, 0, 0, withscores=True)
+            pipe.scard(k.dlopen)
+            parked, gaps, held, oldest, letters = pipe.execute()
+        first = float(oldest[0][1]) if oldest else None
+        return int(parked or 0), int(gaps), int(held), first, int(letters)
+
+    def count_parked(self, projection: str) -> int:
+        return self._figures(projection)[0]
+
+    def count_open_gaps(self, projection: str) -> int:
+        _, gaps, held, _, _ = self._figures(projection)
+        return gaps - held
+
+    def gap_summary(self, projection: str) -> tuple[int, int, float | None]:
+        _, gaps, held, oldest, _ = self._figures(projection)
+        return gaps, held, oldest
+
+    def count_open_dead_letters(self, projection: str) -> int:
+        return self._figures(projection)[4]
+
+    def projection_figures(self, projections: Sequence[str], now: float) -> list[ProjectionFigures]:
+        out = []
+        for name in projections:
+            parked, gaps, _, oldest, letters = self._figures(name)
+            age = 0.0 if oldest is None else max(0.0, now - oldest)
+            out.append(ProjectionFigures(name, parked, gaps, age, letters))
+        return out
+
+    # -- dead letters ---------------------------------------------------------------------
+    def _letters(self, projection: str) -> list[DeadLetterRow]:
+        raw = cast(dict[str, str], self.client.hgetall(self.keys(projection).dl))
+        rows = [_letter_row(projection, int(i), r) for i, r in raw.items()]
+        return sorted(rows, key=lambda r: r.id)
+
+    def list_dead_letters(
+        self, projection: str, status: str | None, limit: int
+    ) -> list[DeadLetterRow]:
+        rows = [r for r in self._letters(projection) if status is None or r.status == status]
+        return rows[:limit]
+
+    def purge_dead_letters(self, projection: str, include_open: bool) -> int:
+        k = self.keys(projection)
+        for _ in range(10):
+            try:
+                with self._watching() as pipe:
+                    _watch(pipe, k.dl, k.dlopen)
+                    ids = cast(list[str], pipe.hkeys(k.dl))
+                    still_open = cast(set[str], pipe.smembers(k.dlopen))
+                    gone = [i for i in ids if include_open or i not in still_open]
+                    ops = _chunks("HDEL", k.dl, gone, 1) + _chunks("SREM", k.dlopen, gone, 1)
+                    self._apply_own(pipe, ops)
+                    return len(gone)
+            except redis.exceptions.WatchError:
+                continue
+        raise TransientStoreError("dead letters kept changing; try again")
+
+    def inspect_stream(self, projection: str, stream: str) -> StreamReport:
+        k = self.keys(projection)
+        stored = cast(dict[str, str], self.client.hgetall(k.stream(stream)))
+        s = _Stream(k.stream(stream), stored)
+        position = None if "seq" not in stored else _position(stream, s, SequenceRules())
+        parked = sorted(
+            (int(n[2:]), Event.from_json(json.loads(v)))
+            for n, v in stored.items()
+            if n.startswith("p:")
+        )
+        return StreamReport(
+            stream,
+            position,
+            [(seq, e) for seq, e in parked],
+            sorted(s.stored_gaps(stream), key=lambda g: g.from_seq),
+            [r for r in self._letters(projection) if r.stream == stream],
+        )
+
+    # -- merge documents ------------------------------------------------------------------
+    def sweep_documents(
+        self,
+        projection: str,
+        unchanged_since: float,
+        now: float,
+        purge: Callable[[dict[str, Any]], dict[str, Any] | None],
+        limit: int = 500,
+    ) -> tuple[int, int]:
+        k = self.keys(projection)
+        for _ in range(10):
+            streams = cast(
+                list[str],
+                self.client.zrangebyscore(
+                    k.docs, "-inf", f"({unchanged_since!r}", start=0, num=limit
+                ),
+            )
+            if not streams:
+                return 0, 0
+            try:
+                with self._watching() as pipe:
+                    keys = [k.stream(s) for s in streams]
+                    _watch(pipe, *keys)
+                    rows = self.scripts.call(pipe, "read", keys, "hmget", "doc")
+                    ops: list[Op] = [["ZREM", k.docs, *streams]]
+                    removed = 0
+                    for key, (raw,) in zip(keys, rows, strict=True):
+                        if raw is None:
+                            continue
+                        kept = purge(json.loads(raw))
+                        if kept is None:
+                            ops.append(["HDEL", key, "doc", "doc_at"])
+                            removed += 1
+                        else:
+                            ops.append(["HSET", key, "doc", _dumps(kept)])
+                    self._apply_own(pipe, ops)
+                    return len(streams), removed
+            except redis.exceptions.WatchError:
+                continue
+        raise TransientStoreError("documents kept changing under the sweep")
