@@ -12,6 +12,15 @@ store transaction. It never commits, and its SQL never names a schema: the store
 ``search_path`` to the projection's view schema (live or rebuild shadow). Writes are pipelined,
 so a batch costs a few round trips, not one per event. ``MIGRATIONS`` are applied in order by
 ``projector migrate``, each once, in the view schema.
+
+A projection with ``store: redis`` gets a :class:`projector.store.redis_view.RedisView`
+instead: the handler describes its writes (hashes, sets, sorted sets, strings, JSON, counters)
+and never holds a client, so the batch's writes and projector's own state land in one script,
+all or nothing. Its reads see what is stored, not the batch's own writes. No ``MIGRATIONS``::
+
+    def handle(events: Sequence[Event], view: RedisView) -> None:
+        for e in events:
+            view.hincrby(f"account:{e.data['id']}", "balance", e.data["amount"])
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ class LoadedHandler:
     """A handler function and its module's view migrations, as named in the config."""
 
     name: str
-    handle: Callable[[Sequence[Any], PgView], None]
+    handle: Callable[[Sequence[Any], Any], None]  # the view: a PgView, or a RedisView
     migrations: tuple[str, ...]
 
 

@@ -109,19 +109,36 @@ def first_failure(
     names: Sequence[str],
     items: Sequence[Item],
 ) -> tuple[Item, str] | None:
-    """After the handlers failed on a whole batch: run them again item by item (events, or
-    merge documents), cumulatively so that interactions show too, in a savepoint that is always
-    rolled back. The first item they fail on, and why; ``None`` if none fails on its own.
-    Transient errors propagate: they say nothing about the item."""
-    with tx.rolled_back():
-        for item in items:
+    """After the handlers failed on a whole batch: find the shortest prefix of ``items``
+    (events, or merge documents) they fail on, by bisection, each try in a scope that is
+    always rolled back. Its last item is the culprit. Prefixes, not single items, because a
+    handler may need the batch's earlier items (a Redis handler's reads never see the batch's
+    own writes, so item by item it would fail where the whole batch is fine). ``None`` when
+    the whole batch passes on a second try: the failure was not deterministic. Transient
+    errors propagate: they say nothing about the items."""
+
+    def failure(count: int) -> str | None:
+        with tx.rolled_back():
             try:
-                tx.run_handlers(handlers, [item])
+                tx.run_handlers(handlers, items[:count])
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                return item, f"handler {', '.join(names)} raised {type(exc).__name__}: {exc}"
-    return None
+                return f"handler {', '.join(names)} raised {type(exc).__name__}: {exc}"
+        return None
+
+    reason = failure(len(items))
+    if reason is None:
+        return None
+    passes, fails = 0, len(items)  # items[:passes] pass, items[:fails] fail with ``reason``
+    while fails - passes > 1:
+        middle = (passes + fails) // 2
+        found = failure(middle)
+        if found is None:
+            passes = middle
+        else:
+            fails, reason = middle, found
+    return items[fails - 1], reason
 
 
 class EventsApplier(Protocol):

@@ -1,0 +1,296 @@
+"""The Redis store against a real Redis: the batch script's checks (fence, key types, counters)
+leave nothing half-applied, a conflict means planning again, NOSCRIPT heals, stream ids never
+collide in keys."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+import redis
+
+from projector.apply import LoadedHandler
+from projector.core.event import Event
+from projector.core.message import RawMessage
+from projector.core.sequencer import SequenceRules
+from projector.runner.batch import BatchApplier
+from projector.runner.worker import build_decoders
+from projector.store.errors import Fenced, TransientStoreError
+from projector.store.redis import RedisStore
+from projector.store.redis_view import RedisView
+from tests.conftest import Services
+from tests.integration.harness import make_config, projection
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "t"
+
+
+def wire(stream: str, seq: int, offset: int, kind: str = "ADD") -> RawMessage:
+    value = {"stream": stream, "seq": seq, "ts": seq, "type": kind, "data": {"n": 1}}
+    return RawMessage(TOPIC, 0, offset, stream.encode(), json.dumps(value).encode())
+
+
+def counting(events: Sequence[Event], view: RedisView) -> None:
+    """Counts events per stream, and writes ``trap`` as a hash for TRAP events."""
+    for e in events:
+        view.incrby(f"count:{e.stream}")
+        if e.type == "TRAP":
+            view.hset("trap", {"by": e.stream})
+
+
+@pytest.fixture
+def client(services: Services) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(services.redis_url, decode_responses=True) as c:
+        yield c
+
+
+@pytest.fixture
+def make_store(services: Services, redis_prefix: str) -> Iterator[Callable[[], RedisStore]]:
+    stores: list[RedisStore] = []
+
+    def make() -> RedisStore:
+        stores.append(RedisStore(services.redis_url, redis_prefix))
+        return stores[-1]
+
+    yield make
+    for s in stores:
+        s.close()
+
+
+def applier_for(services: Services, pg_dsn: str, store: RedisStore) -> Callable[..., Any]:
+    config = make_config(services, pg_dsn, [projection("p", [TOPIC], ["handlers.customers"])])
+    applier = BatchApplier(
+        "p",
+        "p",
+        store,
+        [LoadedHandler("counting", counting, ())],
+        SequenceRules(),
+        30.0,
+        time.time,
+    )
+    decoders = build_decoders(config.projections[0])
+    return lambda msgs, epochs: applier.apply(msgs, decoders, epochs)
+
+
+def offsets(client: redis.Redis, prefix: str) -> dict[str, str]:
+    found: dict[str, str] = client.hgetall(f"{prefix}:s:p:offsets")  # type: ignore[assignment]
+    return found
+
+
+def test_a_stale_epoch_writes_nothing(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves fencing in Redis: after B claims the partition, A's batch is refused by the
+    script before any write: no view key, no stream state, no checkpoint."""
+    a, b = make_store(), make_store()
+    apply_a = applier_for(services, pg_dsn, a)
+    epoch_a = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    assert b.claim("p", [(TOPIC, 0)], "b")[(TOPIC, 0)].epoch == epoch_a + 1
+
+    with pytest.raises(Fenced) as info:
+        apply_a([wire("s1", 1, 0)], {(TOPIC, 0): epoch_a})
+
+    assert info.value.partitions == [(TOPIC, 0)]
+    assert list(client.scan_iter(match=f"{redis_prefix}:v:*")) == []
+    assert list(client.scan_iter(match=f"{redis_prefix}:s:p:st:*")) == []
+    assert offsets(client, redis_prefix) == {}
+
+
+def test_a_wrongtype_write_leaves_nothing_half_applied_and_becomes_a_dead_letter(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves a handler write that Redis would refuse (HSET on a key that holds a string) is
+    caught by the script before anything is written: the first attempt writes no view key,
+    no position and no checkpoint, and asks for a re-plan; the re-plan checks each write as it
+    is made, so the event at fault becomes a dead letter (its stream halts) and the batch's
+    other events are applied once."""
+    store = make_store()
+    apply = applier_for(services, pg_dsn, store)
+    epoch = store.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    client.set(f"{redis_prefix}:v:p:trap", "a string")
+    batch = [wire("s1", 1, 0), wire("s2", 1, 1), wire("s2", 2, 2, "TRAP"), wire("s1", 2, 3)]
+
+    with pytest.raises(TransientStoreError, match="WRONGTYPE"):
+        apply(batch, {(TOPIC, 0): epoch})
+    assert list(client.scan_iter(match=f"{redis_prefix}:v:p:count:*")) == []
+    assert list(client.scan_iter(match=f"{redis_prefix}:s:p:st:*")) == []
+    assert offsets(client, redis_prefix) == {}
+
+    result = apply(batch, {(TOPIC, 0): epoch})
+
+    [letter] = result.dead_letters
+    assert (letter.stream, letter.seq, letter.kind) == ("s2", 2, "handler")
+    assert "WRONGTYPE" in letter.reason
+    assert client.get(f"{redis_prefix}:v:p:count:s1") == "2"
+    assert client.get(f"{redis_prefix}:v:p:count:s2") == "1"
+    assert client.get(f"{redis_prefix}:v:p:trap") == "a string"
+    assert client.hget(f"{redis_prefix}:s:p:st:s2", "blocked") == "2"
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "4"}
+
+
+def check(store: RedisStore, ops: list[list[str]]) -> list[Any]:
+    payload = json.dumps({"fence": [], "ops": ops})
+    verdict: list[Any] = store.scripts.call(store.client, "batch", [], "check", payload)
+    return verdict
+
+
+@pytest.mark.parametrize(
+    ("setup", "ops", "problem"),
+    [
+        (
+            {"s": "x"},
+            [["HSET", "s", "f", "v"]],
+            "WRONGTYPE: HSET needs a hash but {p}s is a string",
+        ),
+        ({"s": "x"}, [["INCRBY", "s", "1"]], "{p}s does not hold an integer"),
+        ({"s": "1.5"}, [["INCRBY", "s", "1"]], "{p}s does not hold an integer"),
+        ({"s": "x"}, [["INCRBYFLOAT", "s", "1"]], "{p}s does not hold a number"),
+        (
+            {},
+            [["SET", "n", "9000000000000000000"], ["INCRBY", "n", "900000000000000000"]],
+            "incrementing {p}n would overflow a 64-bit integer",
+        ),
+        (
+            {},
+            [["SADD", "k", "m"], ["ZADD", "k", "1", "m"]],
+            "WRONGTYPE: ZADD needs a zset but {p}k is a set",
+        ),
+        (
+            {},
+            [["HSET", "h", "f", "abc"], ["HINCRBY", "h", "f", "1"]],
+            "field f of {p}h does not hold an integer",
+        ),
+    ],
+)
+def test_the_script_finds_writes_redis_would_refuse(
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+    setup: dict[str, str],
+    ops: list[list[str]],
+    problem: str,
+) -> None:
+    """Proves the script's checks, simulated in op order, catch what would fail half-way in
+    Redis (which never rolls a script back): a key of another type, a counter that holds no
+    integer or no number, an increment past 64 bits, also when an earlier op of the same
+    batch made the key what it is."""
+    store = make_store()
+    p = f"{redis_prefix}:"
+    for key, value in setup.items():
+        client.set(p + key, value)
+    ops = [[op[0], p + op[1], *op[2:]] for op in ops]
+
+    verdict = check(store, ops)
+
+    assert verdict[0] == "badwrite"
+    assert verdict[2] == problem.format(p=p)
+
+
+def test_writes_redis_accepts_pass_the_checks(
+    make_store: Callable[[], RedisStore], client: redis.Redis, redis_prefix: str
+) -> None:
+    """Proves no false alarm on the normal cases: a DEL then a new type, SET then INCRBY of a
+    number, INCRBYFLOAT on an integer, counters on missing keys and fields."""
+    store = make_store()
+    p = f"{redis_prefix}:"
+    client.set(p + "s", "x")
+    ops = [
+        ["DEL", p + "s"],
+        ["HSET", p + "s", "f", "1"],
+        ["HINCRBY", p + "s", "f", "2"],
+        ["HINCRBYFLOAT", p + "s", "g", "0.5"],
+        ["SET", p + "n", "41"],
+        ["INCRBY", p + "n", "1"],
+        ["INCRBYFLOAT", p + "m", "1.5"],
+        ["ZINCRBY", p + "z", "3", "m"],
+    ]
+    assert check(store, ops) == ["ok"]
+
+
+def test_a_concurrent_change_of_a_read_stream_means_planning_again(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves WATCH: a batch whose stream another instance changed after it was read commits
+    nothing (TransientStoreError: plan again), and the retry applies on top of the other's
+    write, so the stream's events are each applied once."""
+    a, b = make_store(), make_store()
+    apply_b = applier_for(services, pg_dsn, b)
+    a.claim("p", [(TOPIC, 0), (TOPIC, 1)], "a")
+    epochs = b.claim("p", [(TOPIC, 0), (TOPIC, 1)], "b")
+    epoch = {tp: c.epoch for tp, c in epochs.items()}
+    rules = SequenceRules()
+
+    with pytest.raises(TransientStoreError, match="planning it again"), b.batch("p", "p") as tx:
+        tx.fence({(TOPIC, 1): 1}, epoch)
+        position = tx.lock_positions(["s1"], rules)["s1"]
+        assert position.last_seq == 0
+        apply_b([wire("s1", 1, 0)], {(TOPIC, 0): epoch[(TOPIC, 0)]})  # the other writer
+        tx.write_positions([position])
+    assert client.get(f"{redis_prefix}:v:p:count:s1") == "1"
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1"}
+
+
+def test_noscript_is_healed(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves a Redis that lost its script cache (SCRIPT FLUSH, a restart) is healed: a claim
+    loads the scripts again by itself; a batch commit that met NOSCRIPT committed nothing and
+    asks to be planned again, and the next attempt goes through."""
+    store = make_store()
+    apply = applier_for(services, pg_dsn, store)
+    client.script_flush()
+    epoch = store.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    apply([wire("s1", 1, 0)], {(TOPIC, 0): epoch})
+    client.script_flush()
+
+    try:
+        apply([wire("s1", 2, 1)], {(TOPIC, 0): epoch})
+    except TransientStoreError as exc:
+        assert "scripts" in str(exc)
+        assert client.get(f"{redis_prefix}:v:p:count:s1") == "1"
+        apply([wire("s1", 2, 1)], {(TOPIC, 0): epoch})
+
+    assert client.get(f"{redis_prefix}:v:p:count:s1") == "2"
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "2"}
+
+
+@pytest.mark.parametrize("streams", [["a", "a:b", "a:b:c", "st:a", "a*", "{x}", "ü 1", "p:1"]])
+def test_stream_ids_never_share_a_key(
+    services: Services, pg_dsn: str, make_store: Callable[[], RedisStore], streams: list[str]
+) -> None:
+    """Proves distinct stream ids, including ones holding the separator, glob characters,
+    hash-tag braces, spaces and non-ASCII, keep distinct state: each stream's position reads
+    back as its own after a batch that parks and applies in all of them."""
+    store = make_store()
+    apply = applier_for(services, pg_dsn, store)
+    epoch = store.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    batch = [wire(s, seq, i * 3 + seq) for i, s in enumerate(streams) for seq in (1, 3)]
+    apply(batch, {(TOPIC, 0): epoch})
+
+    for s in streams:
+        report = store.inspect_stream("p", s)
+        assert report.position is not None and report.position.last_seq == 1, s
+        assert [seq for seq, _ in report.parked] == [3], s
+        assert [(g.from_seq, g.to_seq) for g in report.gaps] == [(2, 2)], s
+    assert store.count_parked("p") == len(streams)
+    assert store.count_open_gaps("p") == len(streams)

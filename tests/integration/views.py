@@ -1,0 +1,206 @@
+"""Store-neutral readers for the contract suite: the example views and projector's own state,
+read back from PostgreSQL or Redis in the shape of the oracles in ``projector.scenarios``.
+
+Each reader restates the documented layout (SQL tables; Redis keys under
+``<prefix>:v:<view_schema>:``) rather than calling the handlers, so a mistake in a handler is
+not silently shared by the check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+import redis
+
+from tests.integration.harness import rows
+
+Row = dict[str, Any]
+Games = tuple[dict[str, Row], dict[tuple[str, int], Row]]
+
+
+@dataclass(frozen=True)
+class OwnState:
+    """What projector keeps of a projection, in figures a test can compare."""
+
+    parked: int
+    open_gaps: int
+    dead_letters: int
+    checkpoint_sum: int
+
+
+class Views(Protocol):
+    kind: str
+
+    def customers(self, schema: str) -> dict[str, Row]: ...
+
+    def games(self, schema: str) -> Games: ...
+
+    def own(self, projection: str) -> OwnState: ...
+
+    def parked_count(self, projection: str) -> int:
+        """The parked figure the store keeps for metrics and back-pressure (read it when the
+        daemon is idle: it must then equal ``own().parked``)."""
+
+
+def _customer(cid: str, name: str, email: str | None, version: Any, applied: Any) -> Row:
+    return {
+        "id": cid,
+        "name": name,
+        "email": email,
+        "version": int(version),
+        "applied_events": int(applied),
+    }
+
+
+@dataclass
+class PgViews:
+    dsn: str
+    kind: str = "postgres"
+
+    def customers(self, schema: str) -> dict[str, Row]:
+        found = rows(
+            self.dsn, f"select id, name, email, version, applied_events from {schema}.customers"
+        )
+        return {r[0]: _customer(*r) for r in found}
+
+    def games(self, schema: str) -> Games:
+        games = {
+            r[0]: {
+                "id": r[0],
+                "home": r[1],
+                "away": r[2],
+                "status": r[3],
+                "home_points": r[4],
+                "away_points": r[5],
+                "pending_assist": r[6],
+                "plays": r[7],
+                "last_seq": r[8],
+            }
+            for r in rows(
+                self.dsn,
+                "select id, home, away, status, home_points, away_points, pending_assist,"
+                f" plays, last_seq from {schema}.games",
+            )
+        }
+        players = {
+            (r[0], r[1]): {
+                "game_id": r[0],
+                "player": r[1],
+                "team": r[2],
+                "points": r[3],
+                "assists": r[4],
+                "jumps": r[5],
+            }
+            for r in rows(
+                self.dsn,
+                f"select game_id, player, team, points, assists, jumps from {schema}.player_stats",
+            )
+        }
+        return games, players
+
+    def own(self, projection: str) -> OwnState:
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "select (select count(*) from projector.holding where projection = %(p)s),"
+                " (select count(*) from projector.gaps where projection = %(p)s"
+                "  and state <> 'skipped'),"
+                " (select count(*) from projector.dead_letters where projection = %(p)s"
+                "  and status = 'open'),"
+                " (select coalesce(sum(next_offset), 0) from projector.checkpoints"
+                "  where projection = %(p)s)",
+                {"p": projection},
+            ).fetchone()
+        assert row is not None
+        return OwnState(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+    def parked_count(self, projection: str) -> int:
+        return self.own(projection).parked
+
+
+@dataclass
+class RedisViews:
+    url: str
+    prefix: str
+    kind: str = "redis"
+
+    def _client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+    def customers(self, schema: str) -> dict[str, Row]:
+        ns = f"{self.prefix}:v:{schema}"
+        with self._client() as r:
+            ids = r.smembers(f"{ns}:customers")
+            found = {}
+            for cid in ids:
+                h = r.hgetall(f"{ns}:customer:{cid}")
+                found[cid] = _customer(
+                    cid, h["name"], h.get("email"), h["version"], h["applied_events"]
+                )
+            # Every hash is listed in the set and nothing else is stored under customer:.
+            stray = {
+                k
+                for k in r.scan_iter(match=f"{ns}:customer:*", count=1000)
+                if k.removeprefix(f"{ns}:customer:") not in ids
+            }
+        assert not stray, f"customer hashes not in the customers set: {sorted(stray)[:5]}"
+        return found
+
+    def games(self, schema: str) -> Games:
+        ns = f"{self.prefix}:v:{schema}"
+        game_key = re.compile(rf"^{re.escape(ns)}:game:([^:]+)$")
+        player_key = re.compile(rf"^{re.escape(ns)}:game:([^:]+):player:(\d+)$")
+        games: dict[str, Row] = {}
+        players: dict[tuple[str, int], Row] = {}
+        with self._client() as r:
+            for key in r.scan_iter(match=f"{ns}:game:*", count=1000):
+                if m := game_key.match(key):
+                    h = r.hgetall(key)
+                    assist = h.get("pending_assist")
+                    games[m[1]] = {
+                        "id": m[1],
+                        "home": h["home"],
+                        "away": h["away"],
+                        "status": h["status"],
+                        "home_points": int(h["home_points"]),
+                        "away_points": int(h["away_points"]),
+                        "pending_assist": None if assist is None else json.loads(assist),
+                        "plays": int(h["plays"]),
+                        "last_seq": int(h["last_seq"]),
+                    }
+                elif m := player_key.match(key):
+                    h = r.hgetall(key)
+                    players[(m[1], int(m[2]))] = {
+                        "game_id": m[1],
+                        "player": int(m[2]),
+                        "team": h["team"],
+                        "points": int(h["points"]),
+                        "assists": int(h["assists"]),
+                        "jumps": int(h["jumps"]),
+                    }
+            for gid in games:
+                board = r.zrange(f"{ns}:game:{gid}:leaderboard", 0, -1, withscores=True)
+                box = {str(n): float(row["points"]) for (g, n), row in players.items() if g == gid}
+                assert dict(board) == box, f"leaderboard of game {gid} differs from its box score"
+        return games, players
+
+    def own(self, projection: str) -> OwnState:
+        base = f"{self.prefix}:s:{projection}"
+        with self._client() as r:
+            parked = sum(
+                1
+                for key in r.scan_iter(match=f"{base}:st:*", count=1000)
+                for field in r.hkeys(key)
+                if field.startswith("p:")
+            )
+            gaps = int(r.zcard(f"{base}:gaps"))
+            letters = int(r.scard(f"{base}:dlopen"))
+            offsets = sum(int(v) for v in r.hvals(f"{base}:offsets"))
+        return OwnState(parked, gaps, letters, offsets)
+
+    def parked_count(self, projection: str) -> int:
+        with self._client() as r:
+            return int(r.get(f"{self.prefix}:s:{projection}:parked") or 0)
