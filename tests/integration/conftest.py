@@ -49,6 +49,22 @@ class StoreUnderTest:
             name, topics, [self.handler(e) for e in examples], store=self.kind, **extra
         )
 
+    def merge_projection(
+        self, name: str, topics: Sequence[str], decoder: dict[str, Any], **merge: Any
+    ) -> dict[str, Any]:
+        """A merge-mode projection whose documents land in the store's document view: the
+        built-in ``docs`` table (PostgreSQL) or ``handlers.profiles_redis`` (Redis)."""
+        base: dict[str, Any] = {
+            "name": name,
+            "mode": "merge",
+            "topics": list(topics),
+            "decoder": decoder,
+            "store": self.kind,
+        }
+        if self.kind == "postgres":
+            return {**base, "merge": {"view_table": "docs", **merge}}
+        return {**base, "merge": merge, "handlers": ["handlers.profiles_redis"]}
+
     def config_dict(self, projections: list[dict[str, Any]], **kafka: Any) -> dict[str, Any]:
         return config_dict(self.services, self.pg_dsn, projections, self.redis_prefix, **kafka)
 

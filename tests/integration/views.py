@@ -41,6 +41,13 @@ class Views(Protocol):
 
     def own(self, projection: str) -> OwnState: ...
 
+    def documents(self, schema: str) -> dict[str, Any]:
+        """Merge mode: the documents by stream (PostgreSQL: the built-in ``docs`` table;
+        Redis: ``handlers.profiles_redis``)."""
+
+    def merged(self, projection: str) -> int:
+        """Merge mode: how many documents projector keeps merge state for."""
+
     def parked_count(self, projection: str) -> int:
         """The parked figure the store keeps for metrics and back-pressure (read it when the
         daemon is idle: it must then equal ``own().parked``)."""
@@ -119,6 +126,17 @@ class PgViews:
 
     def parked_count(self, projection: str) -> int:
         return self.own(projection).parked
+
+    def documents(self, schema: str) -> dict[str, Any]:
+        return dict(rows(self.dsn, f"select id, doc from {schema}.docs"))
+
+    def merged(self, projection: str) -> int:
+        [(count,)] = rows(
+            self.dsn,
+            "select count(*) from projector.documents where projection = %s",
+            (projection,),
+        )
+        return int(count)
 
 
 @dataclass
@@ -204,3 +222,19 @@ class RedisViews:
     def parked_count(self, projection: str) -> int:
         with self._client() as r:
             return int(r.get(f"{self.prefix}:s:{projection}:parked") or 0)
+
+    def documents(self, schema: str) -> dict[str, Any]:
+        ns = f"{self.prefix}:v:{schema}"
+        with self._client() as r:
+            listed = r.smembers(f"{ns}:docs")
+            found = {s: json.loads(r.get(f"{ns}:doc:{s}") or "null") for s in listed}
+            stored = {k.removeprefix(f"{ns}:doc:") for k in r.scan_iter(match=f"{ns}:doc:*")}
+        assert stored == listed, "the docs set and the doc keys disagree"
+        return found
+
+    def merged(self, projection: str) -> int:
+        base = f"{self.prefix}:s:{projection}"
+        with self._client() as r:
+            return sum(
+                1 for key in r.scan_iter(match=f"{base}:st:*", count=1000) if r.hexists(key, "doc")
+            )
