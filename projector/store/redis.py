@@ -79,27 +79,27 @@ class RedisStateCorrupt(StoreError):
     in its namespace. The projection stops rather than guess."""
 
 
-@dataclass(frozen=True)
 class Keys:
     """Key names of one projection (see the module docstring)."""
 
-    prefix: str
-    projection: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix}:s:{self.projection}"
-
-    def __getattr__(self, name: str) -> str:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return f"{self.base}:{name}"
+    def __init__(self, prefix: str, projection: str) -> None:
+        self.prefix = prefix
+        self.base = base = f"{prefix}:s:{projection}"
+        self.epochs = f"{base}:epochs"  # topic:partition -> the owner's epoch (the fence)
+        self.offsets = f"{base}:offsets"  # topic:partition -> the next offset to read
+        self.owners = f"{base}:owners"  # topic:partition -> the instance that claimed it
+        self.parked = f"{base}:parked"  # how many events are parked, for metrics
+        self.gaps = f"{base}:gaps"  # open and held gaps by first seen
+        self.gapdue = f"{base}:gapdue"  # open and held gaps by next request time
+        self.gapheld = f"{base}:gapheld"  # the held ones
+        self.gapskipped = f"{base}:gapskipped"  # ranges given up on, by first seen
+        self.dl = f"{base}:dl"  # dead letter id -> its record (JSON)
+        self.dlseq = f"{base}:dlseq"  # the last dead letter id
+        self.dlopen = f"{base}:dlopen"  # ids of open dead letters
+        self.docs = f"{base}:docs"  # merge documents by last change, for the sweep
 
     def stream(self, stream: str) -> str:
         return f"{self.base}:st:{stream}"
-
-    def stream_of(self, key: str) -> str:
-        return key[len(self.base) + 4 :]
 
     def views(self, view_schema: str) -> str:
         return f"{self.prefix}:v:{view_schema}"
