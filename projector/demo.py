@@ -1,9 +1,10 @@
 """``make demo`` (``python -m projector.demo``): projector's promise, end to end, in one run.
 
-Against the local services it creates a fresh database and fresh topics, writes a config with
-four projections (accounts, customers, games, school), checks and migrates it with the real CLI,
-and publishes the seed scenarios of :mod:`projector.scenarios` shuffled and partly duplicated, with
-one game's POINT published before its ASSIST as in the seed's basketball question. A few accounts
+Against the local services it creates a fresh database and fresh topics, deletes its Redis keys,
+writes a config with five projections (accounts, customers, games, school, and games_redis: the
+games' plays again, kept in Redis by ``handlers.game_redis``), checks and migrates it with the real
+CLI, and publishes the seed scenarios of :mod:`projector.scenarios` shuffled and partly duplicated,
+with one game's POINT published before its ASSIST as in the seed's basketball question. A few accounts
 events are never published: they are only in the write side's event store (a table in the demo
 database). The seed's CDC question goes to the merge projection ``school`` (``handlers.school``):
 the Debezium change events of a school database's tables STUDENT, COURSE and STUDENT_COURSE
@@ -12,13 +13,15 @@ and tombstones after deletes, and one student's unenrolment published before the
 Then it runs ``projector run --exit-when-caught-up``: the withheld events' gaps open, ``projector
 gaps list`` shows them asked for, and the reference responder (``projector replay-responder``)
 re-publishes them on the replay topic, which fills the gaps. It compares every row of every view
-with the scenarios' oracles (over the full log) and shows projector's own state. It exits non-zero if a view differs from its oracle or events are left
-parked, missing, dead-lettered or unread. Every run starts from scratch.
+(and every key of the Redis views, read back by their documented layout) with the scenarios'
+oracles (over the full log) and shows projector's own state. It exits non-zero if a view differs
+from its oracle or events are left parked, missing, dead-lettered or unread. Every run starts from
+scratch.
 
-Environment: ``PROJECTOR_DEMO_KAFKA`` and ``PROJECTOR_DEMO_PG_DSN`` (default: the
-``PROJECTOR_TEST_*`` settings of ``dev/services.sh env``, else the local services),
+Environment: ``PROJECTOR_DEMO_KAFKA``, ``PROJECTOR_DEMO_PG_DSN`` and ``PROJECTOR_DEMO_REDIS_URL``
+(default: the ``PROJECTOR_TEST_*`` settings of ``dev/services.sh env``, else the local services),
 ``PROJECTOR_DEMO_DB`` (the database it drops and creates, default ``projector_demo``) and
-``PROJECTOR_DEMO_PREFIX`` (its topics and consumer groups, default ``demo``).
+``PROJECTOR_DEMO_PREFIX`` (its topics, consumer groups and Redis keys, default ``demo``).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
+import redis
 import yaml
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -79,7 +83,8 @@ IDLE_SECONDS = 5.0  # the responder exits after this long without a request (> a
 EVENT_SCHEMA = "write_side"  # the write side's event_store table, in the demo database
 EVENT_STORE = (EVENT_SCHEMA, "event_store")  # the responder's default table name
 
-console = Console(highlight=False)
+# No emoji codes: a Redis key such as "demo:v:games_redis:..." holds one (":v:").
+console = Console(highlight=False, emoji=False)
 
 
 # ------------------------------------------------------------------------------ settings
@@ -91,6 +96,12 @@ class Settings:
     admin_dsn: str  # any database of the server; the demo's own is created beside it
     database: str
     prefix: str
+    redis_url: str
+
+    @property
+    def redis_prefix(self) -> str:
+        """``redis.prefix``: the demo's Redis keys are ``<prefix>:...``, deleted on every run."""
+        return self.prefix
 
     @property
     def dsn(self) -> str:
@@ -122,6 +133,9 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         or "postgresql://projector@127.0.0.1:15432/projector",
         database=env.get("PROJECTOR_DEMO_DB") or "projector_demo",
         prefix=env.get("PROJECTOR_DEMO_PREFIX") or "demo",
+        redis_url=env.get("PROJECTOR_DEMO_REDIS_URL")
+        or env.get("PROJECTOR_TEST_REDIS_URL")
+        or "redis://127.0.0.1:16379/0",
     )
 
 
@@ -144,7 +158,7 @@ class Projection:
 
 @dataclass(frozen=True)
 class View:
-    table: str  # schema.table
+    table: str  # schema.table (in Redis: view_schema:key pattern)
     key: tuple[str, ...]
     expected: dict[Any, Row]  # the oracle's rows by key
 
@@ -166,7 +180,7 @@ def make_projections(rng: random.Random) -> list[Projection]:
             replay=True,
         ),
         Projection("customers", "customers", "handlers.customers", scenarios.customer_log(rng, 50)),
-        Projection("games", "game-plays", "handlers.game", scenarios.game_log(rng, 6, 40)),
+        Projection("games", GAMES_TOPIC, "handlers.game", scenarios.game_log(rng, 6, 40)),
     ]
 
 
@@ -236,6 +250,126 @@ def _plays(events: Iterable[Wire]) -> str:
         return f"{e['type']}{value} by #{e['data']['player']} (seq {e['seq']})"
 
     return "  →  ".join(play(e) for e in events)
+
+
+# ------------------------------------------------------------------------------ the games in Redis
+
+GAMES_TOPIC = "game-plays"  # the games' plays (without the prefix), read by two projections
+GAMES_REDIS = "games_redis"  # the second: the same box score in Redis; also its view schema
+GAMES_REDIS_HANDLER = "handlers.game_redis"
+PODIUM = 3  # the leaderboard's top players shown
+# handlers.game_redis's keys (after "<prefix>:v:games_redis:"): their pattern and Redis type.
+REDIS_TYPES = {
+    "game:<id>": "hash",
+    "game:<id>:player:<n>": "hash",
+    "game:<id>:players": "set",
+    "game:<id>:leaderboard": "zset",
+}
+_NUMBERS = frozenset(
+    ("home_points", "away_points", "plays", "last_seq", "points", "assists", "jumps")
+)
+
+
+def make_redis_views(log: Sequence[Wire]) -> dict[str, View]:
+    """The oracle of each of handlers.game_redis's key patterns, as rows: the box score of
+    games.games and games.player_stats, in the layout the handler documents."""
+    games, players = scenarios.game_oracle(log)
+    members = {k: {"game_id": k[0], "player": k[1]} for k in players}
+    points = {k: {**members[k], "points": row["points"]} for k, row in players.items()}
+    views = [
+        View(f"{GAMES_REDIS}:game:<id>", ("id",), games),
+        View(f"{GAMES_REDIS}:game:<id>:player:<n>", ("game_id", "player"), players),
+        View(f"{GAMES_REDIS}:game:<id>:players", ("game_id", "player"), members),
+        View(f"{GAMES_REDIS}:game:<id>:leaderboard", ("game_id", "player"), points),
+    ]
+    return {v.table.removeprefix(f"{GAMES_REDIS}:"): v for v in views}
+
+
+def redis_client(s: Settings) -> redis.Redis:
+    return redis.Redis.from_url(s.redis_url, decode_responses=True)
+
+
+def redis_views(s: Settings) -> str:
+    """What every key of games_redis's views starts with; the handler's key follows."""
+    return f"{s.redis_prefix}:v:{GAMES_REDIS}:"
+
+
+def _pattern(key: str) -> tuple[str, str, str | None] | None:
+    """The pattern, game id and player of one of handlers.game_redis's keys (without the
+    views' prefix); None for a key of no pattern."""
+    match key.split(":"):
+        case ["game", gid]:
+            return "game:<id>", gid, None
+        case ["game", gid, "player", player]:
+            return "game:<id>:player:<n>", gid, player
+        case ["game", gid, ("players" | "leaderboard") as what]:
+            return f"game:<id>:{what}", gid, None
+    return None
+
+
+def _number(value: str) -> int | str:
+    return int(value) if re.fullmatch(r"-?\d+", value) else value
+
+
+def _score(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
+
+
+def _field(name: str, value: str) -> Any:
+    """A hash field as a reader decodes it: counters are integers, the pending assist JSON."""
+    if name == "pending_assist":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return _number(value) if name in _NUMBERS else value
+
+
+def _rows(pattern: str, gid: str, player: str | None, value: Any) -> list[Row]:
+    """The rows one key holds, by its pattern, as the oracle writes them."""
+    if pattern == "game:<id>":
+        return [{"id": gid, "pending_assist": None, **{f: _field(f, v) for f, v in value.items()}}]
+    if pattern == "game:<id>:player:<n>":
+        fields = {f: _field(f, v) for f, v in value.items()}
+        return [{"game_id": gid, "player": _number(player or ""), **fields}]
+    if pattern == "game:<id>:players":
+        return [{"game_id": gid, "player": _number(m)} for m in sorted(value)]
+    return [{"game_id": gid, "player": _number(m), "points": _score(p)} for m, p in value]
+
+
+def read_redis_games(client: redis.Redis, base: str) -> tuple[dict[str, list[Row]], list[str]]:
+    """Every key under ``base`` read as a reader of the handler's layout would: the rows of
+    each pattern, and the keys that fit no pattern or have another type."""
+    keys = sorted(client.scan_iter(match=f"{base}*", count=1000))
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+    found = [(key, _pattern(key.removeprefix(base))) for key in keys]
+    known = [
+        (key, what)
+        for (key, what), kind in zip(found, pipe.execute(), strict=True)
+        if what is not None and REDIS_TYPES[what[0]] == kind
+    ]
+    for key, (pattern, _, _) in known:
+        if pattern == "game:<id>:players":
+            pipe.smembers(key)
+        elif pattern == "game:<id>:leaderboard":
+            pipe.zrange(key, 0, -1, withscores=True)
+        else:
+            pipe.hgetall(key)
+    rows: dict[str, list[Row]] = {pattern: [] for pattern in REDIS_TYPES}
+    for (_, what), value in zip(known, pipe.execute(), strict=True):
+        rows[what[0]] += _rows(*what, value)
+    return rows, sorted(set(keys) - {key for key, _ in known})
+
+
+def clear_redis(s: Settings) -> int:
+    """Delete the demo's Redis keys (all of ``<prefix>:*``); how many there were."""
+    with redis_client(s) as client:
+        keys = list(client.scan_iter(match=f"{s.redis_prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.unlink(*keys[i : i + 1000])
+    return len(keys)
 
 
 # ------------------------------------------------------------------------------ the seed's CDC
@@ -567,6 +701,7 @@ def write_config(s: Settings, projections: Sequence[Projection]) -> Path:
     config = {
         "kafka": {"bootstrap_servers": s.kafka, "group_prefix": s.prefix},
         "postgres": {"dsn": s.dsn, "schema": STATE_SCHEMA},
+        "redis": {"url": s.redis_url, "prefix": s.redis_prefix},
         "metrics": {"enabled": False},
         "projections": [
             {
@@ -587,7 +722,15 @@ def write_config(s: Settings, projections: Sequence[Projection]) -> Path:
                 "decoder": {"kind": "debezium"},
                 "handlers": ["handlers.school"],
                 "batch_max_messages": CDC_BATCH,
-            }
+            },
+            {
+                "name": GAMES_REDIS,
+                "store": "redis",
+                "topics": [s.topic(GAMES_TOPIC)],
+                "handlers": [GAMES_REDIS_HANDLER],
+                "decoder": {**decoder, "data": "data"},
+                "batch_max_messages": BATCH,
+            },
         ],
     }
     s.config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -800,6 +943,76 @@ def show_seed_case(dsn: str, case: SeedCase, views: Mapping[str, View]) -> bool:
     return ok
 
 
+def show_redis_games(s: Settings, views: Mapping[str, View], case: SeedCase) -> bool:
+    base = redis_views(s)
+    console.print(
+        f"\n{GAMES_REDIS}: the same plays, from the same topic, projected into Redis by"
+        f" {GAMES_REDIS_HANDLER}. Its keys are {base} and then, per game, a hash game:<id>, a"
+        " hash game:<id>:player:<n> per player of its box score, the set game:<id>:players of"
+        " those players and the sorted set game:<id>:leaderboard of their points. Every key"
+        " under that prefix is read back by this layout and compared with the same oracle.\n"
+    )
+    with redis_client(s) as client:
+        rows, stray = read_redis_games(client, base)
+        ok = all([show_redis_view(views[pattern], rows[pattern]) for pattern in REDIS_TYPES])
+        if stray:
+            shown = ", ".join(k.removeprefix(base) for k in stray[:3])
+            what = (
+                f"{len(stray)} key{'' if len(stray) == 1 else 's'} of no pattern or of another type"
+            )
+            console.print(f"[red]✗ {what}: {shown}[/]")
+        ok = show_leaderboard(client, base, case.game_id, views) and not stray and ok
+    return ok
+
+
+def show_redis_view(view: View, rows: Sequence[Row]) -> bool:
+    """The verdict line of one key pattern: whether its keys hold the oracle's rows."""
+    noun = "hashes" if view.table.endswith(">") else "members"
+    problem = compare(view, rows)
+    if problem is None:
+        console.print(f"[green]✓[/] {view.table} equals its oracle, all {len(rows)} {noun}")
+    else:
+        console.print(f"[red]✗ {view.table} differs from its oracle: {problem}[/]")
+    return problem is None
+
+
+def show_leaderboard(client: redis.Redis, base: str, gid: str, views: Mapping[str, View]) -> bool:
+    """Game ``gid``'s top players as a reader gets them: the sorted set's top entries, then
+    their hashes; and whether they are the oracle's."""
+    key = f"{base}game:{gid}:leaderboard"
+    top = cast(
+        list[tuple[str, float]], client.zrange(key, 0, PODIUM - 1, desc=True, withscores=True)
+    )
+    pipe = client.pipeline(transaction=False)
+    for member, _ in top:
+        pipe.hgetall(f"{base}game:{gid}:player:{member}")
+    lines = []
+    for rank, ((member, points), line) in enumerate(zip(top, pipe.execute(), strict=True), 1):
+        team, assists = line.get("team"), line.get("assists")
+        lines.append(
+            {
+                "#": rank,
+                "player": member,
+                "team": team,
+                "points": _score(points),
+                "assists": assists,
+            }
+        )
+    console.print(
+        f"\nGame {gid}'s leaderboard, as a reader gets it: ZRANGE {key} 0 {PODIUM - 1} REV"
+        " WITHSCORES, then each player's hash"
+    )
+    console.print(table(f"{GAMES_REDIS}:game:{gid}:leaderboard, the top {PODIUM}", lines))
+    board = [r for k, r in views["game:<id>:leaderboard"].expected.items() if k[0] == gid]
+    # Redis's order: by score, ties by member (a string), both reversed by REV.
+    board.sort(key=lambda r: (r["points"], str(r["player"])), reverse=True)
+    expected = [(str(r["player"]), r["points"]) for r in board[:PODIUM]]
+    ok = [(member, _score(points)) for member, points in top] == expected
+    verdict = "[green]✓[/] equal" if ok else "[red]✗ NOT equal[/]"
+    console.print(f"{verdict} to the oracle: game {gid}'s top {PODIUM} by points, in Redis's order")
+    return ok
+
+
 def show_school(dsn: str, case: Unenrolment, views: Mapping[str, View]) -> bool:
     enrolments, students = views[f"{SCHOOL}.enrolment_view"], views[f"{SCHOOL}.student_courses"]
     console.print(
@@ -875,7 +1088,7 @@ def replay_state(dsn: str, projection: str) -> tuple[dict[tuple[str, int, int], 
 def show_state(s: Settings) -> bool:
     with psycopg.connect(s.dsn) as conn:
         counts = {t: _count(conn, t) for t in ("holding", "gaps", "dead_letters")}
-        checkpoints = conn.execute(
+        checkpoints: list[tuple[str, str, int, int | None]] = conn.execute(
             "select projection, topic, partition, next_offset"
             f" from {STATE_SCHEMA}.checkpoints order by 1, 2, 3"
         ).fetchall()
@@ -886,20 +1099,56 @@ def show_state(s: Settings) -> bool:
     ):
         mark = "[green]✓[/]" if counts[name] == 0 else "[red]✗[/]"
         console.print(f"{mark} {what} ({STATE_SCHEMA}.{name}): {counts[name]}")
+    in_redis, redis_checkpoints = redis_state(s)
+    for where, count in in_redis.items():
+        mark = "[green]✓[/]" if count == 0 else "[red]✗[/]"
+        console.print(f"{mark} {where}: {count}")
+    checkpoints += redis_checkpoints
     ends = high_watermarks(s.kafka, [(t, p) for _, t, p, _ in checkpoints])
     # No checkpoint yet: nothing read, which is the end of a partition that is still empty.
     read = sum((offset or 0) == ends[(t, p)] for _, t, p, offset in checkpoints)
     mark = "[green]✓[/]" if read == len(checkpoints) else "[red]✗[/]"
     console.print(f"{mark} partitions read to their end: {read} of {len(checkpoints)}")
     out = Table("projection", "partition", "checkpoint", "end of partition", title_justify="left")
-    out.title = f"{STATE_SCHEMA}.checkpoints, committed with the views"
+    out.title = (
+        f"{STATE_SCHEMA}.checkpoints, committed with the views ({GAMES_REDIS}'s: in Redis,"
+        f" {s.redis_prefix}:s:{GAMES_REDIS}:offsets)"
+    )
     for projection, topic, partition, offset in checkpoints:
         checkpoint = "—" if offset is None else str(offset)
         out.add_row(
             projection, Text(f"{topic}[{partition}]"), checkpoint, str(ends[(topic, partition)])
         )
     console.print(out)
-    return read == len(checkpoints) and not any(counts.values())
+    return read == len(checkpoints) and not any(counts.values()) and not any(in_redis.values())
+
+
+def redis_state(s: Settings) -> tuple[dict[str, int], list[tuple[str, str, int, int | None]]]:
+    """games_redis's parked events, gaps and dead letters, each with where it is kept, and its
+    checkpoints, read from Redis by the layout of docs/redis.md."""
+    base = f"{s.redis_prefix}:s:{GAMES_REDIS}:"
+    with redis_client(s) as client:
+        streams = sorted(client.scan_iter(match=f"{base}st:*", count=1000))
+        pipe = client.pipeline(transaction=False)
+        for key in streams:
+            pipe.hkeys(key)
+        pipe.zcard(f"{base}gaps").zcard(f"{base}gapskipped").hlen(f"{base}dl")
+        pipe.hgetall(f"{base}offsets")
+        *fields, gaps, skipped, dead, offsets = pipe.execute()
+    parked = sum(f.startswith("p:") for names in fields for f in names)  # p:<seq>: parked
+    counts = {
+        f"parked events ({base}st:<stream>)": parked,
+        f"gaps ({base}gaps)": gaps + skipped,
+        f"dead letters ({base}dl)": dead,
+    }
+    topic = s.topic(GAMES_TOPIC)
+    # Every partition: one that was never read has no offset yet.
+    next_offsets = [offsets.get(f"{topic}:{p}") for p in range(PARTITIONS)]
+    checkpoints: list[tuple[str, str, int, int | None]] = [
+        (GAMES_REDIS, topic, p, None if offset is None else int(offset))
+        for p, offset in enumerate(next_offsets)
+    ]
+    return counts, checkpoints
 
 
 def high_watermarks(
@@ -926,8 +1175,9 @@ def section(title: str) -> None:
 def introduce() -> None:
     console.rule("[bold]projector demo")
     console.print(
-        "Four read models (bank accounts, customers, basketball box scores, and students'"
-        " courses from a database's change events) built from events published out of order,"
+        "Four read models (bank accounts, customers, basketball box scores, in PostgreSQL and"
+        " again in Redis, and students' courses from a database's change events) built from"
+        " events published out of order,"
         " some twice and a few never (projector notices the gaps and asks the write side to"
         " replay them), then compared row by row with what the events, in their true order, say"
         " they must hold: the oracle."
@@ -935,7 +1185,7 @@ def introduce() -> None:
 
 
 def set_up(s: Settings, projections: Sequence[Projection]) -> Path:
-    section("1. A fresh database, fresh topics, a config")
+    section("1. A fresh database, fresh topics, no Redis keys, a config")
     recreate_database(s)
     console.print(f"database     {redact(s.dsn)}  (dropped and created)")
     create_event_store_table(s.dsn)
@@ -950,8 +1200,12 @@ def set_up(s: Settings, projections: Sequence[Projection]) -> Path:
     topics += [s.topic(cdc_topic(t)) for t in cdc.TABLES]
     recreate_topics(s.kafka, topics)
     console.print(f"topics       {', '.join(topics)}  ({PARTITIONS} partitions each)")
+    deleted = clear_redis(s)
+    console.print(
+        f"redis        {redact(s.redis_url)}, keys {s.redis_prefix}:*  ({deleted} deleted)"
+    )
     config = write_config(s, projections)
-    names = ", ".join([*(p.name for p in projections), SCHOOL])
+    names = ", ".join([*(p.name for p in projections), SCHOOL, GAMES_REDIS])
     console.print(f"config       {_shown(config)}  (projections {names})")
     for p in replayed:
         console.print(
@@ -961,6 +1215,10 @@ def set_up(s: Settings, projections: Sequence[Projection]) -> Path:
     console.print(
         f"             {SCHOOL}: mode merge over the three change topics, Debezium decoder"
         " (a row's stream is <table>:<key>, its timestamp the change's LSN)"
+    )
+    console.print(
+        f"             {GAMES_REDIS}: store redis, {GAMES_REDIS_HANDLER}, reads"
+        f" {s.topic(GAMES_TOPIC)} too (its own consumer group), keys under {s.redis_prefix}:"
     )
     return config
 
@@ -1087,12 +1345,16 @@ def run_projector(
     if totals and code == 0:
         events = {d.projection: d.events for d in deliveries}
         events[SCHOOL] = sum(d.changes for d in cdc_deliveries)
+        events[GAMES_REDIS] = events.get("games", 0)
         console.print(run_table(totals, events))
         sequenced = ", ".join(d.projection for d in deliveries)
         console.print(
             f"{sequenced}: each event applied once, in its stream's order. An early event waited"
             " for its predecessors: in memory when they came in the same batch, parked in"
             f" {STATE_SCHEMA}.holding when they came in a later one (batches of {BATCH} here)."
+            f" {GAMES_REDIS} did the same with the games' plays, its positions and parked events"
+            f" in Redis ({s.redis_prefix}:s:{GAMES_REDIS}:st:<stream>), each batch with its"
+            " checkpoints and views in one script."
         )
         tombstones = totals.get(SCHOOL, {}).get("ignored", 0)
         console.print(
@@ -1214,6 +1476,7 @@ def show_results(
     s: Settings,
     views: Mapping[str, View],
     case: SeedCase,
+    in_redis: Mapping[str, View],
     school: Mapping[str, View],
     unenrolment: Unenrolment,
 ) -> bool:
@@ -1221,12 +1484,13 @@ def show_results(
     console.print("The oracles read each log in full and in order, the withheld events too.\n")
     ok = all([show_view(s.dsn, v) for v in views.values()])  # a list: show every view
     ok = show_seed_case(s.dsn, case, views) and ok
+    ok = show_redis_games(s, in_redis, case) and ok
     ok = show_school(s.dsn, unenrolment, school) and ok
     section("6. projector's own state")
     return show_state(s) and ok
 
 
-def what_next(s: Settings, config: Path) -> None:
+def what_next(s: Settings, config: Path, game: str) -> None:
     section("Try next")
     c = _shown(config)
     for comment, command in (
@@ -1237,6 +1501,11 @@ def what_next(s: Settings, config: Path) -> None:
         ("open gaps and their replay requests (none left, here)", f"projector gaps list -c {c}"),
         ("keep projecting while you publish more; Ctrl-C stops cleanly", f"projector run -c {c}"),
         ("the views themselves", f"psql '{redact(s.dsn)}' -c 'table games.games'"),
+        (
+            f"game {game}'s leaderboard in Redis",
+            f"redis-cli -u '{redact(s.redis_url)}' ZRANGE"
+            f" {redis_views(s)}game:{game}:leaderboard 0 {PODIUM - 1} REV WITHSCORES",
+        ),
         ("all of this again, from scratch", "make demo"),
     ):
         console.print(f"  [dim]# {comment}[/]")
@@ -1249,7 +1518,9 @@ def main() -> int:
     rng = random.Random(SEED)
     projections = make_projections(rng)
     views = make_views({p.name: p.log for p in projections})
-    case = find_seed_case(next(p.log for p in projections if p.name == "games"))
+    games_log = next(p.log for p in projections if p.name == "games")
+    in_redis = make_redis_views(games_log)
+    case = find_seed_case(games_log)
     cdc_rng = random.Random(f"{SEED}/{SCHOOL}")  # its own: the other scenarios stay as they were
     cdc_log = cdc.school_log(cdc_rng, students=40, courses=8, changes=200)
     cdc_state = cdc.oracle(cdc_log)
@@ -1265,8 +1536,8 @@ def main() -> int:
     code = run_projector(s, config, deliveries, cdc_deliveries)
     if code:
         return code
-    ok = show_results(s, views, case, school, unenrolment)
-    what_next(s, config)
+    ok = show_results(s, views, case, in_redis, school, unenrolment)
+    what_next(s, config, case.game_id)
     console.print()
     if ok:
         console.print(f"[green bold]Every view is right.[/] ({time.monotonic() - started:.1f} s)")

@@ -50,6 +50,7 @@ _REDIS_TRANSIENT = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.WatchError,
+    redis.exceptions.NoScriptError,  # flushed again between the reload and its retry
 )
 _REDIS_TRANSIENT_REPLIES = ("BUSY ", "OOM ", "LOADING ", "TRYAGAIN ", "MASTERDOWN ")
 

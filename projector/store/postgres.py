@@ -71,9 +71,15 @@ def _dead_letter_row(r: tuple[Any, ...]) -> DeadLetterRow:
 
 
 class PgView:
-    """The handler's view of the batch transaction (see :class:`projector.apply.PgView`)."""
+    """The handler's view of the batch transaction (see :class:`projector.apply.PgView`).
+
+    Writes share one cursor; each read gets its own. In pipeline mode a cursor's results are
+    matched to it as they arrive, and a read on the cursor of an executemany whose results
+    were still in flight was found to get the INSERT's status instead of its rows (two
+    read-modify-write handlers in one projection, intermittently)."""
 
     def __init__(self, conn: psycopg.Connection[TupleRow]) -> None:
+        self._conn = conn
         self._cur = conn.cursor()
 
     def execute(self, query: str, params: Params = None) -> None:
@@ -83,10 +89,12 @@ class PgView:
         self._cur.executemany(query, rows)
 
     def fetchall(self, query: str, params: Params = None) -> list[tuple[Any, ...]]:
-        return self._cur.execute(query, params).fetchall()
+        with self._conn.cursor() as cur:
+            return cur.execute(query, params).fetchall()
 
     def fetchone(self, query: str, params: Params = None) -> tuple[Any, ...] | None:
-        return self._cur.execute(query, params).fetchone()
+        with self._conn.cursor() as cur:
+            return cur.execute(query, params).fetchone()
 
 
 class PgBatch:

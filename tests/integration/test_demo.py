@@ -4,8 +4,10 @@ The demo publishes the seed scenarios shuffled and partly duplicated (one game's
 ASSIST) with a few accounts events withheld (only the write side's event store has them), and the
 seed's CDC question as Debezium change events of three tables on three topics (shuffled, stale
 re-deliveries, tombstones, one unenrolment before its enrolment) for the merge projection
-``school``; it runs the real ``projector`` CLI with the reference replay responder, and compares
-every row of every view with the oracles, exiting non-zero if one differs. So its exit code and its
+``school``, and projects the games' plays a second time into Redis (``games_redis``,
+``handlers.game_redis``); it runs the real ``projector`` CLI with the reference replay responder,
+and compares every row of every view, and every key of the Redis views, with the oracles, exiting
+non-zero if one differs. So its exit code and its
 verdict lines prove that the first thing a newcomer runs works and reports the truth; running it
 twice proves it starts from scratch each time, as the README promises.
 """
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+import redis
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
@@ -36,6 +39,10 @@ VIEWS = (
     "games.player_stats",
     "school.enrolment_view",
     "school.student_courses",
+    "games_redis:game:<id>",
+    "games_redis:game:<id>:player:<n>",
+    "games_redis:game:<id>:players",
+    "games_redis:game:<id>:leaderboard",
 )
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 WITHHELD_ROW = re.compile(r"^│ (account:\d+) +│ (\d+) +│ (?:DEPOSITED|WITHDRAWN) +│", re.M)
@@ -51,12 +58,13 @@ def demo_command() -> list[str]:
 
 @pytest.fixture
 def demo_env(services: Services) -> Iterator[dict[str, str]]:
-    """The demo's settings, pointed at the test services with its own database and topics, so
-    a user's demo is left alone; both are removed afterwards."""
+    """The demo's settings, pointed at the test services with its own database, topics and
+    Redis keys, so a user's demo is left alone; all are removed afterwards."""
     env = {
         **os.environ,
         "PROJECTOR_DEMO_KAFKA": services.kafka,
         "PROJECTOR_DEMO_PG_DSN": services.pg_dsn,
+        "PROJECTOR_DEMO_REDIS_URL": services.redis_url,
         "PROJECTOR_DEMO_DB": unique("demo"),
         "PROJECTOR_DEMO_PREFIX": unique("demo"),
     }
@@ -71,6 +79,10 @@ def demo_env(services: Services) -> Iterator[dict[str, str]]:
         for future in kafka.delete_topics(topics, operation_timeout=30).values():
             future.result(timeout=30)
     settings.config_path.unlink(missing_ok=True)
+    with redis.Redis.from_url(services.redis_url) as client:
+        keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 def run_demo(env: dict[str, str]) -> str:
@@ -85,19 +97,29 @@ def run_demo(env: dict[str, str]) -> str:
 def test_make_demo_ends_with_every_view_equal_to_its_oracle_and_runs_again(
     demo_env: dict[str, str],
 ) -> None:
-    """Proves ``make demo`` exits 0 and says each of the six views, the seed's game whose
-    POINT came before its ASSIST, and the school student whose unenrolment came before the
-    enrolment, equals its oracle, with nothing parked, missing or dead-lettered, after the
-    withheld events' gaps opened and were filled through replay; and that a second run over
-    the first one's database and topics does too."""
-    for _ in range(2):
+    """Proves ``make demo`` exits 0 and says each of the six views, the four key patterns of
+    the games in Redis, the seed's game whose POINT came before its ASSIST, that game's top 3
+    in Redis, and the school student whose unenrolment came before the enrolment, equals its
+    oracle, with nothing parked, missing or dead-lettered (in PostgreSQL and in Redis) and
+    every partition read, after the withheld events' gaps opened and were filled through
+    replay; and that a second run over the first one's database, topics and Redis keys (which
+    it deletes first) does too."""
+    prefix = re.escape(settings_from(demo_env).redis_prefix)
+    for run in range(2):
         output = run_demo(demo_env)
         for view in VIEWS:
             assert f"✓ {view} equals its oracle" in output, output
         assert re.search(r"✓ equal to the oracle: game \w+'s score", output), output
+        assert re.search(r"✓ equal to the oracle: game \w+'s top 3 by points", output), output
         assert_unenrolment_before_enrolment(output)
         for state in ("parked events", "gaps", "dead letters"):
             assert re.search(rf"✓ {state} \(projector\.\w+\): 0\n", output), output
+            in_redis = rf"✓ {state} \({prefix}:s:games_redis:[\w:<>]+\): 0\n"
+            assert re.search(in_redis, output), output
+        assert re.search(r"✓ partitions read to their end: (\d+) of \1\n", output), output
+        deleted = re.search(rf"keys {prefix}:\*\s+\((\d+) deleted\)", output)
+        assert deleted, output
+        assert (int(deleted[1]) > 0) == (run > 0), output  # the first run's keys, not a fresh run's
         assert_gaps_filled_through_replay(output)
 
 

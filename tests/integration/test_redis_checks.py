@@ -4,9 +4,6 @@ test, configured as the case needs, on a free loopback port, killed at teardown.
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,79 +12,24 @@ import redis
 
 from projector.store.errors import StoreError, StoreUnavailable, TransientStoreError
 from projector.store.redis_checks import RedisUnfit, check_server
+from tests.integration.redis_server import AOF, NO_PERSISTENCE, RedisServers, free_port
 
 pytestmark = pytest.mark.integration
 
-REDIS_SERVER = "/usr/bin/redis-server"
-START_TIMEOUT = 10.0
-NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
-AOF = ("--save", "", "--appendonly", "yes")
-
 StartRedis = Callable[..., redis.Redis]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class _Exited(RuntimeError):
-    pass
-
-
-def _wait_for_ping(proc: subprocess.Popen[bytes], client: redis.Redis, log: Path) -> None:
-    """Poll PING until it answers, the process dies, or the deadline passes (no event to wait
-    on: the server starts asynchronously)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise _Exited(f"redis-server exited with {proc.returncode}: {log.read_text()}")
-        try:
-            if client.ping():
-                return
-        except redis.AuthenticationError:
-            raise
-        except (redis.ConnectionError, redis.BusyLoadingError):
-            time.sleep(0.02)
-    raise RuntimeError(f"redis-server did not answer PING within {START_TIMEOUT}s")
 
 
 @pytest.fixture
 def start_redis(tmp_path: Path) -> Iterator[StartRedis]:
     """``start_redis(*args, password=None)`` starts a private redis-server with these extra
     arguments in its own directory and returns a client for it; all are stopped afterwards."""
-    started: list[tuple[subprocess.Popen[bytes], redis.Redis]] = []
-
-    def launch(args: tuple[str, ...], password: str | None) -> redis.Redis:
-        port = free_port()
-        workdir = tmp_path / f"redis-{port}"
-        workdir.mkdir()
-        log = workdir / "redis.log"
-        command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-        command += ["--logfile", str(log), *args]
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        auth = f":{password}@" if password else ""
-        client = redis.Redis.from_url(f"redis://{auth}127.0.0.1:{port}/0", socket_timeout=5)
-        started.append((proc, client))
-        _wait_for_ping(proc, client, log)
-        return client
+    servers = RedisServers(tmp_path)
 
     def start(*args: str, password: str | None = None) -> redis.Redis:
-        # The free port may be taken between the probe and the bind: then try another one.
-        for _ in range(2):
-            try:
-                return launch(args, password)
-            except _Exited:
-                pass
-        return launch(args, password)
+        return servers.start(*args, password=password).client()
 
     yield start
-    for proc, client in started:
-        client.close()
-        proc.kill()
-        proc.wait(timeout=10)
+    servers.close()
 
 
 def test_aof_on_passes_without_warnings(start_redis: StartRedis) -> None:
