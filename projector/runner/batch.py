@@ -15,6 +15,7 @@ Kafka offsets are committed by the caller only after this commits.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -77,9 +78,24 @@ def decode_all(messages: Sequence[RawMessage], decoders: Mapping[str, Decoder]) 
             continue
         if event is None:
             ignored += 1
+        elif msg.value is not None and b"\\u" in msg.value and not _valid_unicode(event):
+            reason = (
+                "the event holds a lone UTF-16 surrogate (an escape such as \\ud800), not Unicode"
+            )
+            letters.append(DeadLetter("decode", reason, message=msg))
         else:
             events.append(event)
     return Decoded(events, letters, ignored)
+
+
+def _valid_unicode(event: Event) -> bool:
+    """Whether every string of the event encodes as UTF-8 (JSON escapes can produce lone
+    surrogates, which neither PostgreSQL's jsonb nor Redis's scripts accept)."""
+    try:
+        json.dumps(event.to_json(), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, int]:
@@ -93,11 +109,14 @@ def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, int]:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The stored state of a batch's streams, read under their position locks."""
+    """The stored state of a batch's streams, read under their position locks. ``positions``
+    are what to plan from (a retried or skipped dead letter changes them); ``stored`` what is
+    in the store, which a plan's positions are compared with to know what to write."""
 
     positions: dict[str, StreamPosition]
     parked: dict[str, dict[int, Event]]
     skipped: dict[str, list[tuple[int, int]]]
+    stored: dict[str, StreamPosition]
 
 
 Item = TypeVar("Item")
@@ -228,10 +247,9 @@ class BatchApplier:
         incoming = group_by_stream(events)
         for stream in overrides:
             incoming.setdefault(stream, [])
-        positions = tx.lock_positions(incoming, self.rules)
-        for stream, change in overrides.items():
-            positions[stream] = change(positions[stream])
-        state = Loaded(positions, *tx.load_held(incoming))
+        stored = tx.lock_positions(incoming, self.rules)
+        positions = {s: overrides[s](p) if s in overrides else p for s, p in stored.items()}
+        state = Loaded(positions, *tx.load_held(incoming), stored)
         plans, culprits = self._plan_and_run(tx, incoming, state)
         self._write(tx, plans, state, culprits, result)
 
@@ -306,7 +324,7 @@ class BatchApplier:
         culprits: Mapping[str, DeadLetter],
         result: BatchResult,
     ) -> None:
-        before = state.positions
+        before = state.stored
         tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
         tx.unpark((s, seq) for s, p in plans.items() for seq in p.unpark)
         tx.park(e for p in plans.values() for e in p.park)

@@ -473,10 +473,9 @@ class RedisBatch:
         assert s.gaps is not None
         ops: list[Op] = []
         before = [_member(stream, g.from_seq) for g in s.stored_gaps(stream)]
-        if before:
-            for index in (k.gaps, k.gapdue):
-                ops.append(["ZREM", index, *before])
-            ops.append(["SREM", k.gapheld, *before])
+        for index in (k.gaps, k.gapdue):
+            ops += _chunks("ZREM", index, before, 1)
+        ops += _chunks("SREM", k.gapheld, before, 1)
         for g in s.gaps:
             member = _member(stream, g.from_seq)
             if g.state == "skipped":
@@ -834,10 +833,17 @@ class RedisStore:
                 with self._watching() as pipe:
                     keys = [k.stream(s) for s in streams]
                     _watch(pipe, *keys)
-                    rows = self.scripts.call(pipe, "read", keys, "hmget", "doc")
-                    ops: list[Op] = [["ZREM", k.docs, *streams]]
+                    rows = self.scripts.call(pipe, "read", keys, "hmget", "doc", "doc_at")
+                    # Changed since they were listed (WATCH covers only what follows): not
+                    # due; they stay in the index with their new time.
+                    due = [
+                        (stream, key, raw)
+                        for stream, key, (raw, at) in zip(streams, keys, rows, strict=True)
+                        if at is None or float(at) < unchanged_since
+                    ]
+                    ops: list[Op] = _chunks("ZREM", k.docs, [s for s, _, _ in due], 1)
                     removed = 0
-                    for key, (raw,) in zip(keys, rows, strict=True):
+                    for _, key, raw in due:
                         if raw is None:
                             continue
                         kept = purge(json.loads(raw))
@@ -847,7 +853,7 @@ class RedisStore:
                         else:
                             ops.append(["HSET", key, "doc", _dumps(kept)])
                     self._apply_own(pipe, ops)
-                    return len(streams), removed
+                    return len(due), removed
             except redis.exceptions.WatchError:
                 continue
         raise TransientStoreError("documents kept changing under the sweep")

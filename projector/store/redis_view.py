@@ -19,8 +19,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 Value = str | int | float
+CHUNK = 1000  # values per recorded command: the batch script unpacks each one onto Lua's stack
 Members = set[str]  # named here: inside RedisView, ``set`` is the method
 Op = list[str]  # [command, full key, arg...]: every part a string, as Redis receives it
+
+
+def _text(value: str, what: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, from a JSON escape such as \ud800
+        raise ValueError(f"{what} is not valid Unicode: {exc.reason}") from None
+    return value
 
 
 def _value(value: Any, what: str) -> str:
@@ -30,7 +39,7 @@ def _value(value: Any, what: str) -> str:
         if not math.isfinite(value):
             raise ValueError(f"{what} must be finite, not {value}")
         return repr(value)
-    return str(value)
+    return _text(value, what) if isinstance(value, str) else str(value)
 
 
 def _integer(value: Any, what: str) -> str:
@@ -52,7 +61,7 @@ def _number(value: Any, what: str) -> str:
 def _key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise ValueError(f"a key must be a non-empty str, not {key!r}")
-    return key
+    return _text(key, "a key")
 
 
 Reader = Callable[[str, Sequence[str], Sequence[str]], list[Any]]
@@ -77,8 +86,15 @@ class RedisView:
     def _full(self, key: str) -> str:
         return f"{self._ns}:{_key(key)}"
 
-    def _add(self, command: str, key: str, *args: str) -> None:
-        self._ops.append([command, self._full(key), *args])
+    def _add(self, command: str, key: str, *args: str, width: int = 1) -> None:
+        """Record a command; a long variadic one (``width`` arguments per item) is split."""
+        full = self._full(key)
+        if len(args) <= CHUNK:
+            self._ops.append([command, full, *args])
+            return
+        step = CHUNK - CHUNK % width
+        for i in range(0, len(args), step):
+            self._ops.append([command, full, *args[i : i + step]])
 
     # -- strings and counters -------------------------------------------------------------
     def set(self, key: str, value: Value) -> None:
@@ -86,7 +102,8 @@ class RedisView:
 
     def set_json(self, key: str, value: Any) -> None:
         """Store ``value`` as a JSON string (``get_json`` reads it back)."""
-        self._add("SET", key, json.dumps(value, separators=(",", ":"), allow_nan=False))
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        self._add("SET", key, _text(text, "the JSON value"))
 
     def incrby(self, key: str, amount: int = 1) -> None:
         self._add("INCRBY", key, _integer(amount, "amount"))
@@ -103,7 +120,7 @@ class RedisView:
         if not mapping:
             raise ValueError("hset needs at least one field")
         args = [p for f, v in mapping.items() for p in (_key(f), _value(v, f"field {f!r}"))]
-        self._add("HSET", key, *args)
+        self._add("HSET", key, *args, width=2)
 
     def hdel(self, key: str, *fields: str) -> None:
         if fields:
@@ -129,7 +146,7 @@ class RedisView:
             args = [
                 p for m, s in mapping.items() for p in (_number(s, "score"), _value(m, "member"))
             ]
-            self._add("ZADD", key, *args)
+            self._add("ZADD", key, *args, width=2)
 
     def zrem(self, key: str, *members: Value) -> None:
         if members:

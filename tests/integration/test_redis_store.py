@@ -172,6 +172,10 @@ def check(store: RedisStore, ops: list[list[str]]) -> list[Any]:
             [["HSET", "h", "f", "abc"], ["HINCRBY", "h", "f", "1"]],
             "field f of {p}h does not hold an integer",
         ),
+        ({"s": "1.5\x00abc"}, [["INCRBYFLOAT", "s", "1"]], "{p}s does not hold a number"),
+        ({"s": "1e-5000"}, [["INCRBYFLOAT", "s", "1"]], "{p}s does not hold a number"),
+        ({"s": "1" * 6000}, [["INCRBYFLOAT", "s", "1"]], "{p}s does not hold a number"),
+        ({}, [["SADD", "k", *map(str, range(7001))]], "SADD on {p}k has too many arguments"),
     ],
 )
 def test_the_script_finds_writes_redis_would_refuse(
@@ -202,7 +206,9 @@ def test_writes_redis_accepts_pass_the_checks(
     make_store: Callable[[], RedisStore], client: redis.Redis, redis_prefix: str
 ) -> None:
     """Proves no false alarm on the normal cases: a DEL then a new type, SET then INCRBY of a
-    number, INCRBYFLOAT on an integer, counters on missing keys and fields."""
+    number, INCRBYFLOAT on an integer, counters on missing keys and fields, a removal from a
+    missing key (which leaves no key), INCRBY after float increments that add up to a whole
+    number (Redis prints it as an integer)."""
     store = make_store()
     p = f"{redis_prefix}:"
     client.set(p + "s", "x")
@@ -215,6 +221,11 @@ def test_writes_redis_accepts_pass_the_checks(
         ["INCRBY", p + "n", "1"],
         ["INCRBYFLOAT", p + "m", "1.5"],
         ["ZINCRBY", p + "z", "3", "m"],
+        ["SREM", p + "missing", "m"],
+        ["HSET", p + "missing", "f", "v"],
+        ["INCRBYFLOAT", p + "w", "1.5"],
+        ["INCRBYFLOAT", p + "w", "1.5"],
+        ["INCRBY", p + "w", "1"],
     ]
     assert check(store, ops) == ["ok"]
 
@@ -294,3 +305,42 @@ def test_stream_ids_never_share_a_key(
         assert [(g.from_seq, g.to_seq) for g in report.gaps] == [(2, 2)], s
     assert store.count_parked("p") == len(streams)
     assert store.count_open_gaps("p") == len(streams)
+
+
+def test_a_handler_write_of_thousands_of_values_is_applied_whole(
+    make_store: Callable[[], RedisStore], client: redis.Redis, redis_prefix: str
+) -> None:
+    """Proves a handler's very large writes (a 5,000-field hash, a 9,000-member set, a
+    3,000-member sorted set) are recorded in pieces that the script's stack can take, and land
+    whole with the checkpoint."""
+    store = make_store()
+    epoch = store.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+
+    def big(events: Sequence[Any], view: RedisView) -> None:
+        view.hset("h", {f"f{i}": i for i in range(5000)})
+        view.sadd("s", *range(9000))
+        view.zadd("z", {f"m{i}": i for i in range(3000)})
+
+    with store.batch("p", "p") as tx:
+        tx.fence({(TOPIC, 0): 1}, {(TOPIC, 0): epoch})
+        tx.lock_positions(["s1"], SequenceRules())
+        tx.run_handlers([big], ["item"])
+    ns = f"{redis_prefix}:v:p"
+    assert (client.hlen(f"{ns}:h"), client.scard(f"{ns}:s"), client.zcard(f"{ns}:z")) == (
+        5000,
+        9000,
+        3000,
+    )
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1"}
+
+
+def test_a_value_that_is_not_unicode_is_the_handlers_error(
+    make_store: Callable[[], RedisStore],
+) -> None:
+    """Proves a string holding a lone surrogate (which Redis's script could not decode) is
+    refused when the handler records it, so it is that event's error, not a failed commit."""
+    store = make_store()
+    with store.batch("p", "p") as tx:
+        tx.lock_positions(["s1"], SequenceRules())
+        with pytest.raises(ValueError, match="not valid Unicode"):
+            tx.run_handlers([lambda _e, view: view.set("k", "a\ud800b")], ["item"])

@@ -282,3 +282,33 @@ def test_withheld_events_are_served_through_replay(
     assert (own.parked, own.open_gaps, own.dead_letters) == (0, 0, 0)
     assert store.views.customers("shop") == scenarios.customers_oracle(log)
     assert store.views.games("shop") == scenarios.game_oracle(log)
+
+
+def test_skipping_a_dead_letter_with_nothing_behind_it_unblocks_its_stream(
+    store: StoreUnderTest, new_topic: Callable[..., str]
+) -> None:
+    """Proves on both stores that ``dead-letters skip`` resumes a stream even when nothing was
+    parked behind its failed event (the skip itself is the only change to write): the stream
+    is no longer blocked, and its next event, published after the skip, is applied."""
+    _, bad = poisoned_log()
+    topic = new_topic()
+    publish(store.services.kafka, topic, bad[:1])
+    config = store.config([store.projection("people", [topic], ["customers"])])
+    assert run_until_caught_up(config) == 0
+    stores = StoreSet(config)
+    try:
+        [letter] = stores.of("people").list_dead_letters("people", "open", 10)
+        [outcome] = resolve(config, "people", [letter.id], "skip", clock=lambda: 0.0)
+        assert outcome.status == "skipped"
+        position = stores.of("people").inspect_stream("people", "customer:bad").position
+        assert position is not None
+        assert (position.last_seq, position.blocked_seq) == (1, None)
+    finally:
+        stores.close()
+
+    publish(store.services.kafka, topic, bad[1:2])
+    assert run_until_caught_up(config) == 0
+
+    created = {"id": "bad", "name": "Ada", "email": None, "version": 2, "applied_events": 1}
+    assert store.views.customers("people") == {"bad": created}
+    assert store.views.own("people") == OwnState(0, 0, 0, 2)

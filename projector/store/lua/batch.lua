@@ -26,6 +26,8 @@ local KIND = {
   DLADD = "hash",
 }
 local LIMIT = 9.2e18 -- INCRBY past a signed 64-bit integer fails; stay clear of it
+local MAX_PARTS = 7000 -- unpack() fails past about 8,000 values: the caller splits commands
+local REMOVE = {HDEL = true, SREM = true, ZREM = true}
 
 local types, cleared, numbers = {}, {}, {}
 
@@ -39,16 +41,18 @@ local function type_of(key)
 end
 
 -- What a stored string is to INCRBY / INCRBYFLOAT: "int", "float", "none" or "other".
+-- Stricter than Lua's tonumber where Redis is: no NUL (tonumber stops there), no hex, no
+-- spaces, no nan/inf, at most 5,000 characters, and no underflow to 0 ("1e-5000").
 local function class_of(raw)
   if not raw then return "none", 0 end
   if (raw == "0" or string.match(raw, "^%-?[1-9]%d*$")) and #raw <= 19 then
     return "int", tonumber(raw)
   end
+  if #raw > 5000 or string.find(raw, "[%z%sxXnN]") then return "other", 0 end
   local n = tonumber(raw)
-  if n and not string.find(raw, "[%sxXnN]") and n == n and n ~= math.huge and n ~= -math.huge then
-    return "float", n
-  end
-  return "other", 0
+  if not n or n ~= n or n == math.huge or n == -math.huge then return "other", 0 end
+  if n == 0 and string.find(string.match(raw, "^[^eE]*"), "[1-9]") then return "other", 0 end
+  return "float", n
 end
 
 local function number_at(key, field)
@@ -82,12 +86,16 @@ local function add(key, field, amount_raw, integer)
   if result ~= result or result == math.huge or result == -math.huge then
     return "incrementing " .. what .. " would not give a finite number"
   end
-  numbers[slot] = {integer and "int" or "float", result}
+  -- Redis prints a float increment's result without trailing zeros: a whole one reads back
+  -- as an integer.
+  local whole = result == math.floor(result) and result < 1e17 and result > -1e17
+  numbers[slot] = {(integer or whole) and "int" or "float", result}
   return nil
 end
 
 local function check(op)
   local cmd, key = op[1], op[2]
+  if #op > MAX_PARTS then return cmd .. " on " .. tostring(key) .. " has too many arguments" end
   if cmd == "DEL" then
     types[key], cleared[key] = "none", true
     for slot in pairs(numbers) do
@@ -106,6 +114,7 @@ local function check(op)
   if have ~= "none" and have ~= want then
     return "WRONGTYPE: " .. cmd .. " needs a " .. want .. " but " .. key .. " is a " .. have
   end
+  if REMOVE[cmd] and have == "none" then return nil end -- removing from nothing leaves nothing
   types[key] = want
   if cmd == "INCRBY" then return add(key, nil, op[3], true) end
   if cmd == "INCRBYFLOAT" then return add(key, nil, op[3], false) end
