@@ -192,8 +192,12 @@ def apply_consumed(
     for tp, position in (positions or {}).items():
         if tp in result.checkpoints:
             result.checkpoints[tp] = max(result.checkpoints[tp], position)
+    starts: dict[TopicPartition, int] = {}
+    for m in messages:
+        key = (m.topic, m.partition)
+        starts[key] = min(starts.get(key, m.offset), m.offset)
     with applier.store.batch(applier.projection, applier.view_schema) as tx:
-        tx.fence(result.checkpoints, epochs)
+        tx.fence(result.checkpoints, epochs, starts)
         applier.apply_events(tx, decoded.events, result)
         result.dead_letters[:0] = decoded.dead_letters
         tx.dead_letter(decoded.dead_letters)

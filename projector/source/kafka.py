@@ -183,3 +183,62 @@ class KafkaSource:
         # With static membership close() does not leave the group: a restart within the session
         # timeout gets the same partitions back without a rebalance.
         self._consumer.close()
+
+
+class PartitionReader:
+    """Reads every partition of some topics from given offsets, assigned by hand rather than
+    by a consumer group (a rebuild reads the whole history; its progress is kept in the store,
+    never committed to Kafka)."""
+
+    def __init__(self, conf: Mapping[str, Any], topics: list[str]) -> None:
+        self._consumer = Consumer(
+            {**conf, "enable.auto.commit": False, "enable.auto.offset.store": False}
+        )
+        self.partitions: list[TopicPartition] = []
+        for topic in topics:
+            meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None:
+                reason = "no such topic" if meta is None else meta.error.str()
+                raise SourceFatal(f"topic {topic!r} cannot be read: {reason}")
+            self.partitions += [(topic, p) for p in sorted(meta.partitions)]
+
+    def watermarks(self) -> dict[TopicPartition, tuple[int, int]]:
+        """(low, high) per partition: the first offset still held, and the next to be written."""
+        return {
+            (t, p): self._consumer.get_watermark_offsets(
+                KafkaTopicPartition(t, p), timeout=10, cached=False
+            )
+            for t, p in self.partitions
+        }
+
+    def assign(self, offsets: Mapping[TopicPartition, int | None]) -> None:
+        """Start each partition at its offset (None: from the beginning)."""
+        tps = []
+        for t, p in self.partitions:
+            offset = offsets.get((t, p))
+            tps.append(KafkaTopicPartition(t, p, OFFSET_BEGINNING if offset is None else offset))
+        self._consumer.assign(tps)
+
+    def poll(self, max_messages: int, timeout: float) -> list[RawMessage]:
+        out: list[RawMessage] = []
+        for msg in self._consumer.consume(num_messages=max_messages, timeout=timeout):
+            err = msg.error()
+            if err is None:
+                out.append(_raw(msg))
+            elif err.fatal():
+                raise SourceFatal(f"Kafka consumer cannot continue: {err.str()}")
+            else:
+                log.warning("Kafka: %s", err.str())
+        return out
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """The next offsets to read (past transaction markers), where known."""
+        tps = [KafkaTopicPartition(t, p) for t, p in self.partitions]
+        return {
+            (tp.topic, tp.partition): tp.offset
+            for tp in self._consumer.position(tps)
+            if tp.offset >= 0
+        }
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -79,10 +79,15 @@ class StoreBatch(Protocol):
     projection: str
 
     def fence(
-        self, checkpoints: Mapping[TopicPartition, int], epochs: Mapping[TopicPartition, int]
+        self,
+        checkpoints: Mapping[TopicPartition, int],
+        epochs: Mapping[TopicPartition, int],
+        starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         """Compare-and-set every checkpoint on its epoch; raises ``Fenced`` (now, or at the
-        latest when the batch commits) naming the partitions this instance no longer owns."""
+        latest when the batch commits) naming the partitions this instance no longer owns.
+        ``starts`` (the batch's first offsets) record where a partition's history starts, on
+        its first batch ever."""
 
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules

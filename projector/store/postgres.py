@@ -113,21 +113,36 @@ class PgBatch:
         return sql.SQL(text).format(s=self._s)
 
     def fence(
-        self, checkpoints: Mapping[TopicPartition, int], epochs: Mapping[TopicPartition, int]
+        self,
+        checkpoints: Mapping[TopicPartition, int],
+        epochs: Mapping[TopicPartition, int],
+        starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         """Compare-and-set every checkpoint of the batch on its epoch; the row locks are held to
-        commit, so a new owner's claim waits for this batch and then sees its checkpoint.
-        Raises :class:`Fenced` naming the partitions this instance no longer owns."""
+        commit, so a new owner's claim waits for this batch and then sees its checkpoint. The
+        first batch ever of a partition records where its history starts (``starts``: the
+        batch's first offsets). Raises :class:`Fenced` naming the partitions this instance no
+        longer owns."""
         lost: list[TopicPartition] = []
+        starts = starts or {}
         with self.conn.cursor() as cur:
             for (topic, part), offset in sorted(checkpoints.items()):
                 cur.execute(
                     self._q(
-                        "update {s}.checkpoints set next_offset = greatest(coalesce(next_offset, 0), %s),"
-                        " updated_at = now() where projection = %s and topic = %s and partition = %s"
-                        " and epoch = %s"
+                        "update {s}.checkpoints set"
+                        " start_offset = case when next_offset is null"
+                        "  then coalesce(start_offset, %s) else start_offset end,"
+                        " next_offset = greatest(coalesce(next_offset, 0), %s), updated_at = now()"
+                        " where projection = %s and topic = %s and partition = %s and epoch = %s"
                     ),
-                    (offset, self.projection, topic, part, epochs.get((topic, part), -1)),
+                    (
+                        starts.get((topic, part)),
+                        offset,
+                        self.projection,
+                        topic,
+                        part,
+                        epochs.get((topic, part), -1),
+                    ),
                 )
                 if cur.rowcount != 1:
                     lost.append((topic, part))

@@ -88,6 +88,7 @@ class Keys:
         self.epochs = f"{base}:epochs"  # topic:partition -> the owner's epoch (the fence)
         self.offsets = f"{base}:offsets"  # topic:partition -> the next offset to read
         self.owners = f"{base}:owners"  # topic:partition -> the instance that claimed it
+        self.starts = f"{base}:starts"  # topic:partition -> the first offset ever read
         self.parked = f"{base}:parked"  # how many events are parked, for metrics
         self.gaps = f"{base}:gaps"  # open and held gaps by first seen
         self.gapdue = f"{base}:gapdue"  # open and held gaps by next request time
@@ -293,13 +294,28 @@ class RedisBatch:
 
     # -- the StoreBatch interface ---------------------------------------------------------
     def fence(
-        self, checkpoints: Mapping[TopicPartition, int], epochs: Mapping[TopicPartition, int]
+        self,
+        checkpoints: Mapping[TopicPartition, int],
+        epochs: Mapping[TopicPartition, int],
+        starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         """Checked by the script at commit: ``Fenced`` is raised then, and nothing written."""
         k = self.keys
+        starts = starts or {}
         for (topic, part), offset in sorted(checkpoints.items()):
             epoch = epochs.get((topic, part), -1)
-            self._fence.append([k.epochs, k.offsets, _tp(topic, part), str(epoch), str(offset)])
+            start = starts.get((topic, part))
+            self._fence.append(
+                [
+                    k.epochs,
+                    k.offsets,
+                    _tp(topic, part),
+                    str(epoch),
+                    str(offset),
+                    k.starts,
+                    "" if start is None else str(start),
+                ]
+            )
 
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules

@@ -27,6 +27,7 @@ CORE_TABLES = {
     "gaps",
     "holding",
     "positions",
+    "rebuilds",
     "schema_version",
     "view_migrations",
 }

@@ -35,6 +35,7 @@ CORE_TABLES = [
     "gaps",
     "holding",
     "positions",
+    "rebuilds",
     "schema_version",
     "view_migrations",
 ]

@@ -1,7 +1,7 @@
 #!lua
 -- One batch of one projection, all or nothing (see projector/store/redis.py).
 -- ARGV[1]: "commit" (check, then write) or "check" (only check: a dry run of the writes).
--- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset}...},
+-- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset, starts, start}...},
 --                ops = {{COMMAND, key, arg...}...}, own = number of projector's own ops first}
 -- Returns {"ok"}, {"fenced", field...}, or {"badwrite", op index (1-based), reason}.
 -- Redis does not roll a script back when a command fails half-way, so everything that could
@@ -135,8 +135,10 @@ end
 if mode ~= "commit" then return {"ok"} end
 
 for _, f in ipairs(batch.fence) do
-  local stored = tonumber(redis.call("HGET", f[2], f[3]) or "-1")
-  if tonumber(f[5]) > stored then redis.call("HSET", f[2], f[3], f[5]) end
+  local current = redis.call("HGET", f[2], f[3])
+  -- The first batch ever of a partition records where its history starts.
+  if not current and f[7] ~= "" then redis.call("HSETNX", f[6], f[3], f[7]) end
+  if tonumber(f[5]) > tonumber(current or "-1") then redis.call("HSET", f[2], f[3], f[5]) end
 end
 for _, op in ipairs(batch.ops) do
   if op[1] == "DLADD" then

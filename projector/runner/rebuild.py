@@ -1,0 +1,334 @@
+"""``projector rebuild PROJECTION``: build the views again from the whole history, beside the
+live ones, then swap them in while the daemon keeps running.
+
+1. Check: every partition still holds the projection's history (its low watermark is not
+   past the first offset the projection ever read), unless told to go on without it.
+2. Build: read every partition from the beginning (assigned by hand, no consumer group) and
+   apply it with the projection's own handlers into a shadow copy of its views, through the
+   same batch appliers the daemon uses, under a state of its own (see
+   :mod:`projector.store.postgres_rebuild`). Its progress is stored with each batch, so an
+   interrupted rebuild (Ctrl-C, kill) resumes where it stopped.
+3. Swap: once within a batch of the live projection, in one transaction: hold the live
+   checkpoints, read up to them, swap views and state. The daemon goes on from the rebuilt
+   state, neither missing nor repeating an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from projector.config import Config, ProjectionConfig
+from projector.core.decode import Decoder
+from projector.core.message import RawMessage
+from projector.runner.batch import Clock
+from projector.runner.worker import Applier, build_applier, build_decoders, load_handlers
+from projector.source.kafka import PartitionReader, TopicPartition
+from projector.store.connect import view_migrations
+from projector.store.errors import is_transient, transient_retries
+from projector.store.migrate import check_schema
+from projector.store.postgres import PostgresStore
+from projector.store.postgres_rebuild import NotCaughtUp, PgRebuildStore
+
+log = logging.getLogger(__name__)
+
+
+class HistoryTrimmed(ValueError):
+    """A topic no longer holds the projection's whole history."""
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    topic: str
+    partition: int
+    low: int  # the first offset Kafka still holds
+    high: int  # the next offset to be written
+    start: int  # where the projection's history starts (0 when not recorded)
+    live: int | None  # the live projection's next offset
+    rebuilt: int | None  # the rebuild's next offset (when resuming)
+
+    @property
+    def trimmed(self) -> bool:
+        return self.low > self.start
+
+    @property
+    def to_read(self) -> int:
+        return max(0, self.high - max(self.low, self.rebuilt or 0))
+
+
+@dataclass(frozen=True)
+class RebuildPlan:
+    projection: str
+    shadow_schema: str
+    resume: bool
+    partitions: list[PartitionPlan]
+
+    @property
+    def to_read(self) -> int:
+        return sum(p.to_read for p in self.partitions)
+
+    @property
+    def trimmed(self) -> list[PartitionPlan]:
+        return [p for p in self.partitions if p.trimmed]
+
+
+@dataclass
+class RebuildReport:
+    plan: RebuildPlan
+    status: str = "planned"  # planned | swapped | interrupted
+    read: int = 0
+    seconds: float = 0.0
+    checkpoints: dict[TopicPartition, int] = field(default_factory=dict)
+    old_dropped: bool = False
+
+
+class Progress:
+    """Where a rebuild reports how far it is; the CLI shows a bar on a terminal, lines
+    otherwise."""
+
+    def update(self, done: int, total: int, phase: str) -> None:
+        """``done`` of ``total`` messages read; ``phase`` says what it is doing."""
+
+    def close(self) -> None: ...
+
+
+def _trimmed_message(plan: RebuildPlan) -> str:
+    parts = ", ".join(
+        f"{p.topic}[{p.partition}] starts at {p.low}, history at {p.start}" for p in plan.trimmed
+    )
+    return (
+        f"cannot rebuild {plan.projection}: the topics no longer hold its whole history ({parts});"
+        " retention or compaction removed what the views were built from. Re-publish it (or have"
+        " replay serve it) and run again, or pass --allow-trimmed-history to build from what is"
+        " left"
+    )
+
+
+class Rebuilder:
+    """One projection's rebuild on PostgreSQL."""
+
+    def __init__(
+        self,
+        config: Config,
+        projection: str,
+        progress: Progress | None = None,
+        clock: Clock = time.time,
+        stop: threading.Event | None = None,
+        lock_timeout: float = 5.0,
+    ) -> None:
+        self.config = config
+        self.projection: ProjectionConfig = config.projection(projection)
+        if self.projection.store != "postgres":
+            raise ValueError(
+                f"projection {projection!r} keeps its views in Redis: rebuild supports"
+                " PostgreSQL projections so far"
+            )
+        self.progress = progress or Progress()
+        self.clock = clock
+        self.stop = stop or threading.Event()
+        self.lock_timeout = lock_timeout
+        pg = config.postgres_config()
+        self.store = PostgresStore(pg.dsn.get_secret_value(), pg.schema_, pg.connect_timeout)
+        self.handlers = load_handlers(self.projection)
+        self.views = view_migrations(self.projection, self.handlers)
+        self.rebuild = PgRebuildStore(self.store, self.projection.name, self.projection.schema_name)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _reader(self) -> PartitionReader:
+        kafka = self.config.kafka
+        conf = {k: v for k, v in kafka.consumer.items() if k != "group.instance.id"}
+        conf |= {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "group.id": f"{kafka.group_prefix}.{self.projection.name}.rebuild",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+            "fetch.wait.max.ms": 100,
+        }
+        return PartitionReader(conf, self.projection.consumed_topics)
+
+    def plan(self, reader: PartitionReader) -> RebuildPlan:
+        check_schema(self.store.conn, self.store.schema, self.views)
+        live = self.rebuild.live_partitions()
+        resume = self.rebuild.in_progress()
+        rebuilt = self.store.checkpoints(self.rebuild.name) if resume else {}
+        parts = []
+        for (topic, part), (low, high) in sorted(reader.watermarks().items()):
+            known = live.get((topic, part))
+            start = 0 if known is None or known.start_offset is None else known.start_offset
+            parts.append(
+                PartitionPlan(
+                    topic,
+                    part,
+                    low,
+                    high,
+                    start,
+                    None if known is None else known.next_offset,
+                    rebuilt.get((topic, part)),
+                )
+            )
+        return RebuildPlan(self.projection.name, self.rebuild.shadow, resume, parts)
+
+    def run(
+        self, dry_run: bool = False, allow_trimmed: bool = False, restart: bool = False
+    ) -> RebuildReport:
+        """Plan, and unless ``dry_run``: build, catch up and swap. Raises
+        :class:`HistoryTrimmed`, or ``RebuildRunning`` when another rebuild holds the lock."""
+        started = time.monotonic()
+        with self.rebuild.exclusive():
+            reader = self._reader()
+            try:
+                if restart and not dry_run:
+                    self.rebuild.abandon()
+                plan = self.plan(reader)
+                if plan.trimmed and not allow_trimmed:
+                    raise HistoryTrimmed(_trimmed_message(plan))
+                report = RebuildReport(plan)
+                if dry_run:
+                    return report
+                if not plan.resume:
+                    self.rebuild.start(self.views)
+                self._build(reader, plan, report)
+            finally:
+                reader.close()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _build(self, reader: PartitionReader, plan: RebuildPlan, report: RebuildReport) -> None:
+        shadow = self.projection.model_copy(
+            update={"name": self.rebuild.name, "view_schema": self.rebuild.shadow}
+        )
+        applier = build_applier(self.config, shadow, self.store, self.clock)
+        decoders = build_decoders(self.projection)
+        claims = self.store.claim(self.rebuild.name, reader.partitions, "rebuild")
+        epochs = {tp: c.epoch for tp, c in claims.items()}
+        reader.assign({tp: c.next_offset for tp, c in claims.items()})
+        batch = Batcher(applier, decoders, epochs, reader, self.projection.batch_max_messages)
+        total = plan.to_read
+        slack = self.projection.batch_max_messages
+        while not self.stop.is_set():
+            applied = batch.next(timeout=0.2)
+            report.read += applied
+            live = {tp: p.next_offset or 0 for tp, p in self.rebuild.live_partitions().items()}
+            behind = sum(max(0, o - batch.position(tp)) for tp, o in live.items())
+            self.progress.update(report.read, max(total, report.read + behind), "reading")
+            if applied or behind > slack:
+                continue
+            self.progress.update(report.read, report.read + behind, "swapping")
+            try:
+                report.checkpoints = self.rebuild.swap(
+                    lambda targets: batch.read_up_to(targets, report), self.lock_timeout
+                )
+            except NotCaughtUp as exc:
+                log.info("rebuild %s: not swapped yet (%s); reading on", plan.projection, exc)
+                batch.rewind(self.store.checkpoints(self.rebuild.name))
+                continue
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.info(
+                    "rebuild %s: swap waited too long (%s); trying again", plan.projection, exc
+                )
+                self.store.close()
+                batch.rewind(self.store.checkpoints(self.rebuild.name))
+                continue
+            report.status = "swapped"
+            self.progress.update(report.read, report.read, "dropping the old views")
+            report.old_dropped = self._drop_old()
+            return
+        report.status = "interrupted"
+
+    def _drop_old(self) -> bool:
+        """Drop the swapped-out schema, waiting for its last readers a while."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if self.rebuild.drop_old(self.lock_timeout):
+                return True
+        return False
+
+
+class Batcher:
+    """Reads and applies the rebuild's batches; tracks its next offsets."""
+
+    def __init__(
+        self,
+        applier: Applier,
+        decoders: Mapping[str, Decoder],
+        epochs: Mapping[TopicPartition, int],
+        reader: PartitionReader,
+        size: int,
+    ) -> None:
+        self.applier = applier
+        self.decoders = decoders
+        self.epochs = epochs
+        self.reader = reader
+        self.size = size
+        self.offsets: dict[TopicPartition, int] = {}
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.offsets.get(tp, 0)
+
+    def rewind(self, stored: Mapping[TopicPartition, int | None]) -> None:
+        """Back to the stored checkpoints (what a rolled-back swap applied is read again)."""
+        self.reader.assign(stored)
+        self.offsets = {tp: o for tp, o in stored.items() if o is not None}
+
+    def _apply(self, messages: list[RawMessage], retry: bool) -> None:
+        positions = {
+            tp: o
+            for tp, o in self.reader.positions().items()
+            if tp in {(m.topic, m.partition) for m in messages}
+        }
+        if retry:
+            for attempt in transient_retries():
+                with attempt:
+                    result = self.applier.apply(messages, self.decoders, self.epochs, positions)
+        else:
+            result = self.applier.apply(messages, self.decoders, self.epochs, positions)
+        self.offsets.update(result.checkpoints)
+
+    def next(self, timeout: float) -> int:
+        """Read and apply one batch (committed on its own); how many messages it held."""
+        messages = self.reader.poll(self.size, timeout)
+        if messages:
+            self._apply(messages, retry=True)
+        else:
+            self.offsets.update(self.reader.positions())
+        return len(messages)
+
+    def read_up_to(self, targets: Mapping[TopicPartition, int], report: RebuildReport) -> None:
+        """Inside the swap: apply until every partition reached ``targets`` (no retry: an error
+        here aborts the swap, which is tried again). Gives up after a few seconds."""
+        deadline = time.monotonic() + 10
+        while any(self.position(tp) < o for tp, o in targets.items()):
+            if time.monotonic() > deadline:
+                raise NotCaughtUp("the live projection moved on faster than the rebuild read")
+            messages = self.reader.poll(self.size, 0.2)
+            if messages:
+                self._apply(messages, retry=False)
+                report.read += len(messages)
+            else:
+                self.offsets.update(self.reader.positions())
+
+
+def rebuild(
+    config: Config,
+    projection: str,
+    *,
+    dry_run: bool = False,
+    allow_trimmed: bool = False,
+    restart: bool = False,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    lock_timeout: float = 5.0,
+    clock: Callable[[], float] = time.time,
+) -> RebuildReport:
+    rebuilder = Rebuilder(config, projection, progress, clock, stop, lock_timeout)
+    try:
+        return rebuilder.run(dry_run, allow_trimmed, restart)
+    finally:
+        rebuilder.close()
