@@ -103,33 +103,43 @@ def schemas(pg_dsn: str) -> set[str]:
     return {r[0] for r in rows(pg_dsn, "select nspname from pg_namespace")}
 
 
+@pytest.mark.parametrize(
+    "streams", [250, pytest.param(2500, marks=pytest.mark.slow, id="50k")], ids=str
+)
 def test_rebuild_swaps_in_while_the_daemon_runs_and_readers_read(
-    services: Services, pg_dsn: str, new_topic: Callable[..., str], reader: Reader
+    services: Services,
+    pg_dsn: str,
+    new_topic: Callable[..., str],
+    reader: Reader,
+    streams: int,
 ) -> None:
-    """Proves the rebuild's promise on 5,000 events: with the daemon running and new events
+    """Proves the rebuild's promise on 5,000 events (50,000 with ``-m slow``): with the
+    daemon running and new events
     arriving during the rebuild, a reader querying the live view in a loop never sees it
     empty, shrink, lose applied events or step a row back; after the swap the daemon goes on
     from the rebuilt state, every event applied exactly once (the per-row counters equal the
     oracle's), nothing parked or dead-lettered, and no shadow or old schema is left."""
     rng = random.Random(8)
-    log = scenarios.account_log(rng, accounts=250, events_per_account=20)
+    log = scenarios.account_log(rng, accounts=streams, events_per_account=20)
     delivered = scenarios.shuffle_within_windows(rng, log, 50)
+    first = len(delivered) * 3 // 5
     topic = new_topic(partitions=3)
-    publish(services.kafka, topic, delivered[:3000])
+    publish(services.kafka, topic, delivered[:first])
     config = make_config(services, pg_dsn, [accounts(topic, batch_max_messages=200)])
     migrate_all(config)
     with running_daemon(config, FakeClock()):
-        wait_until(lambda: applied(pg_dsn) == 3000, "the daemon to apply the first 3,000")
+        wait_until(lambda: applied(pg_dsn) == first, "the daemon to apply the first part", 120)
         reader.start()
         done: dict[str, Any] = {}
         thread = threading.Thread(target=lambda: done.update(report=rebuild(config, "accounts")))
         thread.start()
-        for start in range(3000, len(delivered), 400):
-            publish(services.kafka, topic, delivered[start : start + 400])
-        thread.join(120)
+        step = len(delivered) // 12
+        for start in range(first, len(delivered), step):
+            publish(services.kafka, topic, delivered[start : start + step])
+        thread.join(600)
         assert not thread.is_alive(), "the rebuild did not finish"
         assert done["report"].status == "swapped"
-        wait_until(lambda: applied(pg_dsn) == len(delivered), "the daemon to apply the rest")
+        wait_until(lambda: applied(pg_dsn) == len(delivered), "the daemon to apply the rest", 300)
         wait_until(lambda: account_rows(pg_dsn) == scenarios.accounts_oracle(log), "the oracle")
         reads_after = reader.reads + 20
         wait_until(lambda: reader.reads > reads_after, "the reader to read the swapped view")
