@@ -1,8 +1,9 @@
 """The customer list of :mod:`handlers.customers`, kept in Redis (store: redis).
 
 Same events, same rules, same fold (``fold_customers``); only the layout differs. Keys, as the
-handler names them (a reader prefixes each with ``<redis.prefix>:v:<view_schema>:``, e.g.
-``projector:v:customers:customer:42``):
+handler names them (a reader prefixes each with ``<redis.prefix>:v:<view_schema>:<version>:``,
+the version being in ``<redis.prefix>:v:<view_schema>:active``, e.g.
+``projector:v:customers:1:customer:42``):
 
 - ``customer:<id>`` hash: ``name``, ``email`` (absent when the customer gave none),
   ``version`` (seq of the last event applied), ``applied_events`` (events applied since the

@@ -2,8 +2,9 @@
 leaderboard per game.
 
 Same events, same rules, same fold (``fold_game``); only the layout differs. Keys, as the
-handler names them (a reader prefixes each with ``<redis.prefix>:v:<view_schema>:``, e.g.
-``projector:v:games:game:7``):
+handler names them (a reader prefixes each with ``<redis.prefix>:v:<view_schema>:<version>:``,
+the version being in ``<redis.prefix>:v:<view_schema>:active``, e.g.
+``projector:v:games:1:game:7``):
 
 - ``game:<id>`` hash: ``home``, ``away``, ``status`` (live, final), ``home_points``,
   ``away_points``, ``plays`` (JUMP/ASSIST/POINT events applied), ``last_seq`` and, only while

@@ -1,7 +1,7 @@
 """Documents merged field by field by timestamp, kept in Redis (the seed's profile question).
 
 For a merge-mode projection with ``store: redis``: each document is stored whole as a JSON
-string under ``doc:<stream>`` (``<redis.prefix>:v:<view_schema>:doc:person:1`` for stream
+string under ``doc:<stream>`` (``<redis.prefix>:v:<view_schema>:<version>:doc:person:1`` for stream
 ``person:1``), and the set ``docs`` lists the documents that exist. A deleted document's key
 and member go. This is the Redis counterpart of the built-in PostgreSQL JSONB view
 (``merge.view_table``): projector keeps the per-field timestamps itself, so the handler only

@@ -290,8 +290,11 @@ def redis_client(s: Settings) -> redis.Redis:
 
 
 def redis_views(s: Settings) -> str:
-    """What every key of games_redis's views starts with; the handler's key follows."""
-    return f"{s.redis_prefix}:v:{GAMES_REDIS}:"
+    """What every key of games_redis's views starts with, at the active version (as a reader
+    finds it: ``<prefix>:v:<view_schema>:active``); the handler's key follows."""
+    with redis_client(s) as client:
+        active = client.get(f"{s.redis_prefix}:v:{GAMES_REDIS}:active") or "1"
+    return f"{s.redis_prefix}:v:{GAMES_REDIS}:{active}:"
 
 
 def _pattern(key: str) -> tuple[str, str, str | None] | None:
@@ -1126,14 +1129,16 @@ def show_state(s: Settings) -> bool:
 def redis_state(s: Settings) -> tuple[dict[str, int], list[tuple[str, str, int, int | None]]]:
     """games_redis's parked events, gaps and dead letters, each with where it is kept, and its
     checkpoints, read from Redis by the layout of docs/redis.md."""
-    base = f"{s.redis_prefix}:s:{GAMES_REDIS}:"
+    fence = f"{s.redis_prefix}:s:{GAMES_REDIS}:"
     with redis_client(s) as client:
+        version = client.get(f"{fence}version") or "1"
+        base = f"{fence}{version}:"
         streams = sorted(client.scan_iter(match=f"{base}st:*", count=1000))
         pipe = client.pipeline(transaction=False)
         for key in streams:
             pipe.hkeys(key)
         pipe.zcard(f"{base}gaps").zcard(f"{base}gapskipped").hlen(f"{base}dl")
-        pipe.hgetall(f"{base}offsets")
+        pipe.hgetall(f"{fence}offsets")
         *fields, gaps, skipped, dead, offsets = pipe.execute()
     parked = sum(f.startswith("p:") for names in fields for f in names)  # p:<seq>: parked
     counts = {
@@ -1353,7 +1358,7 @@ def run_projector(
             " for its predecessors: in memory when they came in the same batch, parked in"
             f" {STATE_SCHEMA}.holding when they came in a later one (batches of {BATCH} here)."
             f" {GAMES_REDIS} did the same with the games' plays, its positions and parked events"
-            f" in Redis ({s.redis_prefix}:s:{GAMES_REDIS}:st:<stream>), each batch with its"
+            f" in Redis ({s.redis_prefix}:s:{GAMES_REDIS}:<version>:st:<stream>), each batch with its"
             " checkpoints and views in one script."
         )
         tombstones = totals.get(SCHOOL, {}).get("ignored", 0)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder
@@ -27,11 +29,14 @@ from projector.core.message import RawMessage
 from projector.runner.batch import Clock
 from projector.runner.worker import Applier, build_applier, build_decoders, load_handlers
 from projector.source.kafka import PartitionReader, TopicPartition
-from projector.store.connect import view_migrations
+from projector.store.base import LivePartition, NotCaughtUp
+from projector.store.connect import open_store, view_migrations
 from projector.store.errors import is_transient, transient_retries
-from projector.store.migrate import check_schema
+from projector.store.migrate import ViewMigrations, check_schema
 from projector.store.postgres import PostgresStore
-from projector.store.postgres_rebuild import NotCaughtUp, PgRebuildStore
+from projector.store.postgres_rebuild import PgRebuildStore
+from projector.store.redis import RedisStore
+from projector.store.redis_rebuild import RedisRebuildStore
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +112,31 @@ def _trimmed_message(plan: RebuildPlan) -> str:
     )
 
 
+class RebuildStore(Protocol):
+    """A store's side of a rebuild (PostgreSQL: a shadow schema; Redis: a new key version)."""
+
+    name: str  # the rebuild's own projection name in the store: "<name>#rebuild"
+    shadow: str  # the view schema its handlers write to
+
+    def exclusive(self) -> AbstractContextManager[None]: ...
+
+    def live_partitions(self) -> dict[TopicPartition, LivePartition]: ...
+
+    def in_progress(self) -> bool: ...
+
+    def start(self, views: Sequence[ViewMigrations]) -> None: ...
+
+    def abandon(self) -> None: ...
+
+    def swap(
+        self, catch_up: Callable[[Mapping[TopicPartition, int]], None], lock_timeout: float
+    ) -> dict[TopicPartition, int]: ...
+
+    def drop_old(self, lock_timeout: float) -> bool: ...
+
+
 class Rebuilder:
-    """One projection's rebuild on PostgreSQL."""
+    """One projection's rebuild."""
 
     def __init__(
         self,
@@ -121,20 +149,20 @@ class Rebuilder:
     ) -> None:
         self.config = config
         self.projection: ProjectionConfig = config.projection(projection)
-        if self.projection.store != "postgres":
-            raise ValueError(
-                f"projection {projection!r} keeps its views in Redis: rebuild supports"
-                " PostgreSQL projections so far"
-            )
         self.progress = progress or Progress()
         self.clock = clock
         self.stop = stop or threading.Event()
         self.lock_timeout = lock_timeout
-        pg = config.postgres_config()
-        self.store = PostgresStore(pg.dsn.get_secret_value(), pg.schema_, pg.connect_timeout)
+        self.store = open_store(config, self.projection)
         self.handlers = load_handlers(self.projection)
         self.views = view_migrations(self.projection, self.handlers)
-        self.rebuild = PgRebuildStore(self.store, self.projection.name, self.projection.schema_name)
+        name, schema = self.projection.name, self.projection.schema_name
+        self.rebuild: RebuildStore
+        if isinstance(self.store, PostgresStore):
+            self.rebuild = PgRebuildStore(self.store, name, schema)
+        else:
+            assert isinstance(self.store, RedisStore)
+            self.rebuild = RedisRebuildStore(self.store, name, schema)
 
     def close(self) -> None:
         self.store.close()
@@ -152,7 +180,8 @@ class Rebuilder:
         return PartitionReader(conf, self.projection.consumed_topics)
 
     def plan(self, reader: PartitionReader) -> RebuildPlan:
-        check_schema(self.store.conn, self.store.schema, self.views)
+        if isinstance(self.store, PostgresStore):
+            check_schema(self.store.conn, self.store.schema, self.views)
         live = self.rebuild.live_partitions()
         resume = self.rebuild.in_progress()
         rebuilt = self.store.checkpoints(self.rebuild.name) if resume else {}
@@ -185,11 +214,11 @@ class Rebuilder:
                 if restart and not dry_run:
                     self.rebuild.abandon()
                 plan = self.plan(reader)
-                if plan.trimmed and not allow_trimmed:
-                    raise HistoryTrimmed(_trimmed_message(plan))
                 report = RebuildReport(plan)
                 if dry_run:
-                    return report
+                    return report  # it shows the partitions whose history is trimmed
+                if plan.trimmed and not allow_trimmed:
+                    raise HistoryTrimmed(_trimmed_message(plan))
                 if not plan.resume:
                     self.rebuild.start(self.views)
                 self._build(reader, plan, report)

@@ -20,6 +20,7 @@ from projector.core.event import Event
 from projector.core.gaps import Gap
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules, StreamPosition
+from projector.store.errors import StoreError
 
 TopicPartition = tuple[str, int]
 Handler = Callable[[Sequence[Any], Any], None]
@@ -66,6 +67,22 @@ class StreamReport:
     parked: list[tuple[int, Event]]
     gaps: list[Gap]
     dead_letters: list[DeadLetterRow]
+
+
+@dataclass(frozen=True)
+class LivePartition:
+    """A live projection's checkpoint, as a rebuild sees it."""
+
+    next_offset: int | None
+    start_offset: int | None
+
+
+class RebuildRunning(StoreError):
+    """Another rebuild of the same projection holds its lock."""
+
+
+class NotCaughtUp(Exception):
+    """At the swap the rebuild was still behind the live projection; go on reading."""
 
 
 Held = tuple[dict[str, dict[int, Event]], dict[str, list[tuple[int, int]]]]

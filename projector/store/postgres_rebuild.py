@@ -22,28 +22,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from projector.store.base import TopicPartition
-from projector.store.errors import StoreError
+from projector.store.base import LivePartition, NotCaughtUp, RebuildRunning, TopicPartition
 from projector.store.migrate import ViewMigrations
 from projector.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
 _STATE_TABLES = ("positions", "holding", "gaps", "documents")
-
-
-class RebuildRunning(StoreError):
-    """Another rebuild of the same projection holds its lock."""
-
-
-class NotCaughtUp(Exception):
-    """At the swap the rebuild was still behind the live projection; go on reading."""
 
 
 def rebuild_name(projection: str) -> str:
@@ -57,12 +47,6 @@ def shadow_schema(view_schema: str) -> str:
 
 def old_schema(view_schema: str) -> str:
     return f"{view_schema}__old"
-
-
-@dataclass(frozen=True)
-class LivePartition:
-    next_offset: int | None
-    start_offset: int | None
 
 
 class PgRebuildStore:

@@ -9,15 +9,18 @@ script back. EXEC fails if anything WATCHed changed meanwhile (another instance 
 the streams): the batch is planned again from fresh reads. A retry always plans again, so a
 commit whose reply was lost is never applied twice (its streams show its events as applied).
 
-Keys, under ``<prefix>:`` (no TTLs anywhere, so only an ``allkeys-*`` policy could evict them):
-- ``s:<projection>:epochs|offsets|owners``: hashes per ``topic:partition`` (fence, checkpoint);
-- ``s:<projection>:st:<stream>``: a stream's hash: ``seq id hash blocked`` (position),
-  ``p:<seq>`` (a parked event), ``gaps`` (JSON), ``doc``/``doc_at`` (merge state);
-- ``s:<projection>:parked`` (count), ``gaps``/``gapdue``/``gapskipped`` (sorted sets of
-  ``[stream, from_seq]`` by first seen / next request), ``gapheld`` (set);
-- ``s:<projection>:dl`` (dead letters by id), ``dlseq``, ``dlopen``; ``docs`` (merge
-  documents by last change, for the tombstone sweep);
-- ``v:<view_schema>:<key>``: the handlers' views.
+Keys, under ``<prefix>:`` (no TTLs, but on a rebuild's swapped-out version and its pause, so
+only an ``allkeys-*`` policy could evict live ones):
+- ``s:<projection>:epochs|offsets|owners|starts``: hashes per ``topic:partition`` (fence,
+  checkpoint, first offset ever read); ``s:<projection>:version``: the version written;
+- at that version, ``s:<projection>:<version>:st:<stream>``: a stream's hash: ``seq id hash
+  blocked`` (position), ``p:<seq>`` (a parked event), ``gaps`` (JSON), ``doc``/``doc_at``;
+- ``s:<projection>:<version>:parked`` (count), ``gaps``/``gapdue``/``gapskipped`` (sorted sets
+  of ``[stream, from_seq]`` by first seen / next request), ``gapheld`` (set), ``dl`` (dead
+  letters by id), ``dlseq``, ``dlopen``, ``docs`` (merge documents by last change);
+- ``v:<view_schema>:<version>:<key>``: the handlers' views; ``v:<view_schema>:active``: the
+  version readers read.
+A rebuild builds the next version beside the live one (:mod:`projector.store.redis_rebuild`).
 The stream id is always the last part of its key, so distinct streams never share a key.
 """
 
@@ -79,16 +82,39 @@ class RedisStateCorrupt(StoreError):
     in its namespace. The projection stops rather than guess."""
 
 
-class Keys:
-    """Key names of one projection (see the module docstring)."""
+REBUILD = "#rebuild"  # a rebuild's projection name: "<name>#rebuild"
 
-    def __init__(self, prefix: str, projection: str) -> None:
+
+def version_pointer(prefix: str, projection: str) -> str:
+    """Where the version of a projection's state and views is kept: the live one's, or, for
+    "<name>#rebuild", the version it builds."""
+    return f"{prefix}:s:{projection}:{'target' if projection.endswith(REBUILD) else 'version'}"
+
+
+def reader_pointer(prefix: str, view_schema: str) -> str:
+    """The active version of a view namespace, for readers: keys are under
+    ``<prefix>:v:<view_schema>:<active version>:``."""
+    return f"{prefix}:v:{view_schema}:active"
+
+
+class Keys:
+    """Key names of one projection at one version (see the module docstring). A rebuild
+    ("<name>#rebuild") has its own fence and checkpoints, and builds <name>'s state and views
+    at a version of their own; the swap makes that version the live one."""
+
+    def __init__(self, prefix: str, projection: str, version: str) -> None:
         self.prefix = prefix
-        self.base = base = f"{prefix}:s:{projection}"
-        self.epochs = f"{base}:epochs"  # topic:partition -> the owner's epoch (the fence)
-        self.offsets = f"{base}:offsets"  # topic:partition -> the next offset to read
-        self.owners = f"{base}:owners"  # topic:partition -> the instance that claimed it
-        self.starts = f"{base}:starts"  # topic:partition -> the first offset ever read
+        self.version = version
+        owner = projection.removesuffix(REBUILD)
+        fence = f"{prefix}:s:{projection}"
+        self.epochs = f"{fence}:epochs"  # topic:partition -> the owner's epoch (the fence)
+        self.offsets = f"{fence}:offsets"  # topic:partition -> the next offset to read
+        self.owners = f"{fence}:owners"  # topic:partition -> the instance that claimed it
+        self.starts = f"{fence}:starts"  # topic:partition -> the first offset ever read
+        self.pointer = version_pointer(prefix, projection)
+        # Live batches stop while a rebuild swaps in (a rebuild's own batches never do).
+        self.paused = "" if projection.endswith(REBUILD) else f"{prefix}:s:{owner}:paused"
+        self.base = base = f"{prefix}:s:{owner}:{version}"
         self.parked = f"{base}:parked"  # how many events are parked, for metrics
         self.gaps = f"{base}:gaps"  # open and held gaps by first seen
         self.gapdue = f"{base}:gapdue"  # open and held gaps by next request time
@@ -103,7 +129,7 @@ class Keys:
         return f"{self.base}:st:{stream}"
 
     def views(self, view_schema: str) -> str:
-        return f"{self.prefix}:v:{view_schema}"
+        return f"{self.prefix}:v:{view_schema}:{self.version}"
 
 
 def _tp(topic: str, partition: int) -> str:
@@ -263,15 +289,26 @@ class RedisBatch:
         check_writes: bool,
     ) -> None:
         self.projection = projection
-        self.keys = Keys(store.prefix, projection)
         self._store = store
         self._pipe = pipe
+        pointer = version_pointer(store.prefix, projection)
+        _watch(pipe, pointer)  # a swap meanwhile means planning again, at the new version
+        version = pipe.get(pointer)
+        self._own: list[Op] = []
+        if version is None:
+            if projection.endswith(REBUILD):
+                raise RedisStateCorrupt(f"{projection} has no version to build: start it again")
+            version = "1"  # the first batch ever: version 1, for writers and readers
+            self._own += [
+                ["SET", pointer, version],
+                ["SET", reader_pointer(store.prefix, view_schema), version],
+            ]
+        self.keys = Keys(store.prefix, projection, str(version))
         self._namespace = self.keys.views(view_schema)
         self._check_writes = check_writes
         self._streams: dict[str, _Stream] = {}
         self._fence: list[list[str]] = []
         self._views: list[Op] = []
-        self._own: list[Op] = []
         self._parked_delta = 0
         self._letters: dict[int, dict[str, Any]] = {}
 
@@ -314,6 +351,7 @@ class RedisBatch:
                     str(offset),
                     k.starts,
                     "" if start is None else str(start),
+                    k.paused,
                 ]
             )
 
@@ -520,6 +558,8 @@ class RedisBatch:
             ) from None
         if verdict[0] == "fenced":
             raise Fenced([_untp(f) for f in verdict[1:]])
+        if verdict[0] == "paused":
+            raise TransientStoreError("a rebuild is swapping in; the batch waits for it")
         if verdict[0] == "badwrite":
             index = int(verdict[1])
             if index <= own:
@@ -582,7 +622,9 @@ class RedisStore:
             raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict}")
 
     def keys(self, projection: str) -> Keys:
-        return Keys(self.prefix, projection)
+        """The projection's keys at its current version."""
+        version = self.client.get(version_pointer(self.prefix, projection))
+        return Keys(self.prefix, projection, "1" if version is None else str(version))
 
     @contextmanager
     def _watching(self) -> Iterator[Pipeline]:

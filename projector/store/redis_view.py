@@ -7,7 +7,8 @@ reads go to Redis at once and their keys are WATCHed, so if another instance cha
 read before the batch commits, the batch is read, planned and applied again.
 
 Keys are relative: ``customer:42``. The store puts them in the projection's view namespace
-(``<redis.prefix>:v:<view_schema>:customer:42``), so handlers never name it, as SQL handlers
+(``<redis.prefix>:v:<view_schema>:<version>:customer:42``, the version readers find in
+``<redis.prefix>:v:<view_schema>:active``), so handlers never name it, as SQL handlers
 never name a schema.
 """
 

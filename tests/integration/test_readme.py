@@ -87,7 +87,7 @@ def test_readme_redis_handler_example_applies_a_batch(
     ]
     with store.batch("scores", "scores") as tx:
         applier.apply_events(tx, events, BatchResult())
-    ns = f"{redis_prefix}:v:scores"
+    ns = f"{redis_prefix}:v:scores:1"
     board = store.client.zrange(f"{ns}:game:7:leaderboard", 0, -1, withscores=True)
     assert board == [("1", 4.0), ("0", 6.0)]
     assert store.client.hget(f"{ns}:player:0", "points") == "6"

@@ -15,15 +15,18 @@ from typing import Any
 
 import psycopg
 import pytest
+import redis
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 
 from projector import scenarios
 from projector.config import Config
 from projector.runner.rebuild import HistoryTrimmed, rebuild
+from projector.store.base import RebuildRunning
 from projector.store.postgres import PostgresStore
-from projector.store.postgres_rebuild import PgRebuildStore, RebuildRunning
+from projector.store.postgres_rebuild import PgRebuildStore
 from tests.conftest import ROOT, Services
+from tests.integration.conftest import StoreUnderTest
 from tests.integration.gaps_harness import FakeClock, running_daemon, wait_until
 from tests.integration.harness import (
     make_config,
@@ -35,6 +38,7 @@ from tests.integration.harness import (
     run_until_caught_up,
 )
 from tests.integration.test_pipeline import account_rows
+from tests.integration.views import OwnState, RedisViews
 
 pytestmark = pytest.mark.integration
 
@@ -195,26 +199,27 @@ def test_a_rebuild_killed_half_way_resumes_and_finishes(
 
 
 def test_a_topic_that_lost_its_history_is_refused(
-    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+    store: StoreUnderTest, new_topic: Callable[..., str]
 ) -> None:
-    """Proves the history check: once retention deleted the first records the projection was
-    built from, rebuild refuses, naming the partition and what to do, and changes nothing;
-    with --allow-trimmed-history it builds from what is left."""
-    log = scenarios.account_log(random.Random(3), accounts=20, events_per_account=5)
+    """Proves the history check on both stores: once retention deleted the first records the
+    projection was built from, rebuild refuses, naming the partition and what to do, and starts
+    nothing; with --allow-trimmed-history it builds from what is left."""
+    log = scenarios.customer_log(random.Random(3), 30)
     topic = new_topic()
-    publish(services.kafka, topic, log)
-    config = make_config(services, pg_dsn, [accounts(topic)])
-    migrate_all(config)
+    publish(store.services.kafka, topic, log)
+    config = store.config([store.projection("people", [topic], ["customers"])])
     assert run_until_caught_up(config) == 0
-    admin = AdminClient({"bootstrap.servers": services.kafka})
+    admin = AdminClient({"bootstrap.servers": store.services.kafka})
     for future in admin.delete_records([KafkaTopicPartition(topic, 0, 10)]).values():
         future.result(30)
 
     with pytest.raises(HistoryTrimmed, match=rf"{topic}\[0\] starts at 10, history at 0"):
-        rebuild(config, "accounts")
-    assert "accounts__rebuild" not in schemas(pg_dsn)
+        rebuild(config, "people")
+    assert "people__rebuild" not in schemas(store.pg_dsn)
+    planned = rebuild(config, "people", dry_run=True).plan  # a dry run shows it, unrefused
+    assert [(p.topic, p.partition, p.low) for p in planned.trimmed] == [(topic, 0, 10)]
 
-    report = rebuild(config, "accounts", allow_trimmed=True)
+    report = rebuild(config, "people", allow_trimmed=True)
     assert report.status == "swapped" and report.read == len(log) - 10
 
 
@@ -287,3 +292,142 @@ def test_grants_and_dependent_views_follow_the_swap(
             conn.execute("drop schema if exists reports cascade")
             conn.execute(f"drop owned by {role}")
             conn.execute(f"drop role {role}")
+
+
+@dataclass
+class RedisReader:
+    """Reads the live game views in Redis in a loop, as a user would (the active version's
+    pointer, then its keys), and notes any moment they went back: fewer games, fewer plays in
+    total, or a game at an older seq than seen before."""
+
+    url: str
+    prefix: str
+    reads: int = 0
+    versions: set[str] = field(default_factory=set)
+    violations: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def run(self) -> None:
+        seen_games, seen_plays = 0, 0
+        last_seq: dict[str, int] = {}
+        with redis.Redis.from_url(self.url, decode_responses=True) as client:
+            while not self.stop.is_set():
+                active = client.get(f"{self.prefix}:v:games:active")
+                if active is None:
+                    continue
+                self.versions.add(active)
+                ns = f"{self.prefix}:v:games:{active}:game:"
+                keys = [k for k in client.scan_iter(match=f"{ns}*") if ":" not in k[len(ns) :]]
+                games = {k[len(ns) :]: client.hmget(k, "plays", "last_seq") for k in keys}
+                plays = sum(int(p or 0) for p, _ in games.values())
+                if len(games) < seen_games or plays < seen_plays:
+                    self.violations.append(f"went back: {len(games)} games, {plays} plays")
+                for game, (_, seq) in games.items():
+                    if int(seq or 0) < last_seq.get(game, 0):
+                        self.violations.append(f"game {game} went back to seq {seq}")
+                    last_seq[game] = int(seq or 0)
+                seen_games, seen_plays = max(seen_games, len(games)), max(seen_plays, plays)
+                self.reads += 1
+
+
+@pytest.mark.parametrize("plays", [250, pytest.param(2500, marks=pytest.mark.slow, id="50k")])
+def test_redis_rebuild_flips_to_a_new_version_while_the_daemon_runs_and_readers_read(
+    services: Services,
+    redis_prefix: str,
+    new_topic: Callable[..., str],
+    pg_dsn: str,
+    plays: int,
+) -> None:
+    """Proves the rebuild on Redis with 5,000 plays of 20 games: a new key version is built
+    beside the live one while the daemon applies and new plays arrive; a reader that follows
+    the active-version pointer never sees fewer games, fewer plays or an older seq; after the
+    flip the daemon goes on in the new version, every play applied once (the box scores and
+    leaderboards equal the oracle), and the old version's keys are set to expire. (50,000
+    plays with ``-m slow``.)"""
+    rng = random.Random(12)
+    log = scenarios.game_log(rng, 20, plays)
+    delivered = scenarios.shuffle_within_windows(rng, log, 50)
+    first = len(delivered) * 3 // 5
+    topic = new_topic(partitions=3)
+    publish(services.kafka, topic, delivered[:first])
+    games = projection("games", [topic], ["handlers.game_redis"], store="redis")
+    config = make_config(services, pg_dsn, [{**games, "batch_max_messages": 200}], redis_prefix)
+    views = RedisViews(services.redis_url, redis_prefix)
+    reader = RedisReader(services.redis_url, redis_prefix)
+    with running_daemon(config, FakeClock()):
+        wait_until(lambda: views.own("games").checkpoint_sum == first, "the first part", 120)
+        reader.start()
+        done: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: done.update(report=rebuild(config, "games")))
+        thread.start()
+        step = len(delivered) // 12
+        for start in range(first, len(delivered), step):
+            publish(services.kafka, topic, delivered[start : start + step])
+        thread.join(300)
+        assert not thread.is_alive(), "the rebuild did not finish"
+        assert done["report"].status == "swapped"
+        wait_until(lambda: views.own("games").checkpoint_sum == len(delivered), "the rest", 120)
+        wait_until(lambda: views.games("games") == scenarios.game_oracle(log), "the oracle")
+        reads_after = reader.reads + 10
+        wait_until(lambda: reader.reads > reads_after, "the reader to read the new version")
+        reader.stop.set()
+    assert reader.thread is not None
+    reader.thread.join(30)
+    assert reader.violations == []
+    assert reader.versions == {"1", "2"}
+    assert views.own("games") == OwnState(0, 0, 0, len(delivered))
+    with redis.Redis.from_url(services.redis_url, decode_responses=True) as client:
+        old = list(client.scan_iter(match=f"{redis_prefix}:v:games:1:*"))
+        assert old and all(0 < client.pttl(k) <= 60_000 for k in old)
+        assert not list(client.scan_iter(match=f"{redis_prefix}:s:games#rebuild:*"))
+    print(f"reader: {reader.reads} reads, rebuild read {done['report'].read} messages")
+
+
+def test_a_redis_rebuild_killed_half_way_resumes_and_a_second_one_is_refused(
+    services: Services, redis_prefix: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Proves on Redis: while a rebuild runs, a second one is refused (its lock is a key with
+    a lease); a rebuild killed with SIGKILL half-way resumes from its stored offsets when
+    started again, and after the flip the views equal the oracle."""
+    log = scenarios.game_log(random.Random(13), 20, 250)
+    topic = new_topic(partitions=2)
+    publish(services.kafka, topic, log)
+    games = projection("games", [topic], ["handlers.game_redis"], store="redis")
+    path = process_config(
+        services, services.pg_dsn, tmp_path, [{**games, "batch_max_messages": 20}], redis_prefix
+    )
+    command = [sys.executable, "-m", "projector", "rebuild", "games", "-c", str(path)]
+    with (tmp_path / "first.log").open("wb") as out:
+        first = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    offsets = f"{redis_prefix}:s:games#rebuild:offsets"
+    with redis.Redis.from_url(services.redis_url, decode_responses=True) as client:
+
+        def rebuilt() -> int:
+            return sum(int(v) for v in client.hvals(offsets))
+
+        wait_until(lambda: rebuilt() > 1000, "the first rebuild to get going", limit=60)
+        refused = subprocess.run(
+            command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        stored = rebuilt()
+        client.delete(f"{redis_prefix}:s:games:rebuilding")  # the dead one's lease, cut short
+    assert refused.returncode == 1 and "another rebuild of games is running" in refused.stderr
+    assert 0 < stored < len(log), "killed before it finished"
+
+    second = subprocess.run(
+        command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+    assert second.returncode == 0, second.stdout + second.stderr
+    read = int(second.stdout.split("read ")[1].split(" messages")[0].replace(",", ""))
+    assert read <= len(log) - stored, second.stdout
+    views = RedisViews(services.redis_url, redis_prefix)
+    assert views.games("games") == scenarios.game_oracle(log)
+    print(f"killed at {stored} of {len(log)}; the second run read {read}")

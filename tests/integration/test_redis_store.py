@@ -100,7 +100,7 @@ def test_a_stale_epoch_writes_nothing(
 
     assert info.value.partitions == [(TOPIC, 0)]
     assert list(client.scan_iter(match=f"{redis_prefix}:v:*")) == []
-    assert list(client.scan_iter(match=f"{redis_prefix}:s:p:st:*")) == []
+    assert list(client.scan_iter(match=f"{redis_prefix}:s:p:1:st:*")) == []
     assert offsets(client, redis_prefix) == {}
 
 
@@ -119,13 +119,13 @@ def test_a_wrongtype_write_leaves_nothing_half_applied_and_becomes_a_dead_letter
     store = make_store()
     apply = applier_for(services, pg_dsn, store)
     epoch = store.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
-    client.set(f"{redis_prefix}:v:p:trap", "a string")
+    client.set(f"{redis_prefix}:v:p:1:trap", "a string")
     batch = [wire("s1", 1, 0), wire("s2", 1, 1), wire("s2", 2, 2, "TRAP"), wire("s1", 2, 3)]
 
     with pytest.raises(TransientStoreError, match="WRONGTYPE"):
         apply(batch, {(TOPIC, 0): epoch})
-    assert list(client.scan_iter(match=f"{redis_prefix}:v:p:count:*")) == []
-    assert list(client.scan_iter(match=f"{redis_prefix}:s:p:st:*")) == []
+    assert list(client.scan_iter(match=f"{redis_prefix}:v:p:1:count:*")) == []
+    assert list(client.scan_iter(match=f"{redis_prefix}:s:p:1:st:*")) == []
     assert offsets(client, redis_prefix) == {}
 
     result = apply(batch, {(TOPIC, 0): epoch})
@@ -133,10 +133,10 @@ def test_a_wrongtype_write_leaves_nothing_half_applied_and_becomes_a_dead_letter
     [letter] = result.dead_letters
     assert (letter.stream, letter.seq, letter.kind) == ("s2", 2, "handler")
     assert "WRONGTYPE" in letter.reason
-    assert client.get(f"{redis_prefix}:v:p:count:s1") == "2"
-    assert client.get(f"{redis_prefix}:v:p:count:s2") == "1"
-    assert client.get(f"{redis_prefix}:v:p:trap") == "a string"
-    assert client.hget(f"{redis_prefix}:s:p:st:s2", "blocked") == "2"
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "2"
+    assert client.get(f"{redis_prefix}:v:p:1:count:s2") == "1"
+    assert client.get(f"{redis_prefix}:v:p:1:trap") == "a string"
+    assert client.hget(f"{redis_prefix}:s:p:1:st:s2", "blocked") == "2"
     assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "4"}
 
 
@@ -253,7 +253,7 @@ def test_a_concurrent_change_of_a_read_stream_means_planning_again(
         assert position.last_seq == 0
         apply_b([wire("s1", 1, 0)], {(TOPIC, 0): epoch[(TOPIC, 0)]})  # the other writer
         tx.write_positions([position])
-    assert client.get(f"{redis_prefix}:v:p:count:s1") == "1"
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "1"
     assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1"}
 
 
@@ -278,10 +278,10 @@ def test_noscript_is_healed(
         apply([wire("s1", 2, 1)], {(TOPIC, 0): epoch})
     except TransientStoreError as exc:
         assert "scripts" in str(exc)
-        assert client.get(f"{redis_prefix}:v:p:count:s1") == "1"
+        assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "1"
         apply([wire("s1", 2, 1)], {(TOPIC, 0): epoch})
 
-    assert client.get(f"{redis_prefix}:v:p:count:s1") == "2"
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "2"
     assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "2"}
 
 
@@ -325,7 +325,7 @@ def test_a_handler_write_of_thousands_of_values_is_applied_whole(
         tx.fence({(TOPIC, 0): 1}, {(TOPIC, 0): epoch})
         tx.lock_positions(["s1"], SequenceRules())
         tx.run_handlers([big], ["item"])
-    ns = f"{redis_prefix}:v:p"
+    ns = f"{redis_prefix}:v:p:1"
     assert (client.hlen(f"{ns}:h"), client.scard(f"{ns}:s"), client.zcard(f"{ns}:z")) == (
         5000,
         9000,

@@ -2,7 +2,7 @@
 read back from PostgreSQL or Redis in the shape of the oracles in ``projector.scenarios``.
 
 Each reader restates the documented layout (SQL tables; Redis keys under
-``<prefix>:v:<view_schema>:``) rather than calling the handlers, so a mistake in a handler is
+``<prefix>:v:<view_schema>:<active version>:``) rather than calling the handlers, so a mistake in a handler is
 not silently shared by the check.
 """
 
@@ -148,8 +148,19 @@ class RedisViews:
     def _client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True)
 
+    def _ns(self, schema: str) -> str:
+        """The active version's view namespace, found as a reader finds it."""
+        with self._client() as r:
+            active = r.get(f"{self.prefix}:v:{schema}:active") or "1"
+        return f"{self.prefix}:v:{schema}:{active}"
+
+    def _state(self, projection: str) -> str:
+        with self._client() as r:
+            version = r.get(f"{self.prefix}:s:{projection}:version") or "1"
+        return f"{self.prefix}:s:{projection}:{version}"
+
     def customers(self, schema: str) -> dict[str, Row]:
-        ns = f"{self.prefix}:v:{schema}"
+        ns = self._ns(schema)
         with self._client() as r:
             ids = r.smembers(f"{ns}:customers")
             found = {}
@@ -168,7 +179,7 @@ class RedisViews:
         return found
 
     def games(self, schema: str) -> Games:
-        ns = f"{self.prefix}:v:{schema}"
+        ns = self._ns(schema)
         game_key = re.compile(rf"^{re.escape(ns)}:game:([^:]+)$")
         player_key = re.compile(rf"^{re.escape(ns)}:game:([^:]+):player:(\d+)$")
         games: dict[str, Row] = {}
@@ -206,7 +217,8 @@ class RedisViews:
         return games, players
 
     def own(self, projection: str) -> OwnState:
-        base = f"{self.prefix}:s:{projection}"
+        base = self._state(projection)
+        fence = f"{self.prefix}:s:{projection}"
         with self._client() as r:
             parked = sum(
                 1
@@ -216,15 +228,15 @@ class RedisViews:
             )
             gaps = int(r.zcard(f"{base}:gaps"))
             letters = int(r.scard(f"{base}:dlopen"))
-            offsets = sum(int(v) for v in r.hvals(f"{base}:offsets"))
+            offsets = sum(int(v) for v in r.hvals(f"{fence}:offsets"))
         return OwnState(parked, gaps, letters, offsets)
 
     def parked_count(self, projection: str) -> int:
         with self._client() as r:
-            return int(r.get(f"{self.prefix}:s:{projection}:parked") or 0)
+            return int(r.get(f"{self._state(projection)}:parked") or 0)
 
     def documents(self, schema: str) -> dict[str, Any]:
-        ns = f"{self.prefix}:v:{schema}"
+        ns = self._ns(schema)
         with self._client() as r:
             listed = r.smembers(f"{ns}:docs")
             found = {s: json.loads(r.get(f"{ns}:doc:{s}") or "null") for s in listed}
@@ -233,7 +245,7 @@ class RedisViews:
         return found
 
     def merged(self, projection: str) -> int:
-        base = f"{self.prefix}:s:{projection}"
+        base = self._state(projection)
         with self._client() as r:
             return sum(
                 1 for key in r.scan_iter(match=f"{base}:st:*", count=1000) if r.hexists(key, "doc")

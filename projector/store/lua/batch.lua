@@ -1,9 +1,10 @@
 #!lua
 -- One batch of one projection, all or nothing (see projector/store/redis.py).
 -- ARGV[1]: "commit" (check, then write) or "check" (only check: a dry run of the writes).
--- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset, starts, start}...},
+-- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset, starts, start, paused}...},
 --                ops = {{COMMAND, key, arg...}...}, own = number of projector's own ops first}
--- Returns {"ok"}, {"fenced", field...}, or {"badwrite", op index (1-based), reason}.
+-- Returns {"ok"}, {"fenced", field...}, {"paused"} (a rebuild is swapping in: wait), or
+-- {"badwrite", op index (1-based), reason}.
 -- Redis does not roll a script back when a command fails half-way, so everything that could
 -- fail is checked first: the fence, then each op against the type (and, for counters, the
 -- value) its key will have by then, simulated in op order. Only then is anything written.
@@ -11,6 +12,9 @@ local mode = ARGV[1]
 local batch = cjson.decode(ARGV[2])
 
 if mode == "commit" then
+  for _, f in ipairs(batch.fence) do
+    if f[8] ~= "" and redis.call("EXISTS", f[8]) == 1 then return {"paused"} end
+  end
   local lost = {}
   for _, f in ipairs(batch.fence) do
     if redis.call("HGET", f[1], f[3]) ~= f[4] then lost[#lost + 1] = f[3] end
