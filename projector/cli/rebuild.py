@@ -74,6 +74,7 @@ def _print_plan(plan: rb.RebuildPlan) -> None:
     for p in plan.partitions:
         live = "-" if p.live is None else f"{p.live:,}"
         mark = "  TRIMMED: history starts before what the topic holds" if p.trimmed else ""
+        mark = "  (history topic)" if p.history else mark
         typer.echo(
             f"  {p.topic}[{p.partition}]: offsets {p.low:,}..{p.high:,}, history from {p.start:,},"
             f" live at {live}, to read {p.to_read:,}{mark}"
@@ -93,9 +94,17 @@ def rebuild(
         bool,
         typer.Option(
             "--allow-trimmed-history",
-            help="Build from what the topics still hold even though retention removed the start.",
+            help="Build from what the topics still hold, though retention removed the start.",
         ),
     ] = False,
+    history_from: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--history-from",
+            help="A topic holding the history retention removed from the projection's topics"
+            " (re-published, an archive); read too. Repeat for several.",
+        ),
+    ] = None,
     lock_timeout: Annotated[
         str, typer.Option(help="The longest the swap waits for a lock (a long reader, a batch).")
     ] = "5s",
@@ -119,6 +128,7 @@ def rebuild(
                 restart=restart,
                 progress=progress,
                 lock_timeout=parse_duration(lock_timeout),
+                history=history_from or (),
             )
         )
     except KeyboardInterrupt:

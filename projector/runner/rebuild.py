@@ -54,10 +54,11 @@ class PartitionPlan:
     start: int  # where the projection's history starts (0 when not recorded)
     live: int | None  # the live projection's next offset
     rebuilt: int | None  # the rebuild's next offset (when resuming)
+    history: bool = False  # a topic read for the rebuild only (--history-from)
 
     @property
     def trimmed(self) -> bool:
-        return self.low > self.start
+        return not self.history and self.low > self.start
 
     @property
     def to_read(self) -> int:
@@ -106,9 +107,9 @@ def _trimmed_message(plan: RebuildPlan) -> str:
     )
     return (
         f"cannot rebuild {plan.projection}: the topics no longer hold its whole history ({parts});"
-        " retention or compaction removed what the views were built from. Re-publish it (or have"
-        " replay serve it) and run again, or pass --allow-trimmed-history to build from what is"
-        " left"
+        " retention or compaction removed what the views were built from. Say where the rest is"
+        " with --history-from TOPIC (a topic it was re-published or archived to), or pass"
+        " --allow-trimmed-history to build from what is left"
     )
 
 
@@ -129,7 +130,10 @@ class RebuildStore(Protocol):
     def abandon(self) -> None: ...
 
     def swap(
-        self, catch_up: Callable[[Mapping[TopicPartition, int]], None], lock_timeout: float
+        self,
+        catch_up: Callable[[Mapping[TopicPartition, int]], None],
+        lock_timeout: float,
+        partitions: Sequence[TopicPartition],
     ) -> dict[TopicPartition, int]: ...
 
     def drop_old(self, lock_timeout: float) -> bool: ...
@@ -146,8 +150,10 @@ class Rebuilder:
         clock: Clock = time.time,
         stop: threading.Event | None = None,
         lock_timeout: float = 5.0,
+        history: Sequence[str] = (),
     ) -> None:
         self.config = config
+        self.history = list(history)
         self.projection: ProjectionConfig = config.projection(projection)
         self.progress = progress or Progress()
         self.clock = clock
@@ -177,7 +183,7 @@ class Rebuilder:
             "enable.partition.eof": False,
             "fetch.wait.max.ms": 100,
         }
-        return PartitionReader(conf, self.projection.consumed_topics)
+        return PartitionReader(conf, [*self.projection.consumed_topics, *self.history])
 
     def plan(self, reader: PartitionReader) -> RebuildPlan:
         if isinstance(self.store, PostgresStore):
@@ -198,6 +204,7 @@ class Rebuilder:
                     start,
                     None if known is None else known.next_offset,
                     rebuilt.get((topic, part)),
+                    topic in self.history,
                 )
             )
         return RebuildPlan(self.projection.name, self.rebuild.shadow, resume, parts)
@@ -206,7 +213,8 @@ class Rebuilder:
         self, dry_run: bool = False, allow_trimmed: bool = False, restart: bool = False
     ) -> RebuildReport:
         """Plan, and unless ``dry_run``: build, catch up and swap. Raises
-        :class:`HistoryTrimmed`, or ``RebuildRunning`` when another rebuild holds the lock."""
+        :class:`HistoryTrimmed` (unless allowed, or told where the rest of the history is:
+        ``history`` topics), or ``RebuildRunning`` when another rebuild holds the lock."""
         started = time.monotonic()
         with self.rebuild.exclusive():
             reader = self._reader()
@@ -217,7 +225,7 @@ class Rebuilder:
                 report = RebuildReport(plan)
                 if dry_run:
                     return report  # it shows the partitions whose history is trimmed
-                if plan.trimmed and not allow_trimmed:
+                if plan.trimmed and not (allow_trimmed or self.history):
                     raise HistoryTrimmed(_trimmed_message(plan))
                 if not plan.resume:
                     self.rebuild.start(self.views)
@@ -233,6 +241,10 @@ class Rebuilder:
         )
         applier = build_applier(self.config, shadow, self.store, self.clock)
         decoders = build_decoders(self.projection)
+        for topic in self.history:  # events as on the projection's own topics
+            decoders[topic] = decoders[self.projection.topics[0]]
+        history_ends = {(p.topic, p.partition): p.high for p in plan.partitions if p.history}
+        consumed = [(p.topic, p.partition) for p in plan.partitions if not p.history]
         claims = self.store.claim(self.rebuild.name, reader.partitions, "rebuild")
         epochs = {tp: c.epoch for tp, c in claims.items()}
         reader.assign({tp: c.next_offset for tp, c in claims.items()})
@@ -245,12 +257,13 @@ class Rebuilder:
             live = {tp: p.next_offset or 0 for tp, p in self.rebuild.live_partitions().items()}
             behind = sum(max(0, o - batch.position(tp)) for tp, o in live.items())
             self.progress.update(report.read, max(total, report.read + behind), "reading")
-            if applied or behind > slack:
+            history_left = any(batch.position(tp) < end for tp, end in history_ends.items())
+            if applied or behind > slack or history_left:
                 continue
             self.progress.update(report.read, report.read + behind, "swapping")
             try:
                 report.checkpoints = self.rebuild.swap(
-                    lambda targets: batch.read_up_to(targets, report), self.lock_timeout
+                    lambda targets: batch.read_up_to(targets, report), self.lock_timeout, consumed
                 )
             except NotCaughtUp as exc:
                 log.info("rebuild %s: not swapped yet (%s); reading on", plan.projection, exc)
@@ -355,8 +368,11 @@ def rebuild(
     stop: threading.Event | None = None,
     lock_timeout: float = 5.0,
     clock: Callable[[], float] = time.time,
+    history: Sequence[str] = (),
 ) -> RebuildReport:
-    rebuilder = Rebuilder(config, projection, progress, clock, stop, lock_timeout)
+    """Rebuild ``projection`` (see :class:`Rebuilder`). ``history`` names topics that hold the
+    history retention removed from the projection's topics; they are read too."""
+    rebuilder = Rebuilder(config, projection, progress, clock, stop, lock_timeout, history)
     try:
         return rebuilder.run(dry_run, allow_trimmed, restart)
     finally:

@@ -152,11 +152,14 @@ class PgRebuildStore:
         self,
         catch_up: Callable[[Mapping[TopicPartition, int]], None],
         lock_timeout: float,
+        partitions: Sequence[TopicPartition],
     ) -> dict[TopicPartition, int]:
         """Swap the rebuilt views and state in, in one transaction (see the module docstring).
         ``catch_up(targets)`` must bring the rebuild to at least ``targets`` (the live next
-        offsets), applying on this store's connection, or raise :class:`NotCaughtUp`. Returns
-        the checkpoints the live projection goes on from."""
+        offsets), applying on this store's connection, or raise :class:`NotCaughtUp`. Only the
+        checkpoints of ``partitions`` (those the live projection consumes; a history topic read
+        for the rebuild is not one) are carried over. Returns the checkpoints the live
+        projection goes on from."""
         conn = self.store.conn
         with conn.transaction():
             conn.execute(
@@ -171,7 +174,8 @@ class PgRebuildStore:
             ).fetchall()
             targets = {(t, p): int(o) for t, p, o in live}
             catch_up(targets)
-            rebuilt = self._rebuilt_checkpoints(conn)
+            consumed = set(partitions)
+            rebuilt = {tp: o for tp, o in self._rebuilt_checkpoints(conn).items() if tp in consumed}
             behind = [tp for tp, o in targets.items() if rebuilt.get(tp, 0) < o]
             if behind:
                 raise NotCaughtUp(f"the rebuild is behind on {behind}")

@@ -40,7 +40,8 @@ OLD_VERSION_GRACE = 60.0  # the swapped-out version's keys expire this long afte
 _SWAP = """
 -- KEYS: paused, live offsets, rebuild offsets, live version, reader pointer, rebuild target,
 --       rebuild epochs, rebuild owners, rebuild starts
--- ARGV: the pause token, then partition fields and the live targets, in pairs
+-- ARGV: the pause token, then the live projection's partition fields and their live
+--       checkpoints (the rebuild must have reached them), in pairs
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return {"unpaused"} end
 for i = 2, #ARGV, 2 do
   local rebuilt = tonumber(redis.call("HGET", KEYS[3], ARGV[i]) or "0")
@@ -48,10 +49,10 @@ for i = 2, #ARGV, 2 do
 end
 local target = redis.call("GET", KEYS[6])
 if not target then return {"nothing"} end
-local rebuilt = redis.call("HGETALL", KEYS[3])
-for i = 1, #rebuilt, 2 do
-  local live = tonumber(redis.call("HGET", KEYS[2], rebuilt[i]) or "-1")
-  if tonumber(rebuilt[i + 1]) > live then redis.call("HSET", KEYS[2], rebuilt[i], rebuilt[i + 1]) end
+for i = 2, #ARGV, 2 do
+  local rebuilt = redis.call("HGET", KEYS[3], ARGV[i])
+  local live = tonumber(redis.call("HGET", KEYS[2], ARGV[i]) or "-1")
+  if rebuilt and tonumber(rebuilt) > live then redis.call("HSET", KEYS[2], ARGV[i], rebuilt) end
 end
 local old = redis.call("GET", KEYS[4]) or "1"
 redis.call("SET", KEYS[4], target)
@@ -187,6 +188,7 @@ class RedisRebuildStore:
         self,
         catch_up: Callable[[Mapping[TopicPartition, int]], None],
         lock_timeout: float,
+        partitions: Sequence[TopicPartition],
     ) -> dict[TopicPartition, int]:
         """Pause the live batches, let ``catch_up(targets)`` read up to the live checkpoints,
         then flip to the rebuilt version in one script (see the module docstring)."""
@@ -198,7 +200,10 @@ class RedisRebuildStore:
             del lock_timeout
             targets = {tp: p.next_offset or 0 for tp, p in self.live_partitions().items()}
             catch_up(targets)
-            args = [token] + [x for (t, p), o in sorted(targets.items()) for x in (f"{t}:{p}", o)]
+            # Every partition the live projection consumes, with its live checkpoint (0: none);
+            # a history topic read for the rebuild only is not carried over.
+            fields = sorted(set(partitions) | set(targets))
+            args = [token] + [x for tp in fields for x in (f"{tp[0]}:{tp[1]}", targets.get(tp, 0))]
             keys = [
                 self._paused,
                 f"{self.store.prefix}:s:{self.projection}:offsets",
@@ -210,7 +215,12 @@ class RedisRebuildStore:
                 f"{self._fence}:owners",
                 f"{self._fence}:starts",
             ]
-            rebuilt = {tp: int(o or 0) for tp, o in self.store.checkpoints(self.name).items()}
+            carried = set(fields)
+            rebuilt = {
+                tp: int(o or 0)
+                for tp, o in self.store.checkpoints(self.name).items()
+                if tp in carried
+            }
             verdict = self._swap(keys=keys, args=args)
         finally:
             if self._client.get(self._paused) == token:

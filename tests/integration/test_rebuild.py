@@ -223,6 +223,31 @@ def test_a_topic_that_lost_its_history_is_refused(
     assert report.status == "swapped" and report.read == len(log) - 10
 
 
+def test_the_history_retention_removed_is_read_from_the_topic_named_for_it(
+    store: StoreUnderTest, new_topic: Callable[..., str]
+) -> None:
+    """Proves ``--history-from`` on both stores: the source topic lost its first records, the
+    whole history was re-published on an archive topic; the rebuild reads both (what is on
+    both counts once), ends equal to the oracle of the whole log, and the daemon's checkpoints
+    name only its own topic afterwards."""
+    log = scenarios.customer_log(random.Random(6), 30)
+    topic, archive = new_topic(), new_topic()
+    publish(store.services.kafka, topic, log)
+    config = store.config([store.projection("people", [topic], ["customers"])])
+    assert run_until_caught_up(config) == 0
+    admin = AdminClient({"bootstrap.servers": store.services.kafka})
+    for future in admin.delete_records([KafkaTopicPartition(topic, 0, 25)]).values():
+        future.result(30)
+    publish(store.services.kafka, archive, log)
+
+    report = rebuild(config, "people", history=[archive])
+
+    assert report.status == "swapped" and report.read == 2 * len(log) - 25
+    assert store.views.customers("people") == scenarios.customers_oracle(log)
+    assert set(report.checkpoints) == {(topic, 0)}
+    assert store.views.own("people") == OwnState(0, 0, 0, len(log))
+
+
 def test_dry_run_changes_nothing_and_a_second_rebuild_is_refused(
     services: Services, pg_dsn: str, new_topic: Callable[..., str]
 ) -> None:
