@@ -72,8 +72,15 @@ class KafkaConfig(_Strict):
 
 class PostgresConfig(_Strict):
     dsn: SecretStr
+    # The migrator role's connection, for `migrate` and `rebuild` (DDL); unset: dsn. With it,
+    # migrate grants dsn's role only row rights on projector's tables and the views.
+    migrate_dsn: SecretStr | None = Field(None, repr=False)
     schema_: Name = Field("projector", alias="schema")
     connect_timeout: Duration = 10.0
+
+    @property
+    def migrator_dsn(self) -> str:
+        return (self.migrate_dsn or self.dsn).get_secret_value()
 
 
 _REDIS_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -18,6 +18,7 @@ from projector.runner.daemon import run as run_daemon
 from projector.runner.worker import build_decoders, load_handlers
 from projector.store.connect import view_migrations
 from projector.store.migrate import migrate as do_migrate
+from projector.store.migrate import role_of
 
 
 def _check_projection(projection: ProjectionConfig) -> None:
@@ -59,7 +60,10 @@ def migrate(config: ConfigOpt = Path("projector.yaml")) -> None:
             return []
         pg = cfg.postgres_config()
         views = [v for p in on_pg for v in view_migrations(p, load_handlers(p))]
-        return do_migrate(pg.dsn.get_secret_value(), pg.schema_, views, pg.connect_timeout)
+        runtime = None
+        if pg.migrate_dsn is not None:
+            runtime = role_of(pg.dsn.get_secret_value(), pg.connect_timeout)
+        return do_migrate(pg.migrator_dsn, pg.schema_, views, pg.connect_timeout, runtime)
 
     done = _guard(work)
     for line in done:

@@ -29,7 +29,7 @@ from projector.core.message import RawMessage
 from projector.runner.batch import Clock
 from projector.runner.worker import Applier, build_applier, build_decoders, load_handlers
 from projector.source.kafka import PartitionReader, TopicPartition
-from projector.store.base import LivePartition, NotCaughtUp
+from projector.store.base import LivePartition, NotCaughtUp, Store
 from projector.store.connect import open_store, view_migrations
 from projector.store.errors import is_transient, transient_retries
 from projector.store.migrate import ViewMigrations, check_schema
@@ -159,7 +159,13 @@ class Rebuilder:
         self.clock = clock
         self.stop = stop or threading.Event()
         self.lock_timeout = lock_timeout
-        self.store = open_store(config, self.projection)
+        self.store: Store
+        if self.projection.store == "postgres":
+            # The swap creates and renames schemas: the migrator role's work.
+            pg = config.postgres_config()
+            self.store = PostgresStore(pg.migrator_dsn, pg.schema_, pg.connect_timeout)
+        else:
+            self.store = open_store(config, self.projection)
         self.handlers = load_handlers(self.projection)
         self.views = view_migrations(self.projection, self.handlers)
         name, schema = self.projection.name, self.projection.schema_name

@@ -64,10 +64,24 @@ def _connect(dsn: str, connect_timeout: float) -> psycopg.Connection[tuple[Any, 
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
 
 
+def role_of(dsn: str, connect_timeout: float = 10.0) -> str:
+    """The role a DSN logs in as."""
+    with _connect(dsn, connect_timeout) as conn:
+        row = conn.execute("select current_user").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def migrate(
-    dsn: str, schema: str, views: Sequence[ViewMigrations], connect_timeout: float = 10.0
+    dsn: str,
+    schema: str,
+    views: Sequence[ViewMigrations],
+    connect_timeout: float = 10.0,
+    runtime_role: str | None = None,
 ) -> list[str]:
-    """Bring the schema and every projection's views up to date; returns what was done."""
+    """Bring the schema and every projection's views up to date; returns what was done. With
+    ``runtime_role`` (the daemon's, when it is not this migrator role), grant it row rights
+    and nothing more on projector's tables and the views: it can't create, alter or drop."""
     done: list[str] = []
     with _connect(dsn, connect_timeout) as conn, conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -92,7 +106,25 @@ def migrate(
         )
         for v in views:
             done += _migrate_views(conn, schema, v)
+        user = conn.execute("select current_user").fetchone()
+        if runtime_role and user is not None and runtime_role != user[0]:
+            for name in dict.fromkeys([schema, *(v.view_schema for v in views)]):
+                _grant_rows(conn, name, runtime_role)
     return done
+
+
+def _grant_rows(conn: psycopg.Connection[tuple[Any, ...]], schema: str, role: str) -> None:
+    """Usage of ``schema`` and row rights on its tables and sequences, now and for the tables
+    later migrations create (migrate runs again then and grants again, too)."""
+    s, r = sql.Identifier(schema), sql.Identifier(role)
+    for statement in (
+        "grant usage on schema {s} to {r}",
+        "grant select, insert, update, delete on all tables in schema {s} to {r}",
+        "grant usage, select on all sequences in schema {s} to {r}",
+        "alter default privileges in schema {s} grant select, insert, update, delete on tables to {r}",
+        "alter default privileges in schema {s} grant usage, select on sequences to {r}",
+    ):
+        conn.execute(sql.SQL(statement).format(s=s, r=r))
 
 
 def _migrate_views(
