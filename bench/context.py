@@ -106,7 +106,11 @@ def prepare(config: dict[str, Any], path: Path) -> Config:
 
 
 def start_daemon(
-    config_path: Path, result_path: Path, *, until_stopped: bool = False, profile: Path | None = None
+    config_path: Path,
+    result_path: Path,
+    *,
+    until_stopped: bool = False,
+    profile: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """``bench.daemon`` (projector's daemon, timed) as its own process; its log beside the
     config. With ``profile``, under ``py-spy record`` (collapsed stacks written there)."""

@@ -58,7 +58,9 @@ class Watcher:
         self._thread = threading.Thread(target=self._run, name="watcher", daemon=True)
 
     def offsets(self) -> dict[int, int | None]:
-        return {p: o for (t, p), o in self._store.checkpoints(PROJECTION).items() if t == self._topic}
+        return {
+            p: o for (t, p), o in self._store.checkpoints(PROJECTION).items() if t == self._topic
+        }
 
     def start(self) -> Watcher:
         self._thread.start()

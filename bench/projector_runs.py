@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import redis
 
 from bench.context import (
@@ -49,11 +50,18 @@ class RunResult:
     samples: list[tuple[float, int, int]] = field(default_factory=list)  # t, lag, parked
 
     @property
+    def topic_read(self) -> float | None:
+        """Seconds until the stored checkpoints first reached the source topic's end; what
+        follows is waiting for the withheld events' replays (at least gap_timeout)."""
+        found = next((t for t, lag, _p in self.samples if lag == 0), None)
+        return None if found is None else min(found, self.seconds)
+
+    @property
     def rate(self) -> float:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
     def as_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "events_per_s": self.rate}
+        return {**self.__dict__, "events_per_s": self.rate, "topic_read_s": self.topic_read}
 
 
 class Sampler:
@@ -120,9 +128,7 @@ def _configure(ctx: Context, res: Resources, name: str, store: str, topic: str) 
     requests, replayed = res.topic(1), res.topic(1)
     dsn = res.database() if store == "postgres" else None
     prefix = res.redis_prefix() if store == "redis" else None
-    data = projector_config(
-        ctx, store, topic, dsn=dsn, prefix=prefix, replay=(requests, replayed)
-    )
+    data = projector_config(ctx, store, topic, dsn=dsn, prefix=prefix, replay=(requests, replayed))
     config = prepare(data, ctx.out / f"{name.replace(' ', '-')}.yaml")
     schema, table = EVENT_STORE
     responder = ReplayResponder(
@@ -226,8 +232,6 @@ def check_view(ctx: Context, config: Config, store: str) -> list[str]:
 
 
 def _pg_view(config: Config) -> dict[str, tuple[str, int, int]]:
-    import psycopg
-
     dsn = config.postgres_config().dsn.get_secret_value()
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(f"select id, owner, balance, applied_events from {PROJECTION}.accounts")
@@ -238,7 +242,7 @@ def _redis_view(config: Config) -> dict[str, tuple[str, int, int]]:
     cfg = config.redis_config()
     client = redis.Redis.from_url(cfg.url.get_secret_value(), decode_responses=True)
     try:
-        version = client.get(f"{cfg.prefix}:v:{PROJECTION}:active")
+        version = str(client.get(f"{cfg.prefix}:v:{PROJECTION}:active"))
         base = f"{cfg.prefix}:v:{PROJECTION}:{version}:account:"
         keys = [k for k in client.scan_iter(match=base + "*", count=5000)]
         with client.pipeline(transaction=False) as pipe:

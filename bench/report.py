@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
 from bench.baselines import Baseline
 from bench.latency import LatencyResult
 from bench.projector_runs import SAMPLE_SECONDS, RunResult
+
+SHORT = {"postgres": "pg", "redis": "redis"}
 
 
 @dataclass
@@ -34,7 +40,14 @@ class Results:
 
 def runs_table(results: Results) -> Table:
     table = Table(title=f"projector benchmark ({_scale(results.params)})")
-    for col in ("run", "events/s", "seconds", "batch p50 ms", "batch p99 ms", "msgs/batch"):
+    for col in (
+        "run",
+        "events/s",
+        "seconds (topic read)",
+        "batch p50 ms",
+        "batch p99 ms",
+        "msgs/batch",
+    ):
         table.add_column(col, justify="left" if col == "run" else "right")
     for col in ("peak RSS MB", "peak parked", "view"):
         table.add_column(col, justify="right")
@@ -42,7 +55,7 @@ def runs_table(results: Results) -> Table:
         table.add_row(
             r.name,
             f"{r.rate:,.0f}",
-            f"{r.seconds:.1f}",
+            f"{r.seconds:.1f}" + ("" if r.topic_read is None else f" ({r.topic_read:.1f})"),
             f"{r.p50_ms:.1f}",
             f"{r.p99_ms:.1f}",
             f"{r.messages / r.batches:,.0f}" if r.batches else "-",
@@ -54,11 +67,11 @@ def runs_table(results: Results) -> Table:
         for b in found:
             best = b is results.baseline(store, b.name)
             mark = " *" if best and b.name == "(b) store-only" else ""
-            name = f"{store} {b.name}: {b.detail}{mark}"
+            name = f"{SHORT[store]} {b.name}: {b.detail}{mark}"
             table.add_row(name, f"{b.rate:,.0f}", f"{b.seconds:.1f}", *["-"] * 6)
     for lat in results.latency:
         table.add_row(
-            f"{lat.store} produce→view at {lat.offered_rate:,.0f}/s",
+            f"{SHORT[lat.store]} produce→view at {lat.offered_rate:,.0f}/s",
             f"{lat.events / lat.seconds if lat.seconds else 0:,.0f}",
             f"{lat.seconds:.1f}",
             f"p50 {lat.p50_ms:.0f}",
@@ -91,7 +104,14 @@ def bar_rows(results: Results) -> list[tuple[str, str, str, bool | None]]:
         c = results.baseline(store, "(c) naive")
         if main and a and b:
             limit = min(a.rate, b.rate)
-            rows.append((f"{store}: projector / min(a, b)", f"{main.rate / limit:.2f}", ">= 0.5", main.rate >= 0.5 * limit))
+            rows.append(
+                (
+                    f"{store}: projector / min(a, b)",
+                    f"{main.rate / limit:.2f}",
+                    ">= 0.5",
+                    main.rate >= 0.5 * limit,
+                )
+            )
         if main and c:
             bar, ok = (">= 50", main.rate >= 50 * c.rate) if store == "postgres" else ("-", None)
             rows.append((f"{store}: projector / c", f"{main.rate / c.rate:.1f}", bar, ok))
@@ -118,11 +138,6 @@ def _scale(params: dict[str, Any]) -> str:
 
 def chart(results: Results, path: Path) -> None:
     """Events/s (applied, from checkpoint deltas) and lag over time, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (rate_ax, lag_ax) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     for r in results.runs:
         ts = [t for t, _lag, _p in r.samples]

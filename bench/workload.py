@@ -83,7 +83,7 @@ class Workload:
         }
         raw = orjson.dumps(event)
         pad = max(0, EVENT_BYTES - len(raw))
-        return raw.replace(b'"note":""', b'"note":"' + _FILLER[:pad].encode(), 1)
+        return raw.replace(b'"note":""', b'"note":"' + _FILLER[:pad].encode() + b'"', 1)
 
     def key(self, i: int) -> bytes:
         return f"account:{self.stream[i]}".encode()
