@@ -865,3 +865,50 @@ def test_validation_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
         load_config(path, env={})
     assert str(info.value).startswith(f"{path}: ")
     assert "projections[0].max_seq_jump" in str(info.value)
+
+
+HOSTILE = ['x"; drop table projector.checkpoints; --', "Accounts", "a b", "a.b", "x" * 49, ""]
+
+
+def _set_name(where: str, value: str) -> Callable[[dict[str, Any]], None]:
+    def change(d: dict[str, Any]) -> None:
+        if where == "projections[0].name":
+            first(d)["name"] = value
+        elif where == "projections[0].view_schema":
+            first(d)["view_schema"] = value
+        elif where == "postgres.schema":
+            d["postgres"]["schema"] = value
+        elif where == "projections[0].merge.view_table":
+            first(d).update(mode="merge", handlers=[], merge={"view_table": value})
+            first(d)["decoder"] = {"kind": "json", "stream": "stream", "ts": "ts"}
+        else:
+            with_redis(d)
+            d["redis"]["prefix"] = value
+
+    return change
+
+
+SQL_NAMES = [
+    "projections[0].name",
+    "projections[0].view_schema",
+    "postgres.schema",
+    "projections[0].merge.view_table",
+]
+REDIS_PREFIXES = ['x"; flushall', "a b", "a:b", "", "x" * 65]
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [(w, v) for w in SQL_NAMES for v in HOSTILE] + [("redis.prefix", v) for v in REDIS_PREFIXES],
+)
+def test_hostile_names_for_schemas_tables_and_keys_are_refused_naming_the_key(
+    where: str, value: str
+) -> None:
+    """Proves every name from the config that becomes part of SQL (a schema, a table, a
+    projection's name in projector's tables) or of a Redis key is checked at start: a quote,
+    a statement, upper case, a space, a dot, an overlong or empty name is refused with the key
+    named, so no such name ever reaches a statement (they are also always quoted with
+    ``psycopg.sql.Identifier``; event data is only ever bound as parameters)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(config_with(_set_name(where, value)), env={})
+    assert where in str(info.value)
