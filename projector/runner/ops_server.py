@@ -51,6 +51,10 @@ class OpsServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
+
     def start(self) -> OpsServer:
         self._thread.start()
         log.info("serving /metrics, /healthz, /readyz on port %d", self.port)

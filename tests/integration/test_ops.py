@@ -214,3 +214,31 @@ def test_lag_metric_equals_end_offset_minus_checkpoint_while_paused(
             partition="0",
         )
         assert seconds is not None and seconds > 0
+
+
+def test_the_endpoint_listens_on_loopback_only_and_changes_nothing(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves the HTTP endpoint is safe by default: with no host configured it listens on
+    127.0.0.1 only, and it has no route that changes anything: POST, PUT, PATCH and DELETE on
+    every path are refused (501), while GET works."""
+    data = config_dict(
+        services, pg_dsn, [projection("accounts", [new_topic()], ["handlers.accounts"])]
+    )
+    data["metrics"] = {"enabled": True, "port": 0}
+    config = parse_config(data, env={})
+    migrate_all(config)
+    assert config.metrics.host == "127.0.0.1"
+    with running_daemon(config, FakeClock()) as daemon:
+        assert daemon.ops is not None
+        port = daemon.ops.port
+        assert daemon.ops.host == "127.0.0.1"
+        for path in ("/metrics", "/healthz", "/readyz", "/"):
+            for method in ("POST", "PUT", "PATCH", "DELETE"):
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}{path}", data=b"{}", method=method
+                )
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=10)
+                assert refused.value.code == 501, (method, path)
+        assert get(port, "/metrics")[0] == 200
