@@ -34,6 +34,7 @@ from projector.core.sequencer import (
     group_by_stream,
     sequence_stream,
 )
+from projector.faults import crash_point
 from projector.store.base import Handler, Store, StoreBatch, TopicPartition
 from projector.store.errors import TransientStoreError, is_transient
 
@@ -201,6 +202,7 @@ def apply_consumed(
         applier.apply_events(tx, decoded.events, result)
         result.dead_letters[:0] = decoded.dead_letters
         tx.dead_letter(decoded.dead_letters)
+        crash_point("before-commit")
     return result
 
 
@@ -330,8 +332,14 @@ class BatchApplier:
     ) -> None:
         before = state.stored
         tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
-        tx.unpark((s, seq) for s, p in plans.items() for seq in p.unpark)
-        tx.park(e for p in plans.values() for e in p.park)
+        unparked = [(s, seq) for s, p in plans.items() for seq in p.unpark]
+        tx.unpark(unparked)
+        if unparked:
+            crash_point("mid-drain")
+        parked = [e for p in plans.values() for e in p.park]
+        tx.park(parked)
+        if parked:
+            crash_point("after-park")
         self._write_gaps(tx, plans, state.parked, result)
         letters = [
             DeadLetter(r.kind, r.reason, event=r.event) for p in plans.values() for r in p.rejected

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from projector.config import ProjectionConfig
 from projector.core.gaps import Gap, ReplaySchedule, decide
 from projector.core.replay_request import ReplayRequest
+from projector.faults import crash_point
 from projector.replay.channels import ReplayChannel
 from projector.runner.batch import BatchApplier, BatchResult
 from projector.store.base import Store
@@ -70,6 +71,8 @@ class GapTimer:
             for a, g in decided
             if a == "request"
         ]
+        if requests:
+            crash_point("mid-replay-request")
         self._send(requests)
         for action, gap in decided:
             if action == "skip":

@@ -23,6 +23,7 @@ from projector.core.merge import MergeRules
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules
 from projector.document_view import document_view
+from projector.faults import crash_point
 from projector.metrics import Metrics
 from projector.replay.channels import open_channel
 from projector.runner.backpressure import BackPressure
@@ -193,6 +194,7 @@ class ProjectionWorker:
             started = time.monotonic()
             result = self._apply(source, messages)
             if result is not None:
+                crash_point("after-commit")
                 source.commit(result.checkpoints)
                 self._record(messages, result, time.monotonic() - started)
         if self.gap_timer is not None:

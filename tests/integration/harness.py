@@ -4,6 +4,7 @@ events, running the daemon (in-process or as a real process), reading views."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -139,10 +140,10 @@ def run_until_caught_up(config: Config) -> int:
 
 
 def daemon_process(
-    config_path: Path, *args: str, log: Path | None = None
+    config_path: Path, *args: str, log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """``projector run`` as a real process (for kill -9 tests); its output is appended to
-    ``log`` (default: beside the config)."""
+    ``log`` (default: beside the config). ``env`` is added to this process's environment."""
     log = log or config_path.with_suffix(".log")
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -150,6 +151,7 @@ def daemon_process(
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
 

@@ -240,5 +240,6 @@ def test_the_endpoint_listens_on_loopback_only_and_changes_nothing(
                 )
                 with pytest.raises(urllib.error.HTTPError) as refused:
                     urllib.request.urlopen(request, timeout=10)
+                refused.value.close()  # it holds the connection
                 assert refused.value.code == 501, (method, path)
         assert get(port, "/metrics")[0] == 200

@@ -162,13 +162,11 @@ class RedisViews:
     def customers(self, schema: str) -> dict[str, Row]:
         ns = self._ns(schema)
         with self._client() as r:
-            ids = r.smembers(f"{ns}:customers")
-            found = {}
-            for cid in ids:
-                h = r.hgetall(f"{ns}:customer:{cid}")
-                found[cid] = _customer(
-                    cid, h["name"], h.get("email"), h["version"], h["applied_events"]
-                )
+            ids, hashes = self._customer_hashes(r, ns)
+            found = {
+                cid: _customer(cid, h["name"], h.get("email"), h["version"], h["applied_events"])
+                for cid, h in zip(ids, hashes, strict=True)
+            }
             # Every hash is listed in the set and nothing else is stored under customer:.
             stray = {
                 k
@@ -177,6 +175,23 @@ class RedisViews:
             }
         assert not stray, f"customer hashes not in the customers set: {sorted(stray)[:5]}"
         return found
+
+    @staticmethod
+    def _customer_hashes(r: redis.Redis, ns: str) -> tuple[list[str], list[dict[str, str]]]:
+        """The listed customers and their hashes as of one moment: the set is WATCHed, so a
+        daemon deleting a customer meanwhile makes the read start again."""
+        while True:
+            with r.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(f"{ns}:customers")
+                    ids = sorted(str(i) for i in pipe.smembers(f"{ns}:customers"))
+                    pipe.multi()
+                    for cid in ids:
+                        pipe.hgetall(f"{ns}:customer:{cid}")
+                    hashes: list[dict[str, str]] = pipe.execute()
+                    return ids, hashes
+                except redis.exceptions.WatchError:
+                    continue
 
     def games(self, schema: str) -> Games:
         ns = self._ns(schema)
