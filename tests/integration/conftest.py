@@ -12,7 +12,13 @@ import pytest
 
 from projector.config import Config, parse_config
 from tests.conftest import Services
-from tests.integration.harness import config_dict, migrate_all, process_config, projection
+from tests.integration.harness import (
+    config_dict,
+    migrate_all,
+    process_config,
+    projection,
+    write_config,
+)
 from tests.integration.views import PgViews, RedisViews, Views
 
 
@@ -71,6 +77,12 @@ class StoreUnderTest:
     def process_config(self, tmp_path: Path, projections: list[dict[str, Any]]) -> Path:
         """A config file for ``projector run`` as a real process, PostgreSQL migrated."""
         return process_config(self.services, self.pg_dsn, tmp_path, projections, self.redis_prefix)
+
+    def process_config_from(self, tmp_path: Path, data: dict[str, Any]) -> Path:
+        """``data`` (a ``config_dict``, edited) as a config file, PostgreSQL migrated."""
+        path = write_config(tmp_path / "config.yaml", data)
+        migrate_all(parse_config(data, env={}))
+        return path
 
     def config(self, projections: list[dict[str, Any]], **kafka: Any) -> Config:
         """The parsed config, PostgreSQL migrated when the projections live there."""
