@@ -40,7 +40,10 @@ def consumer_config(
         "group.instance.id": instance_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
+        # A partition never read starts at its beginning (set explicitly on assignment); a
+        # stored checkpoint that is out of range (records deleted under it) must stop the
+        # projection loudly, never be silently reset to the earliest or latest offset.
+        "auto.offset.reset": "error",
         # Transactional producers' aborted messages must never reach a view.
         "isolation.level": "read_committed",
         "enable.partition.eof": False,
@@ -120,6 +123,14 @@ class KafkaSource:
                 self._next[(raw.topic, raw.partition)] = raw.offset + 1
             elif err.fatal() or err.code() == KafkaError._FENCED:
                 raise SourceFatal(f"Kafka consumer cannot continue: {err.str()}")
+            elif err.code() == KafkaError._AUTO_OFFSET_RESET:
+                raise SourceFatal(
+                    f"the stored checkpoint of {msg.topic()}[{msg.partition()}] is out of range"
+                    f" ({err.str()}): records were deleted under it, so events are missing."
+                    " projector does not skip them silently: rebuild the projection"
+                    " (projector rebuild, with --history-from where the history still is), or"
+                    " move the checkpoint by hand if losing them is acceptable"
+                )
             else:
                 log.warning("Kafka: %s", err.str())
         return out
@@ -191,8 +202,14 @@ class PartitionReader:
     never committed to Kafka)."""
 
     def __init__(self, conf: Mapping[str, Any], topics: list[str]) -> None:
+        # Never skip silently: a stored offset out of range is an error, not a reset.
         self._consumer = Consumer(
-            {**conf, "enable.auto.commit": False, "enable.auto.offset.store": False}
+            {
+                **conf,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "error",
+            }
         )
         self.partitions: list[TopicPartition] = []
         for topic in topics:
@@ -225,8 +242,10 @@ class PartitionReader:
             err = msg.error()
             if err is None:
                 out.append(_raw(msg))
-            elif err.fatal():
-                raise SourceFatal(f"Kafka consumer cannot continue: {err.str()}")
+            elif err.fatal() or err.code() == KafkaError._AUTO_OFFSET_RESET:
+                raise SourceFatal(
+                    f"Kafka: cannot read {msg.topic()}[{msg.partition()}]: {err.str()}"
+                )
             else:
                 log.warning("Kafka: %s", err.str())
         return out
