@@ -77,6 +77,9 @@ class PostgresConfig(_Strict):
     migrate_dsn: SecretStr | None = Field(None, repr=False)
     schema_: Name = Field("projector", alias="schema")
     connect_timeout: Duration = 10.0
+    # The server ends a daemon's session whose transaction waits this long for its client (a
+    # frozen or partitioned instance): its locks go, so the partitions' new owner goes on.
+    idle_in_transaction_timeout: Duration = Field(30.0, gt=0)
 
     @property
     def migrator_dsn(self) -> str:

@@ -30,7 +30,9 @@ def open_store(config: Config, projection: ProjectionConfig) -> Store:
 
 def _open_postgres(config: Config) -> PostgresStore:
     pg = config.postgres_config()
-    return PostgresStore(pg.dsn.get_secret_value(), pg.schema_, pg.connect_timeout)
+    return PostgresStore(
+        pg.dsn.get_secret_value(), pg.schema_, pg.connect_timeout, pg.idle_in_transaction_timeout
+    )
 
 
 def _open_redis(config: Config) -> RedisStore:

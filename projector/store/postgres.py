@@ -408,10 +408,17 @@ class PgBatch:
 class PostgresStore:
     """One connection (autocommit, explicit transaction blocks) per projection worker."""
 
-    def __init__(self, dsn: str, schema: str = "projector", connect_timeout: float = 10.0):
+    def __init__(
+        self,
+        dsn: str,
+        schema: str = "projector",
+        connect_timeout: float = 10.0,
+        idle_in_transaction_timeout: float | None = None,
+    ):
         self.dsn = dsn
         self.schema = schema
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_in_transaction_timeout
         self._conn: psycopg.Connection[TupleRow] | None = None
 
     @property
@@ -427,6 +434,9 @@ class PostgresStore:
                 autocommit=True,
                 connect_timeout=max(1, int(self._connect_timeout)),
                 application_name="projector",
+                options=""
+                if self._idle_timeout is None
+                else f"-c idle_in_transaction_session_timeout={int(self._idle_timeout * 1000)}",
                 keepalives=1,
                 keepalives_idle=10,
                 keepalives_interval=5,
@@ -447,10 +457,37 @@ class PostgresStore:
         self, projection: str, partitions: Iterable[TopicPartition], owner: str
     ) -> dict[TopicPartition, Claim]:
         """Take a new epoch for each partition (fencing out any previous owner) and return it with
-        the stored checkpoint to seek to."""
+        the stored checkpoint to seek to. A batch of the previous owner in flight holds the
+        checkpoint rows: the claim waits for it. If that owner is frozen mid-batch (SIGSTOP, a
+        VM pause: its session waits on it without end), the wait is bounded by
+        ``idle_in_transaction_timeout``, after which sessions stuck on their client that long
+        are ended (their batch rolls back; it would be fenced anyway) and the claim retried."""
+        parts = sorted(partitions)
+        for _ in range(3):
+            try:
+                return self._claim(projection, parts, owner)
+            except psycopg.errors.LockNotAvailable:
+                ended = self._end_stuck_sessions()
+                log.warning(
+                    "claiming %s waited %.0fs on another session; ended %d session(s) stuck"
+                    " on their client",
+                    projection,
+                    self._idle_timeout or 0,
+                    ended,
+                )
+        return self._claim(projection, parts, owner)
+
+    def _claim(
+        self, projection: str, partitions: list[TopicPartition], owner: str
+    ) -> dict[TopicPartition, Claim]:
         out: dict[TopicPartition, Claim] = {}
         with self.conn.transaction(), self.conn.cursor() as cur:
-            for topic, part in sorted(partitions):
+            if self._idle_timeout is not None:
+                cur.execute(
+                    "select set_config('lock_timeout', %s, true)",
+                    (f"{int(self._idle_timeout * 1000)}ms",),
+                )
+            for topic, part in partitions:
                 row = cur.execute(
                     self._q(
                         "insert into {s}.checkpoints as c (projection, topic, partition, epoch, owner)"
@@ -463,6 +500,22 @@ class PostgresStore:
                 assert row is not None
                 out[(topic, part)] = Claim(row[0], row[1])
         return out
+
+    def _end_stuck_sessions(self) -> int:
+        """End projector's sessions in this database that have waited on their client for
+        longer than ``idle_in_transaction_timeout`` inside a transaction or a pipeline (a
+        healthy daemon never does: it sends its next statement at once)."""
+        if self._idle_timeout is None:
+            return 0
+        rows = self.conn.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity"
+            " where datname = current_database() and pid <> pg_backend_pid()"
+            " and application_name = 'projector' and wait_event = 'ClientRead'"
+            " and state in ('active', 'idle in transaction', 'idle in transaction (aborted)')"
+            " and now() - state_change > make_interval(secs => %s)",
+            (self._idle_timeout,),
+        ).fetchall()
+        return len(rows)
 
     @contextmanager
     def batch(self, projection: str, view_schema: str) -> Iterator[PgBatch]:
