@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,7 +78,13 @@ def test_a_crash_at_each_named_point_loses_nothing_and_applies_nothing_twice(
                 "PROJECTOR_CRASH_AFTER": "1" if point == "mid-replay-request" else "3",
             },
         )
-        assert armed.wait(120) == -signal.SIGKILL, (tmp_path / "armed.log").read_text()[-2000:]
+        try:
+            code = armed.wait(120)
+        except subprocess.TimeoutExpired:
+            armed.kill()  # it never reached the point: don't leave it running
+            armed.wait(30)
+            raise
+        assert code == -signal.SIGKILL, (tmp_path / "armed.log").read_text()[-2000:]
         crashed_at = store.views.own("shop")
         restarted = daemon_process(path, log=tmp_path / "restarted.log")
         try:
