@@ -28,6 +28,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+## The benchmark of issue 11 (bench/README.md): 1M events through projector and the machine's
+## limits, side by side; prints the tables, writes the chart and results.json to .dev/bench.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	dev/services.sh up
+	$(BIN)/python -m bench.run
+
 ## Long runs kept out of the default suite.
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
