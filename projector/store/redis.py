@@ -323,7 +323,8 @@ class RedisBatch:
         return list(rows)
 
     def _load(self, streams: Iterable[str]) -> dict[str, _Stream]:
-        missing = sorted(set(streams) - set(self._streams))
+        # Membership in the dict, not a set of it per call: writes call this once per stream.
+        missing = sorted({s for s in streams if s not in self._streams})
         keys = [self.keys.stream(s) for s in missing]
         for stream, key, flat in zip(missing, keys, self.read("hgetall", keys, []), strict=True):
             self._streams[stream] = _Stream(key, dict(zip(flat[::2], flat[1::2], strict=True)))
