@@ -16,8 +16,10 @@ can only come from misordered delivery and raises ``ValueError`` naming the rule
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
+
+from psycopg.types.json import Jsonb
 
 from projector.apply import PgView
 from projector.core.event import Event
@@ -41,10 +43,14 @@ OPENED, DEPOSITED, WITHDRAWN = "OPENED", "DEPOSITED", "WITHDRAWN"
 TYPES = frozenset((OPENED, DEPOSITED, WITHDRAWN))
 
 _COLUMNS = "id, owner, balance, deposits, withdrawals, rejected, applied_events, last_seq"
-_SELECT = f"select {_COLUMNS} from accounts where id = any(%s)"
+_SELECT = f"select {_COLUMNS} from accounts where id in (select jsonb_array_elements_text(%s))"
+# One statement for the whole batch, its rows as one JSON parameter: thousands of rows cost
+# several times less than a statement per row, even pipelined, on both sides.
 _UPSERT = f"""
     insert into accounts ({_COLUMNS})
-    values (%s, %s, %s, %s, %s, %s, %s, %s)
+    select r->>0, r->>1, (r->>2)::bigint, (r->>3)::bigint, (r->>4)::bigint, (r->>5)::bigint,
+        (r->>6)::bigint, (r->>7)::bigint
+    from jsonb_array_elements(%s) r
     on conflict (id) do update set
         owner = excluded.owner, balance = excluded.balance, deposits = excluded.deposits,
         withdrawals = excluded.withdrawals, rejected = excluded.rejected,
@@ -65,16 +71,20 @@ class Account:
     applied_events: int
     last_seq: int
 
+    def copy(self) -> Account:
+        # Spelled out: dataclasses.replace is generic and several times slower.
+        return Account(*_params(self))
+
 
 def handle(events: Sequence[Event], view: PgView) -> None:
     """Apply a batch: one read of the touched rows, one upsert executemany."""
     ids = sorted({account_id(e) for e in events if e.type in TYPES})
     if not ids:
         return
-    current = {row[0]: Account(*row) for row in view.fetchall(_SELECT, (ids,))}
+    current = {row[0]: Account(*row) for row in view.fetchall(_SELECT, (Jsonb(ids),))}
     changed = fold_accounts(current, events)
     # Sorted by id so that concurrent writers touching the same rows lock them in one order.
-    view.executemany(_UPSERT, [_params(changed[k]) for k in sorted(changed)])
+    view.execute(_UPSERT, [Jsonb([_params(changed[k]) for k in sorted(changed)])])
 
 
 def fold_accounts(current: Mapping[str, Account], events: Sequence[Event]) -> dict[str, Account]:
@@ -87,7 +97,7 @@ def fold_accounts(current: Mapping[str, Account], events: Sequence[Event]) -> di
             continue
         aid = account_id(event)
         if aid not in state and aid in current:
-            state[aid] = replace(current[aid])
+            state[aid] = current[aid].copy()
         state[aid] = _apply(state.get(aid), event)
     return state
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from projector.core import json_codec
+
 
 @dataclass(frozen=True, slots=True)
 class SourceRef:
@@ -27,7 +29,8 @@ class Event:
     Debezium LSN: any integer that orders a stream's changes); ``id`` is derived from content
     (a configured path, or ``stream/seq``) and is used for de-duplication and tie-breaks.
     ``meta`` carries decoder facts that are not view data (Debezium's table, txId, lsn,
-    snapshot); it is not part of the payload hash.
+    snapshot); it is not part of the payload hash, which is computed when first asked for
+    (see :func:`payload_hash`).
     """
 
     stream: str
@@ -38,11 +41,21 @@ class Event:
     id: str
     source: SourceRef | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
-    hash: str = field(default="", compare=False)
+    _hash: str = field(default="", compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if not self.hash:
-            object.__setattr__(self, "hash", payload_hash(self.type, self.data))
+    @property
+    def hash(self) -> str:
+        """The payload hash (:func:`payload_hash`), computed once, when first needed."""
+        if not self._hash:
+            object.__setattr__(self, "_hash", payload_hash(self.type, self.data))
+        return self._hash
+
+    def same_payload(self, stored_hash: str) -> bool:
+        """Whether ``stored_hash`` (a position's, possibly written by an older version) is
+        this event's payload hash."""
+        if stored_hash.startswith(HASH_PREFIX):
+            return stored_hash == self.hash
+        return stored_hash == legacy_payload_hash(self.type, self.data)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able form, for the holding table and dead letters."""
@@ -73,8 +86,19 @@ class Event:
         )
 
 
+HASH_PREFIX = "b2:"
+
+
 def payload_hash(type_: str, data: dict[str, Any]) -> str:
     """Hash of what an event says (not where it was read), to tell a true duplicate from a
-    conflicting one that reuses an id."""
+    conflicting one that reuses an id: BLAKE2b of the canonical JSON (keys sorted). Every
+    applied event's hash is kept, so it must be cheap; the prefix tells it from the older
+    :func:`legacy_payload_hash` that positions written before it still hold."""
+    canonical = json_codec.dumps([type_, data], sort_keys=True)
+    return HASH_PREFIX + hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+
+def legacy_payload_hash(type_: str, data: dict[str, Any]) -> str:
+    """The payload hash projector 0.1 kept (the positions it wrote still hold it)."""
     canonical = json.dumps([type_, data], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]

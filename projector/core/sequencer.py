@@ -82,20 +82,35 @@ class _Work:
     unpark: list[int] = field(default_factory=list)
     duplicates: int = 0
     rejected: list[Rejection] = field(default_factory=list)
+    last_applied: Event | None = None  # the event ``position`` stands at, if applied here
 
     def held(self, seq: int) -> Event | None:
         return self.new_parked.get(seq) or self.parked.get(seq)
 
     def advance(self, event: Event) -> None:
         self.apply.append(event)
-        self.position = replace(
-            self.position,
-            last_seq=self.position.last_seq + 1,
-            last_id=event.id,
-            last_hash=event.hash,
+        p = self.position
+        # The hash is filled in once, for the stream's last applied event (see ``final``).
+        self.position = StreamPosition(p.stream, p.last_seq + 1, event.id, None, p.blocked_seq)
+        self.last_applied = event
+
+    def last_hash_matches(self, event: Event) -> bool:
+        if self.last_applied is not None:
+            return self.last_applied.hash == event.hash
+        stored = self.position.last_hash
+        return stored is None or event.same_payload(stored)
+
+    def final(self) -> StreamPosition:
+        if self.last_applied is None:
+            return self.position
+        p = self.position
+        return StreamPosition(
+            p.stream, p.last_seq, p.last_id, self.last_applied.hash, p.blocked_seq
         )
 
     def skipped_range(self, seq: int) -> tuple[int, int] | None:
+        if not self.skipped:
+            return None
         return next(((lo, hi) for lo, hi in self.skipped if lo <= seq <= hi), None)
 
     def drain(self) -> None:
@@ -111,6 +126,7 @@ class _Work:
                 self.position = replace(
                     self.position, last_seq=skip[1], last_id=None, last_hash=None
                 )
+                self.last_applied = None
             else:
                 return
 
@@ -124,6 +140,10 @@ def sequence_stream(
 ) -> StreamPlan:
     """Plan one stream's batch. ``parked`` are its events already in the holding table,
     ``skipped`` its ranges given up on."""
+    if not parked and not skipped and position.blocked_seq is None:
+        plan = _in_order(position, incoming)
+        if plan is not None:
+            return plan
     work = _Work(position=position, parked=dict(parked), skipped=skipped)
     _release_dead_lettered(work)
     work.drain()  # parked successors of a just-retried or skipped event
@@ -131,7 +151,7 @@ def sequence_stream(
         _place(work, event, rules)
     return StreamPlan(
         stream=position.stream,
-        position=work.position,
+        position=work.final(),
         apply=tuple(work.apply),
         park=tuple(sorted(work.new_parked.values(), key=_seq)),
         unpark=tuple(work.unpark),
@@ -139,6 +159,22 @@ def sequence_stream(
         rejected=tuple(work.rejected),
         gaps=missing_ranges(work.position, [*work.parked, *work.new_parked], skipped),
     )
+
+
+def _in_order(position: StreamPosition, incoming: Iterable[Event]) -> StreamPlan | None:
+    """The common case in short: nothing parked, blocked or skipped, and the batch holds the
+    stream's next events in order. ``None`` for anything else."""
+    events = tuple(incoming)
+    expected = position.last_seq + 1
+    for event in events:
+        if event.seq != expected:
+            return None
+        expected += 1
+    if not events:
+        return None
+    last = events[-1]
+    moved = StreamPosition(position.stream, last.seq or 0, last.id, last.hash, None)
+    return StreamPlan(stream=position.stream, position=moved, apply=events)
 
 
 def _release_dead_lettered(work: _Work) -> None:
@@ -182,7 +218,7 @@ def _place(work: _Work, event: Event, rules: SequenceRules) -> None:
 
 def _duplicate(work: _Work, event: Event, seq: int) -> None:
     pos = work.position
-    if seq == pos.last_seq and pos.last_hash is not None and event.hash != pos.last_hash:
+    if seq == pos.last_seq and not work.last_hash_matches(event):
         work.rejected.append(
             Rejection(
                 event,
@@ -198,7 +234,7 @@ def _park(work: _Work, event: Event, seq: int) -> None:
     held = work.held(seq)
     if held is None:
         work.new_parked[seq] = event
-    elif held.hash == event.hash:
+    elif held.hash == event.hash:  # both hashed now: the same scheme
         work.duplicates += 1
     else:
         work.rejected.append(
@@ -216,6 +252,8 @@ def missing_ranges(
     """The contiguous missing ranges between the last applied seq and the highest parked one.
     A blocked seq is not missing (its dead letter holds it), nor is a skipped range."""
     present = set(parked_seqs)
+    if not present and position.blocked_seq is None:
+        return ()
     if position.blocked_seq is not None:
         present.add(position.blocked_seq)
     ranges: list[tuple[int, int]] = []

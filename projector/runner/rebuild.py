@@ -27,6 +27,7 @@ from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder
 from projector.core.message import RawMessage
 from projector.runner.batch import Clock
+from projector.runner.daemon import collecting_less_often
 from projector.runner.worker import Applier, build_applier, build_decoders, load_handlers
 from projector.source.kafka import PartitionReader, TopicPartition
 from projector.store.base import LivePartition, NotCaughtUp, Store
@@ -380,6 +381,7 @@ def rebuild(
     history retention removed from the projection's topics; they are read too."""
     rebuilder = Rebuilder(config, projection, progress, clock, stop, lock_timeout, history)
     try:
-        return rebuilder.run(dry_run, allow_trimmed, restart)
+        with collecting_less_often():
+            return rebuilder.run(dry_run, allow_trimmed, restart)
     finally:
         rebuilder.close()

@@ -50,6 +50,9 @@ def consumer_config(
         # A broker query (end offsets for lag) waits behind an in-flight fetch on the same
         # connection; librdkafka's 500 ms default made each such query that slow.
         "fetch.wait.max.ms": 100,
+        # librdkafka waits this long before fetching again for a partition whose local queue
+        # was full; its 1 s default stalls a consumer that empties the queue quickly.
+        "fetch.queue.backoff.ms": 10,
         # A topic created after the daemon started (or new partitions) is noticed within
         # seconds rather than librdkafka's default five minutes.
         "topic.metadata.refresh.interval.ms": 10_000,
@@ -73,6 +76,18 @@ def _raw(msg: Message) -> RawMessage:
         timestamp_ms=ts if ts_type != 0 else None,
         headers=headers,
     )
+
+
+def _available(consumer: Consumer, max_messages: int, timeout: float) -> list[Message]:
+    messages = consumer.consume(num_messages=max_messages, timeout=0)
+    if messages:
+        return messages
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    if max_messages == 1:
+        return [first]
+    return [first, *consumer.consume(num_messages=max_messages - 1, timeout=0)]
 
 
 class KafkaSource:
@@ -113,9 +128,12 @@ class KafkaSource:
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(tps)) or "nothing")
 
     def poll(self, max_messages: int, timeout: float) -> list[RawMessage]:
-        """Up to ``max_messages`` messages, waiting at most ``timeout`` seconds for the first."""
+        """Up to ``max_messages`` messages: what is there now, or else the first to arrive
+        within ``timeout`` seconds and what came with it. Never waits for a batch to fill
+        (``consume`` with a timeout would, the whole timeout, adding it to every event's
+        latency whenever fewer than ``max_messages`` are waiting)."""
         out: list[RawMessage] = []
-        for msg in self._consumer.consume(num_messages=max_messages, timeout=timeout):
+        for msg in _available(self._consumer, max_messages, timeout):
             err = msg.error()
             if err is None:
                 raw = _raw(msg)
@@ -238,7 +256,7 @@ class PartitionReader:
 
     def poll(self, max_messages: int, timeout: float) -> list[RawMessage]:
         out: list[RawMessage] = []
-        for msg in self._consumer.consume(num_messages=max_messages, timeout=timeout):
+        for msg in _available(self._consumer, max_messages, timeout):
             err = msg.error()
             if err is None:
                 out.append(_raw(msg))

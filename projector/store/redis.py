@@ -27,7 +27,6 @@ The stream id is always the last part of its key, so distinct streams never shar
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +41,7 @@ from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
 
+from projector.core import json_codec
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
 from projector.core.gaps import Gap
@@ -142,7 +142,7 @@ def _untp(text: str) -> TopicPartition:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return json_codec.dumps(value).decode()
 
 
 def _gap_json(g: Gap) -> dict[str, Any]:
@@ -193,7 +193,7 @@ class _Stream:
 
     def stored_gaps(self, stream: str) -> list[Gap]:
         raw = self.stored.get("gaps")
-        return [_gap(stream, d) for d in json.loads(raw)] if raw else []
+        return [_gap(stream, d) for d in json_codec.loads(raw)] if raw else []
 
     def current_gaps(self, stream: str) -> list[Gap]:
         return list(self.gaps) if self.gaps is not None else self.stored_gaps(stream)
@@ -230,7 +230,7 @@ def _letter_record(d: DeadLetter, now: float) -> dict[str, Any]:
 
 
 def _letter_row(projection: str, letter_id: int, raw: str) -> DeadLetterRow:
-    r = json.loads(raw)
+    r = json_codec.loads(raw)
     message = None
     if r["source"] is not None and r["event"] is None:
         key = None if r["key"] is None else base64.b64decode(r["key"])
@@ -374,7 +374,9 @@ class RedisBatch:
                 if name.startswith("p:"):
                     raw = s.get(name)
                     assert raw is not None
-                    parked.setdefault(stream, {})[int(name[2:])] = Event.from_json(json.loads(raw))
+                    parked.setdefault(stream, {})[int(name[2:])] = Event.from_json(
+                        json_codec.loads(raw)
+                    )
             for g in s.current_gaps(stream):
                 if g.state == "skipped":
                     skipped.setdefault(stream, []).append((g.from_seq, g.to_seq))
@@ -478,7 +480,7 @@ class RedisBatch:
         out: dict[str, dict[str, Any] | None] = {}
         for stream in names:
             raw = loaded[stream].get("doc")
-            out[stream] = None if raw is None else json.loads(raw)
+            out[stream] = None if raw is None else json_codec.loads(raw)
         return out
 
     def write_documents(self, states: Mapping[str, dict[str, Any]], now: float) -> None:
@@ -492,7 +494,7 @@ class RedisBatch:
         raw = self.read("hget", [self.keys.dl], [str(letter_id)])[0]
         if raw is None:
             return None
-        self._letters[letter_id] = json.loads(raw)
+        self._letters[letter_id] = json_codec.loads(raw)
         return _letter_row(self.projection, letter_id, raw)
 
     def resolve_dead_letter(self, letter_id: int, status: str, reason: str | None = None) -> None:
@@ -683,7 +685,7 @@ class RedisStore:
         _watch(pipe, *keys)
         raws = [r[0] for r in self.scripts.call(pipe, "read", keys, "hget", "gaps")]
         return {
-            s: [_gap(s, d) for d in json.loads(raw)] if raw else []
+            s: [_gap(s, d) for d in json_codec.loads(raw)] if raw else []
             for s, raw in zip(streams, raws, strict=True)
         }
 
@@ -709,7 +711,7 @@ class RedisStore:
             raw = self.client.zrangebyscore(index, lo, hi)
         else:
             raw = self.client.zrangebyscore(index, lo, hi, start=0, num=limit)
-        return [(m[0], m[1]) for m in map(json.loads, cast(list[str], raw))]
+        return [(m[0], m[1]) for m in map(json_codec.loads, cast(list[str], raw))]
 
     def claim_due_gaps(
         self,
@@ -857,7 +859,7 @@ class RedisStore:
         s = _Stream(k.stream(stream), stored)
         position = None if "seq" not in stored else _position(stream, s, SequenceRules())
         parked = sorted(
-            (int(n[2:]), Event.from_json(json.loads(v)))
+            (int(n[2:]), Event.from_json(json_codec.loads(v)))
             for n, v in stored.items()
             if n.startswith("p:")
         )
@@ -905,7 +907,7 @@ class RedisStore:
                     for _, key, raw in due:
                         if raw is None:
                             continue
-                        kept = purge(json.loads(raw))
+                        kept = purge(json_codec.loads(raw))
                         if kept is None:
                             ops.append(["HDEL", key, "doc", "doc_at"])
                             removed += 1

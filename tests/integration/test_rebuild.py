@@ -3,6 +3,7 @@ again beside the live ones and swapped in while the daemon runs and readers read
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -90,6 +91,16 @@ def reader(pg_dsn: str) -> Iterator[Reader]:
         r.thread.join(30)
 
 
+def start_held(command: list[str], tmp_path: Path, after: int) -> subprocess.Popen[bytes]:
+    """Start ``command`` with its handler held by the test gate once ``after`` events are
+    handled (``tests/integration/gate.py``): it writes ``waiting`` in ``tmp_path`` then."""
+    (tmp_path / "closed").touch()
+    env = {**os.environ, "PROJECTOR_TEST_GATE": str(tmp_path)}
+    env["PROJECTOR_TEST_GATE_AFTER"] = str(after)
+    with (tmp_path / "first.log").open("wb") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
 def accounts(topic: str, **extra: Any) -> dict[str, Any]:
     return projection("accounts", [topic], ["handlers.accounts"], **extra)
 
@@ -166,10 +177,12 @@ def test_a_rebuild_killed_half_way_resumes_and_finishes(
     log = scenarios.account_log(rng, accounts=250, events_per_account=20)
     topic = new_topic(partitions=2)
     publish(services.kafka, topic, scenarios.shuffle_within_windows(rng, log, 50))
-    path = process_config(services, pg_dsn, tmp_path, [accounts(topic, batch_max_messages=20)])
+    gated = projection(
+        "accounts", [topic], ["tests.integration.gated_accounts"], batch_max_messages=20
+    )
+    path = process_config(services, pg_dsn, tmp_path, [gated])
     command = [sys.executable, "-m", "projector", "rebuild", "accounts", "-c", str(path)]
-    with (tmp_path / "first.log").open("wb") as out:
-        first = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    first = start_held(command, tmp_path, after=1000)
 
     def rebuilt() -> int:
         [(total,)] = rows(
@@ -179,11 +192,11 @@ def test_a_rebuild_killed_half_way_resumes_and_finishes(
         )
         return int(total)
 
-    wait_until(lambda: rebuilt() > 1000, "the first rebuild to get going", limit=60)
+    wait_until((tmp_path / "waiting").exists, "the first rebuild to be held", 60)
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     stored = rebuilt()
-    assert 0 < stored < len(log), "killed before it finished"
+    assert 0 < stored < len(log), "killed half-way"
 
     second = subprocess.run(
         command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -422,20 +435,19 @@ def test_a_redis_rebuild_killed_half_way_resumes_and_a_second_one_is_refused(
     log = scenarios.game_log(random.Random(13), 20, 250)
     topic = new_topic(partitions=2)
     publish(services.kafka, topic, log)
-    games = projection("games", [topic], ["handlers.game_redis"], store="redis")
+    games = projection("games", [topic], ["tests.integration.gated_game_redis"], store="redis")
     path = process_config(
         services, services.pg_dsn, tmp_path, [{**games, "batch_max_messages": 20}], redis_prefix
     )
     command = [sys.executable, "-m", "projector", "rebuild", "games", "-c", str(path)]
-    with (tmp_path / "first.log").open("wb") as out:
-        first = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    first = start_held(command, tmp_path, after=1000)
     offsets = f"{redis_prefix}:s:games#rebuild:offsets"
     with redis.Redis.from_url(services.redis_url, decode_responses=True) as client:
 
         def rebuilt() -> int:
             return sum(int(v) for v in client.hvals(offsets))
 
-        wait_until(lambda: rebuilt() > 1000, "the first rebuild to get going", limit=60)
+        wait_until((tmp_path / "waiting").exists, "the first rebuild held", 60)
         refused = subprocess.run(
             command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60
         )
@@ -444,7 +456,7 @@ def test_a_redis_rebuild_killed_half_way_resumes_and_a_second_one_is_refused(
         stored = rebuilt()
         client.delete(f"{redis_prefix}:s:games:rebuilding")  # the dead one's lease, cut short
     assert refused.returncode == 1 and "another rebuild of games is running" in refused.stderr
-    assert 0 < stored < len(log), "killed before it finished"
+    assert 0 < stored < len(log), "killed half-way"
 
     second = subprocess.run(
         command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120

@@ -259,10 +259,12 @@ def test_handle_writes_each_touched_row_once() -> None:
     view = RecordingView()
     accounts.handle(as_events(log), view)
     assert view.reads == 1
-    [(sql, params)] = view.writes
+    [(sql, [[rows_json]])] = view.writes  # one statement, the rows as one JSON parameter
     assert sql.lstrip().startswith("insert into accounts")
     columns = list(next(iter(accounts_oracle(log).values())))
-    assert {p[0]: dict(zip(columns, p, strict=True)) for p in params} == accounts_oracle(log)
+    rows = rows_json.obj
+    assert {p[0]: dict(zip(columns, p, strict=True)) for p in rows} == accounts_oracle(log)
+    assert [p[0] for p in rows] == sorted(p[0] for p in rows)  # one lock order for all writers
 
 
 def test_game_handle_writes_two_upserts() -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from hypothesis import given
 from hypothesis import strategies as st
 
-from projector.core.event import Event
+from projector.core.event import HASH_PREFIX, Event, legacy_payload_hash, payload_hash
 from projector.core.sequencer import (
     SequenceRules,
     StreamPlan,
@@ -230,3 +230,39 @@ def test_skipped_range_is_not_a_gap() -> None:
     """Proves a skipped range ahead of the position is not reported as missing, while the rest
     of the hole still is."""
     assert missing_ranges(StreamPosition("s", 1), [10], skipped=[(4, 6)]) == ((2, 3), (7, 9))
+
+
+@given(
+    last=st.integers(min_value=0, max_value=20),
+    seqs=st.lists(st.integers(min_value=1, max_value=30), max_size=8),
+    stored_hash=st.sampled_from([None, "legacy", "current"]),
+)
+def test_the_in_order_shortcut_plans_as_the_general_rules_do(
+    last: int, seqs: list[int], stored_hash: str | None
+) -> None:
+    """Proves the shortcut for the common case (nothing parked, blocked or skipped) changes
+    nothing: its plan equals the general rules' plan for any incoming seqs, duplicates and
+    conflicts included. The general rules are reached by giving the stream a skipped range far
+    beyond every seq, which changes no decision but rules the shortcut out."""
+    last_event = ev(last) if last else None
+    hashes = {"legacy": legacy_payload_hash("T", {"v": "x", "seq": last}), "current": None}
+    last_hash = None
+    if last_event is not None and stored_hash is not None:
+        last_hash = hashes[stored_hash] or last_event.hash
+    position = StreamPosition("s", last, last_event.id if last_event else None, last_hash)
+    incoming = [ev(s, payload="x" if s % 3 else "y") for s in seqs]
+    fast = sequence_stream(position, {}, incoming, RULES)
+    general = sequence_stream(position, {}, incoming, RULES, skipped=[(10_000, 10_001)])
+    assert fast == general
+
+
+def test_a_position_hashed_by_an_older_version_still_tells_duplicates_from_conflicts() -> None:
+    """Proves an upgrade keeps the conflict rule: a position stored with projector 0.1's
+    payload hash recognises the same event as a duplicate and a changed one as a conflict."""
+    applied = ev(4)
+    position = StreamPosition("s", 4, applied.id, legacy_payload_hash(applied.type, applied.data))
+    same = sequence_stream(position, {}, [ev(4)], RULES)
+    changed = sequence_stream(position, {}, [ev(4, payload="other")], RULES)
+    assert same.duplicates == 1 and same.rejected == ()
+    assert [r.kind for r in changed.rejected] == ["conflict"]
+    assert payload_hash(applied.type, applied.data).startswith(HASH_PREFIX)

@@ -19,7 +19,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
+import orjson
+
 from projector.core.event import Event
+from projector.core.json_codec import may_hold_big_int
 from projector.core.message import RawMessage
 
 __all__ = ["DecodeError", "Decoder", "GuardedDecoder", "load_decoder"]
@@ -61,9 +64,18 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json(raw: bytes, max_bytes: int, what: str = "message") -> Any:
-    """Parses ``raw`` as UTF-8 JSON of at most ``max_bytes`` bytes."""
+    """Parses ``raw`` as UTF-8 JSON of at most ``max_bytes`` bytes.
+
+    orjson parses (5x the standard library) what it parses exactly (see
+    :mod:`projector.core.json_codec`); the rest, and every message it refuses, go to the
+    standard library, whose answers and error messages are the reference."""
     if len(raw) > max_bytes:
         raise DecodeError(f"{what} of {len(raw)} bytes exceeds max_bytes {max_bytes}")
+    if not may_hold_big_int(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # the standard library says why, below
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -69,6 +69,8 @@ class FieldPath:
         return cls(text, head[1:], tuple(rest))
 
     def resolve(self, message: RawMessage, value: dict[str, Any], max_bytes: int) -> Any:
+        if self.origin == "value" and len(self.parts) == 1:
+            return value.get(self.parts[0], MISSING)  # the common case, kept short
         if self.origin == "topic":
             return message.topic
         if self.origin == "timestamp":
@@ -253,35 +255,41 @@ class JsonDecoder:
         value = parse_json(message.value, self._max)
         if not isinstance(value, dict):
             raise DecodeError(f"message must be a JSON object, got {_kind(value)}")
-        get = _Getter(message, value, self._max)
-        stream = self.options.stream_prefix + to_stream(get("stream", self._stream), self._stream)
-        seq = None if self._seq is None else to_seq(get("seq", self._seq), self._seq)
-        ts = None if self._ts is None else to_ts(get("ts", self._ts), self._ts)
-        type_ = "" if self._type is None else to_type(self._type.resolve(*get.args), self._type)
-        data = value if self._data is None else to_data(get("data", self._data), self._data)
+        m = self._max
+        stream = self.options.stream_prefix + to_stream(
+            _required("stream", self._stream, message, value, m), self._stream
+        )
+        seq = ts = None
+        if self._seq is not None:
+            seq = to_seq(_required("seq", self._seq, message, value, m), self._seq)
+        if self._ts is not None:
+            ts = to_ts(_required("ts", self._ts, message, value, m), self._ts)
+        type_ = (
+            "" if self._type is None else to_type(self._type.resolve(message, value, m), self._type)
+        )
+        data = value
+        if self._data is not None:
+            data = to_data(_required("data", self._data, message, value, m), self._data)
         if self._id is not None:
-            id_ = to_id(get("id", self._id), self._id)
+            id_ = to_id(_required("id", self._id, message, value, m), self._id)
         elif seq is not None:
             id_ = f"{stream}/{seq}"
         else:
             id_ = content_id(stream, type_, ts, data)
-        return Event(stream, seq, ts, type_, data, id_, source=message.source, meta={})
+        return Event(stream, seq, ts, type_, data, id_, message.source)
 
 
 def _compile_optional(name: str, text: str | None) -> FieldPath | None:
     return None if text is None else FieldPath.compile(name, text)
 
 
-class _Getter:
-    """Resolves required fields of one message: missing or null is a ``DecodeError``."""
-
-    def __init__(self, message: RawMessage, value: dict[str, Any], max_bytes: int) -> None:
-        self.args = (message, value, max_bytes)
-
-    def __call__(self, field: str, path: FieldPath) -> Any:
-        found = path.resolve(*self.args)
-        if found is MISSING:
-            raise DecodeError(f"missing field {field!r} (path {path.text!r})")
-        if found is None:
-            raise DecodeError(f"field {field!r} (path {path.text!r}) is null")
-        return found
+def _required(
+    field: str, path: FieldPath, message: RawMessage, value: dict[str, Any], max_bytes: int
+) -> Any:
+    """A field that must be there: missing or null is a ``DecodeError``."""
+    found = path.resolve(message, value, max_bytes)
+    if found is MISSING:
+        raise DecodeError(f"missing field {field!r} (path {path.text!r})")
+    if found is None:
+        raise DecodeError(f"field {field!r} (path {path.text!r}) is null")
+    return found
