@@ -219,10 +219,10 @@ class PgBatch:
         out: dict[str, list[Gap]] = {}
         rows = self.conn.execute(
             self._q(
-                f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s and stream = any(%s)"
-                " and state <> 'skipped'"
+                f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s"
+                f" and stream in {_STREAMS} and state <> 'skipped'"
             ),
-            (self.projection, sorted(set(streams))),
+            (self.projection, _json_list(sorted(set(streams)))),
         ).fetchall()
         for r in rows:
             out.setdefault(r[0], []).append(_gap(r))
@@ -299,14 +299,13 @@ class PgBatch:
             return
         self.conn.execute(
             self._q(
-                "delete from {s}.gaps where projection = %s and stream = any(%s)"
+                f"delete from {{s}}.gaps where projection = %s and stream in {_STREAMS}"
                 " and state <> 'skipped'"
             ),
-            (self.projection, names),
+            (self.projection, _json_list(names)),
         )
         rows = [
-            (
-                self.projection,
+            [
                 g.stream,
                 g.from_seq,
                 g.to_seq,
@@ -315,19 +314,20 @@ class PgBatch:
                 _ts(g.last_request_at),
                 _ts(g.next_request_at),
                 g.state,
-            )
+            ]
             for g in gaps
         ]
         if rows:
-            with self.conn.cursor() as cur:
-                cur.executemany(
-                    self._q(
-                        "insert into {s}.gaps (projection, stream, from_seq, to_seq, first_seen, attempts,"
-                        " last_request_at, next_request_at, state)"
-                        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                    ),
-                    rows,
-                )
+            self.conn.execute(
+                self._q(
+                    "insert into {s}.gaps (projection, stream, from_seq, to_seq, first_seen,"
+                    " attempts, last_request_at, next_request_at, state)"
+                    " select %s, e->>0, (e->>1)::bigint, (e->>2)::bigint, (e->>3)::timestamptz,"
+                    " (e->>4)::int, (e->>5)::timestamptz, (e->>6)::timestamptz, e->>7"
+                    " from jsonb_array_elements(%s::jsonb) e"
+                ),
+                (self.projection, _json_list(rows)),
+            )
 
     def dead_letter(self, letters: Iterable[DeadLetter]) -> None:
         rows = []

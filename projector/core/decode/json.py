@@ -172,6 +172,8 @@ def to_stream(value: Any, path: FieldPath) -> str:
 
 
 def to_seq(value: Any, path: FieldPath) -> int:
+    if type(value) is int and 0 <= value <= _INT64_MAX:  # the common case first
+        return value
     seq = int(value) if _digits(value) else value
     if _is_int(seq) and 0 <= seq <= _INT64_MAX:
         return int(seq)
@@ -180,6 +182,8 @@ def to_seq(value: Any, path: FieldPath) -> int:
 
 def to_ts(value: Any, path: FieldPath) -> int:
     """Epoch milliseconds from a number, a string of digits or an ISO-8601 text (naive = UTC)."""
+    if type(value) is int and -_INT64_MAX <= value <= _INT64_MAX:  # the common case first
+        return value
     ms: int | None = None
     if _is_int(value) or _digits(value):
         ms = int(value)
