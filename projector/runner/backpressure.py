@@ -6,7 +6,7 @@ the very fill it waits for, so then the bound only alerts."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from projector.config import ProjectionConfig
 from projector.runner.batch import BatchResult
@@ -38,9 +38,10 @@ class BackPressure:
         if self.parked is not None:
             self.parked += result.parked - result.unparked
 
-    def forget_pauses(self) -> None:
-        """After a rebalance librdkafka has resumed everything it assigned."""
-        self.paused = set()
+    def forget_pauses(self, partitions: Iterable[TopicPartition]) -> None:
+        """Partitions assigned (the source resumes them) or revoked are no longer paused by
+        us; under the cooperative protocol the others keep their pause."""
+        self.paused -= set(partitions)
 
     def update(self, source: KafkaSource) -> None:
         now = self.clock()

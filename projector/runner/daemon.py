@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -145,8 +146,10 @@ class Daemon:
         self.stop.set()
 
     def _guarded(self, worker: ProjectionWorker) -> None:
+        returned = False
         try:
             worker.run()
+            returned = True
         except ProjectionFailed as exc:
             log.error("%s", exc)
             self.failures.append(exc)
@@ -155,6 +158,13 @@ class Daemon:
             log.exception("projection %s failed: %s", worker.projection.name, exc)
             self.failures.append(exc)
             self.stop.set()
+        finally:
+            # confluent-kafka can raise a KafkaError, which is no BaseException: no except
+            # clause catches it, yet the worker is dead. The daemon must not exit 0 then.
+            if not returned and not self.failures:
+                log.error("projection %s died: %r", worker.projection.name, sys.exc_info()[1])
+                self.failures.append(RuntimeError(f"projection {worker.projection.name} died"))
+                self.stop.set()
 
 
 @contextmanager

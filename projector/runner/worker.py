@@ -143,13 +143,13 @@ class ProjectionWorker:
         claims = self._retrying()(self.store.claim, self.projection.name, partitions, self.instance)
         self.epochs.update({tp: c.epoch for tp, c in claims.items()})
         self.progress.assignment_seen = True
-        self.backpressure.forget_pauses()
+        self.backpressure.forget_pauses(partitions)
         return {tp: c.next_offset for tp, c in claims.items()}
 
     def _revoked(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.epochs.pop(tp, None)
-        self.backpressure.forget_pauses()
+        self.backpressure.forget_pauses(partitions)
         self.progress.revoked(partitions)
         self.metrics.forget_partitions(self.projection.name, partitions)
 

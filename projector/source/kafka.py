@@ -99,6 +99,9 @@ class KafkaSource:
         on_revoke: RevokeHook,
     ):
         self._consumer = Consumer(dict(conf))
+        # Under the cooperative protocol a rebalance hands out and takes back only the
+        # partitions that move, and librdkafka refuses a whole-assignment assign().
+        self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self.assigned: set[TopicPartition] = set()
@@ -114,9 +117,18 @@ class KafkaSource:
         for p in partitions:
             stored = checkpoints.get((p.topic, p.partition))
             p.offset = OFFSET_BEGINNING if stored is None else stored
-        consumer.assign(partitions)
-        self.assigned = set(tps)
-        self._next = {tp: checkpoints.get(tp) for tp in tps}
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+            self.assigned |= set(tps)
+            self._next.update({tp: checkpoints.get(tp) for tp in tps})
+        else:
+            consumer.assign(partitions)
+            self.assigned = set(tps)
+            self._next = {tp: checkpoints.get(tp) for tp in tps}
+        # librdkafka keeps an application's pause across a revoke and a new assign: a
+        # partition fenced (and paused) here, or paused by back-pressure, and assigned back
+        # would never be read again. It starts unpaused; back-pressure pauses it if it must.
+        consumer.resume(partitions)
         log.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in sorted(tps)) or "nothing")
 
     def _revoke_cb(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
