@@ -18,7 +18,7 @@ it is rejected (counted and dead-lettered, never silently dropped).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from projector.core.event import Event
@@ -75,7 +75,8 @@ class _Work:
     """Mutable scratch state while one stream's incoming events are folded in."""
 
     position: StreamPosition
-    parked: dict[int, Event]
+    parked: dict[int, Event]  # the parked events loaded: every one this batch can meet
+    parked_seqs: set[int]  # every seq in the holding table, loaded or not
     skipped: Sequence[tuple[int, int]] = ()
     new_parked: dict[int, Event] = field(default_factory=dict)
     apply: list[Event] = field(default_factory=list)
@@ -85,7 +86,15 @@ class _Work:
     last_applied: Event | None = None  # the event ``position`` stands at, if applied here
 
     def held(self, seq: int) -> Event | None:
-        return self.new_parked.get(seq) or self.parked.get(seq)
+        if seq in self.new_parked:
+            return self.new_parked[seq]
+        return self.stored_parked(seq) if seq in self.parked_seqs else None
+
+    def stored_parked(self, seq: int) -> Event:
+        event = self.parked.get(seq)
+        if event is None:  # a caller's bug: parked_needed says what to load
+            raise ValueError(f"parked event {seq} of {self.position.stream} was not loaded")
+        return event
 
     def advance(self, event: Event) -> None:
         self.apply.append(event)
@@ -119,8 +128,9 @@ class _Work:
         while (nxt := self.position.last_seq + 1) != blocked:
             if nxt in self.new_parked:
                 self.advance(self.new_parked.pop(nxt))
-            elif nxt in self.parked:
-                self.advance(self.parked.pop(nxt))
+            elif nxt in self.parked_seqs:
+                self.advance(self.stored_parked(nxt))
+                self.parked_seqs.discard(nxt)
                 self.unpark.append(nxt)
             elif (skip := self.skipped_range(nxt)) is not None:
                 self.position = replace(
@@ -137,14 +147,17 @@ def sequence_stream(
     incoming: Iterable[Event],
     rules: SequenceRules,
     skipped: Sequence[tuple[int, int]] = (),
+    parked_seqs: Collection[int] | None = None,
 ) -> StreamPlan:
-    """Plan one stream's batch. ``parked`` are its events already in the holding table,
-    ``skipped`` its ranges given up on."""
-    if not parked and not skipped and position.blocked_seq is None:
+    """Plan one stream's batch. ``parked_seqs`` are the seqs in the holding table (default:
+    those of ``parked``), ``parked`` their events, of which only :func:`parked_needed` must
+    be there; ``skipped`` the ranges given up on."""
+    held = set(parked) if parked_seqs is None else set(parked_seqs)
+    if not held and not skipped and position.blocked_seq is None:
         plan = _in_order(position, incoming)
         if plan is not None:
             return plan
-    work = _Work(position=position, parked=dict(parked), skipped=skipped)
+    work = _Work(position=position, parked=dict(parked), parked_seqs=held, skipped=skipped)
     _release_dead_lettered(work)
     work.drain()  # parked successors of a just-retried or skipped event
     for event in incoming:
@@ -157,8 +170,33 @@ def sequence_stream(
         unpark=tuple(work.unpark),
         duplicates=work.duplicates,
         rejected=tuple(work.rejected),
-        gaps=missing_ranges(work.position, [*work.parked, *work.new_parked], skipped),
+        gaps=missing_ranges(work.position, [*work.parked_seqs, *work.new_parked], skipped),
     )
+
+
+def parked_needed(
+    position: StreamPosition,
+    parked_seqs: Collection[int],
+    incoming_seqs: Iterable[int],
+    skipped: Sequence[tuple[int, int]] = (),
+) -> set[int]:
+    """Which parked events :func:`sequence_stream` can meet in this batch: those whose seq
+    arrives again (a duplicate or a conflict, told apart by the payload), and the run that
+    may drain after the position through parked and arriving seqs. A stream that is blocked,
+    or has skipped ranges to step over, needs all of them (rare, and cheap to be sure)."""
+    held = set(parked_seqs)
+    if not held:
+        return set()
+    if position.blocked_seq is not None or skipped:
+        return held
+    arriving = set(incoming_seqs)
+    wanted = held & arriving
+    seq = position.last_seq + 1
+    while seq in held or seq in arriving:
+        if seq in held:
+            wanted.add(seq)
+        seq += 1
+    return wanted
 
 
 def _in_order(position: StreamPosition, incoming: Iterable[Event]) -> StreamPlan | None:
@@ -181,8 +219,8 @@ def _release_dead_lettered(work: _Work) -> None:
     # A parked event that has just become the stream's dead letter leaves the holding table:
     # the dead letter now holds it.
     blocked = work.position.blocked_seq
-    if blocked is not None and blocked in work.parked:
-        del work.parked[blocked]
+    if blocked is not None and blocked in work.parked_seqs:
+        work.parked_seqs.discard(blocked)
         work.unpark.append(blocked)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -32,6 +32,7 @@ from projector.core.sequencer import (
     StreamPlan,
     StreamPosition,
     group_by_stream,
+    parked_needed,
     sequence_stream,
 )
 from projector.faults import crash_point
@@ -115,7 +116,8 @@ class Loaded:
     in the store, which a plan's positions are compared with to know what to write."""
 
     positions: dict[str, StreamPosition]
-    parked: dict[str, dict[int, Event]]
+    parked_seqs: dict[str, set[int]]
+    parked: dict[str, dict[int, Event]]  # the parked events the batch may meet
     skipped: dict[str, list[tuple[int, int]]]
     stored: dict[str, StreamPosition]
 
@@ -255,7 +257,18 @@ class BatchApplier:
             incoming.setdefault(stream, [])
         stored = tx.lock_positions(incoming, self.rules)
         positions = {s: overrides[s](p) if s in overrides else p for s, p in stored.items()}
-        state = Loaded(positions, *tx.load_held(incoming), stored)
+        seqs, skipped = tx.held_seqs(incoming)
+        wanted = {
+            s: parked_needed(
+                positions[s],
+                held,
+                (e.seq for e in incoming[s] if e.seq is not None),
+                skipped.get(s, ()),
+            )
+            for s, held in seqs.items()
+        }
+        parked = tx.load_parked({s: w for s, w in wanted.items() if w})
+        state = Loaded(positions, seqs, parked, skipped, stored)
         plans, culprits = self._plan_and_run(tx, incoming, state)
         self._write(tx, plans, state, culprits, result)
 
@@ -298,6 +311,7 @@ class BatchApplier:
                     evs,
                     self.rules,
                     state.skipped.get(stream, ()),
+                    state.parked_seqs.get(stream, ()),
                 )
             to_apply = [e for plan in plans.values() for e in plan.apply]
             try:
@@ -340,7 +354,7 @@ class BatchApplier:
         tx.park(parked)
         if parked:
             crash_point("after-park")
-        self._write_gaps(tx, plans, state.parked, result)
+        self._write_gaps(tx, plans, state.parked_seqs, result)
         letters = [
             DeadLetter(r.kind, r.reason, event=r.event) for p in plans.values() for r in p.rejected
         ]
@@ -357,7 +371,7 @@ class BatchApplier:
         self,
         tx: StoreBatch,
         plans: Mapping[str, StreamPlan],
-        parked_before: Mapping[str, Mapping[int, Event]],
+        parked_before: Mapping[str, Collection[int]],
         result: BatchResult,
     ) -> None:
         # Only streams that had or now have parked events can have gaps before or after.

@@ -85,7 +85,8 @@ class NotCaughtUp(Exception):
     """At the swap the rebuild was still behind the live projection; go on reading."""
 
 
-Held = tuple[dict[str, dict[int, Event]], dict[str, list[tuple[int, int]]]]
+# Per stream: the seqs in the holding table, and the ranges skipped (by the skip policy).
+HeldSeqs = tuple[dict[str, set[int]], dict[str, list[tuple[int, int]]]]
 
 
 class StoreBatch(Protocol):
@@ -112,8 +113,13 @@ class StoreBatch(Protocol):
         """The streams' positions, held so that no other batch changes them before this one
         commits (a lock, or a watch that makes the commit fail and the batch run again)."""
 
-    def load_held(self, streams: Iterable[str]) -> Held:
-        """Parked events and ranges skipped, of streams already locked."""
+    def held_seqs(self, streams: Iterable[str]) -> HeldSeqs:
+        """The parked seqs (not the events) and the ranges skipped, of streams already locked:
+        a batch reads a parked event only when it may drain or meet it, so its cost does not
+        grow with a backlog it does not touch."""
+
+    def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:
+        """The parked events of these streams and seqs (locked already)."""
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
         """The open or held gaps of streams already locked."""

@@ -30,7 +30,7 @@ from projector.store.base import (
     Claim,
     DeadLetterRow,
     Handler,
-    Held,
+    HeldSeqs,
     ProjectionFigures,
     StreamReport,
     TopicPartition,
@@ -192,27 +192,44 @@ class PgBatch:
         ).fetchall()
         return {r[0]: StreamPosition(r[0], r[1], r[2], r[3], r[4]) for r in rows}
 
-    def load_held(self, streams: Iterable[str]) -> Held:
-        """In one round trip: the streams' parked events, and their ranges given up on with
-        the skip policy (which the sequencer steps over)."""
-        parked: dict[str, dict[int, Event]] = {}
+    def held_seqs(self, streams: Iterable[str]) -> HeldSeqs:
+        """In one round trip: the streams' parked seqs, and their ranges given up on with the
+        skip policy (which the sequencer steps over)."""
+        parked: dict[str, set[int]] = {}
         skipped: dict[str, list[tuple[int, int]]] = {}
         names = _json_list(sorted(set(streams)))
         rows = self.conn.execute(
             self._q(
-                "select stream, seq, event, null::bigint from {s}.holding"
+                "select stream, seq, null::bigint from {s}.holding"
                 f" where projection = %s and stream in {_STREAMS}"
-                " union all select stream, from_seq, null, to_seq from {s}.gaps"
+                " union all select stream, from_seq, to_seq from {s}.gaps"
                 f" where projection = %s and stream in {_STREAMS} and state = 'skipped'"
             ),
             (self.projection, names, self.projection, names),
         ).fetchall()
-        for stream, seq, event, to_seq in rows:
-            if event is not None:
-                parked.setdefault(stream, {})[seq] = Event.from_json(event)
+        for stream, seq, to_seq in rows:
+            if to_seq is None:
+                parked.setdefault(stream, set()).add(seq)
             else:
                 skipped.setdefault(stream, []).append((seq, to_seq))
         return parked, skipped
+
+    def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:
+        pairs = [[stream, seq] for stream, seqs in wanted.items() for seq in seqs]
+        parked: dict[str, dict[int, Event]] = {}
+        if not pairs:
+            return parked
+        rows = self.conn.execute(
+            self._q(
+                "select h.stream, h.seq, h.event from {s}.holding h"
+                " join jsonb_array_elements(%s::jsonb) k"
+                " on h.stream = k->>0 and h.seq = (k->>1)::bigint where h.projection = %s"
+            ),
+            (_json_list(pairs), self.projection),
+        ).fetchall()
+        for stream, seq, event in rows:
+            parked.setdefault(stream, {})[seq] = Event.from_json(event)
+        return parked
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
         """The open (or held) gaps of these streams; skipped ranges are not gaps any more."""

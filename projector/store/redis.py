@@ -51,7 +51,7 @@ from projector.store.base import (
     Claim,
     DeadLetterRow,
     Handler,
-    Held,
+    HeldSeqs,
     ProjectionFigures,
     StreamReport,
     TopicPartition,
@@ -166,6 +166,9 @@ def _score(value: float | None) -> str:
 def _chunks(command: str, key: str, args: Sequence[str], width: int) -> list[Op]:
     step = max(width, (MAX_ARGS // width) * width)
     return [[command, key, *args[i : i + step]] for i in range(0, len(args), step)]
+
+
+_FIELDS_PER_READ = 5_000  # Lua's unpack() fails past about 8,000 values
 
 
 @dataclass
@@ -326,7 +329,7 @@ class RedisBatch:
         # Membership in the dict, not a set of it per call: writes call this once per stream.
         missing = sorted({s for s in streams if s not in self._streams})
         keys = [self.keys.stream(s) for s in missing]
-        for stream, key, flat in zip(missing, keys, self.read("hgetall", keys, []), strict=True):
+        for stream, key, flat in zip(missing, keys, self.read("stream", keys, []), strict=True):
             self._streams[stream] = _Stream(key, dict(zip(flat[::2], flat[1::2], strict=True)))
         return self._streams
 
@@ -363,24 +366,43 @@ class RedisBatch:
         loaded = self._load(names)
         return {s: _position(s, loaded[s], rules) for s in names}
 
-    def load_held(self, streams: Iterable[str]) -> Held:
-        parked: dict[str, dict[int, Event]] = {}
+    def held_seqs(self, streams: Iterable[str]) -> HeldSeqs:
+        parked: dict[str, set[int]] = {}
         skipped: dict[str, list[tuple[int, int]]] = {}
         names = set(streams)
         loaded = self._load(names)
         for stream in names:
             s = loaded[stream]
-            for name in {*s.stored, *s.sets} - s.dels:
-                if name.startswith("p:"):
-                    raw = s.get(name)
-                    assert raw is not None
-                    parked.setdefault(stream, {})[int(name[2:])] = Event.from_json(
-                        json_codec.loads(raw)
-                    )
+            seqs = {int(n[2:]) for n in (*s.stored, *s.sets) if n.startswith("p:")}
+            seqs -= {int(n[2:]) for n in s.dels if n.startswith("p:")}
+            if seqs:
+                parked[stream] = seqs
             for g in s.current_gaps(stream):
                 if g.state == "skipped":
                     skipped.setdefault(stream, []).append((g.from_seq, g.to_seq))
         return parked, skipped
+
+    def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:
+        """The stream hashes were read without their parked events' values (see read.lua's
+        "stream"): those wanted are read now, in one round trip, under the same WATCH, a
+        stream's fields split in parts that Lua's ``unpack`` takes."""
+        loaded = self._load(wanted)
+        parts = [
+            (stream, names[i : i + _FIELDS_PER_READ])
+            for stream, seqs in sorted(wanted.items())
+            for names in [[f"p:{seq}" for seq in sorted(seqs)]]
+            for i in range(0, len(names), _FIELDS_PER_READ)
+        ]
+        args = [arg for _, names in parts for arg in (str(len(names)), *names)]
+        values = self.read("fields", [loaded[stream].key for stream, _ in parts], args)
+        parked: dict[str, dict[int, Event]] = {}
+        for (stream, names), raws in zip(parts, values, strict=True):
+            for name, raw in zip(names, raws, strict=True):
+                value = loaded[stream].sets.get(name, raw)
+                if value is not None:
+                    event = Event.from_json(json_codec.loads(value))
+                    parked.setdefault(stream, {})[int(name[2:])] = event
+        return parked
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
         loaded = self._load(streams)

@@ -393,15 +393,6 @@ def test_backpressure_pauses_at_max_parked_and_lets_go_when_gaps_fill(
     assert run.exit_code == 0, run.log[-4000:]
 
 
-BACKLOG_DEFECT = (
-    "every batch loads and decodes ALL parked events of each stream it touches"
-    " (PostgresStore.load_held via BatchApplier.apply_events), so a batch's time and the"
-    " daemon's memory grow with the backlog: the other streams' pace falls in inverse"
-    " proportion to the parked count and RSS grows ~0.7 kB per parked event"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=BACKLOG_DEFECT)
 def test_memory_and_the_other_streams_pace_do_not_depend_on_the_backlog(
     backlog: BacklogRun,
 ) -> None:
