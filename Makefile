@@ -40,8 +40,10 @@ bench: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
 
+## The fault suite (docs/faults.md): real processes killed, stalled, cut off; prints each
+## scenario's figures (lines starting FIGURES). About 15 minutes.
 test-fault: $(STAMP)
-	$(BIN)/pytest -m fault
+	$(BIN)/pytest -m fault -s
 
 services-up:
 	dev/services.sh up
