@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from projector.config import ReplayConfig
 from projector.core.replay_request import ReplayRequest
+from projector.source.kafka import client_logging
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class KafkaChannel:
             "bootstrap.servers": bootstrap,
             "enable.idempotence": True,
             "message.timeout.ms": max(1000, int(timeout * 1000)),
+            **client_logging(),
             **extra,
         }
         self._producer = Producer(conf)

@@ -28,6 +28,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from projector.core.replay_request import ReplayRequest
+from projector.source.kafka import client_logging
 from projector.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,14 @@ class ReplayResponder:
         self._select = sql.SQL(_SELECT).format(sql.Identifier(schema, table))
         self._conn: Conn | None = None
         self._lock = threading.Lock()
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap, "enable.idempotence": True, **client_logging()}
+        )
         self._consumer: Consumer | None = None
         self.last_activity = time.monotonic()
         if requests_topic:
             conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": group}
+            conf |= client_logging()
             conf |= {"enable.auto.commit": False, "auto.offset.reset": "earliest"}
             self._consumer = Consumer(conf)
             self._consumer.subscribe([requests_topic], on_assign=lambda *_: self._touch())

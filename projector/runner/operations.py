@@ -19,6 +19,7 @@ from projector.config import Config, ProjectionConfig
 from projector.core.gaps import Gap
 from projector.runner.batch import BatchApplier, BatchResult, Clock
 from projector.runner.worker import build_applier, load_handlers
+from projector.source.kafka import client_logging
 from projector.store.base import Store
 from projector.store.connect import StoreSet
 from projector.store.errors import transient_retries
@@ -170,6 +171,7 @@ def _status_once(
     conf |= {
         "bootstrap.servers": kafka.bootstrap_servers,
         "group.id": f"{kafka.group_prefix}.status-reader",
+        **client_logging(),
     }
     consumer = Consumer({**conf, "enable.auto.commit": False})
     try:

@@ -31,6 +31,17 @@ class SourceFatal(Exception):
     """The consumer cannot go on (e.g. fenced by a newer instance with the same instance id)."""
 
 
+# librdkafka's own messages (a broker down, a failed fetch) go through projector's logging,
+# with its level and format, instead of straight to stderr.
+KAFKA_LOG = logging.getLogger("projector.kafka")
+
+
+def client_logging() -> dict[str, Any]:
+    """The setting that routes a Kafka client's log lines to projector's logging; every
+    consumer and producer projector creates takes it."""
+    return {"logger": KAFKA_LOG}
+
+
 def consumer_config(
     bootstrap: str, group: str, instance_id: str, extra: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -57,6 +68,7 @@ def consumer_config(
         # seconds rather than librdkafka's default five minutes.
         "topic.metadata.refresh.interval.ms": 10_000,
         "client.id": f"projector-{instance_id}",
+        **client_logging(),
     }
     conf.update(extra)
     return conf
