@@ -21,6 +21,19 @@ all or nothing. Its reads see what is stored, not the batch's own writes. No ``M
     def handle(events: Sequence[Event], view: RedisView) -> None:
         for e in events:
             view.hincrby(f"account:{e.data['id']}", "balance", e.data["amount"])
+
+A merge projection with a ``correlation`` (docs/correlation.md) also hands the business
+events its rule names to each handler module's optional ``handle_business``, after
+``handle_documents``, in the same transaction::
+
+    def handle_business(events: Sequence[Event], view: PgView) -> None:
+        view.executemany("insert into history ... on conflict (business_id) do nothing", [...])
+
+A business event is an :class:`Event` with a stable id derived from its correlation (the same
+in a replay or a rebuild: insert keyed on it, ``on conflict do nothing``), ``ts`` the latest
+part's time (epoch ms), ``stream`` the rule's or ``<correlation>:<key>``, and ``meta`` saying
+which parts made it (``correlation``, ``key``, ``parts``, ``closed``: complete | expired). A
+handler failing on one business event turns that event into a dead letter; the others go on.
 """
 
 from __future__ import annotations
@@ -70,6 +83,12 @@ class PgDocumentHandler(Protocol):
     def __call__(self, changes: Sequence[DocumentChange], view: PgView) -> None: ...
 
 
+class PgBusinessHandler(Protocol):
+    """``handle_business(events, view)``: a correlation's business events, in (ts, id) order."""
+
+    def __call__(self, events: Sequence[Event], view: PgView) -> None: ...
+
+
 @dataclass(frozen=True)
 class LoadedHandler:
     """A handler function and its module's view migrations, as named in the config."""
@@ -77,11 +96,13 @@ class LoadedHandler:
     name: str
     handle: Callable[[Sequence[Any], Any], None]  # the view: a PgView, or a RedisView
     migrations: tuple[str, ...]
+    # Merge mode: the module's ``handle_business(events, view)``, if it has one.
+    business: Callable[[Sequence[Event], Any], None] | None = None
 
 
 def load_handler(path: str, mode: str = "sequence") -> LoadedHandler:
     """Import ``package.module`` (its ``handle``, or ``handle_documents`` in merge mode) or
-    ``package.module:function``."""
+    ``package.module:function``; in merge mode also the module's ``handle_business``."""
     module_name, _, attr = path.partition(":")
     attr = attr or ("handle_documents" if mode == "merge" else "handle")
     try:
@@ -94,4 +115,22 @@ def load_handler(path: str, mode: str = "sequence") -> LoadedHandler:
     migrations = getattr(module, "MIGRATIONS", ())
     if not all(isinstance(m, str) for m in migrations):
         raise ValueError(f"{module_name}.MIGRATIONS must be a list of SQL strings")
-    return LoadedHandler(path, fn, tuple(migrations))
+    business = getattr(module, "handle_business", None) if mode == "merge" else None
+    if business is not None and not callable(business):
+        raise ValueError(f"{module_name}.handle_business must be a function")
+    return LoadedHandler(path, fn, tuple(migrations), business)
+
+
+def load_rule(path: str) -> Callable[..., Any]:
+    """The correlation rule ``package.module:function`` (``correlation.rule``)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"correlation.rule: module {module_name!r} cannot be imported: {exc}"
+        ) from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"correlation.rule: module {module_name} has no {attr}")
+    return fn  # type: ignore[no-any-return]

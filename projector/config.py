@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from projector.core.correlate import BusinessRule, CorrelationRules, Part
 from projector.core.decode import load_decoder
 
 
@@ -178,6 +179,61 @@ def _handler_path(value: str) -> str:
     return value
 
 
+def _rule_path(value: str) -> str:
+    if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", value):
+        raise ValueError(
+            f"{value!r} is not a module path; write e.g."
+            " handlers.school_correlation:name_business_events"
+        )
+    return value
+
+
+class CorrelationPartConfig(_Strict):
+    """A part given in full: its source (a Debezium ``schema.table``, or a topic) and its own
+    key path (default: ``correlation.key``)."""
+
+    source: str = Field(min_length=1)
+    key: str | None = None
+
+
+class CorrelationConfig(_Strict):
+    """A correlation step (docs/correlation.md): which events belong together (one source
+    transaction, or a field) and the rule that names the business event they make."""
+
+    # "module:function" returning the business events of a closed window's parts.
+    rule: Annotated[str, AfterValidator(_rule_path)]
+    window: Duration  # event time; must be positive (checked with the other rules)
+    name: Name | None = None  # default: the projection's name (prefix of ids and streams)
+    topics: list[str] | None = None  # default: every topic of the projection
+    part_by: Literal["table", "topic"] = "table"
+    parts: dict[str, str | CorrelationPartConfig] = Field(default_factory=dict)
+    key: str = "meta.tx_id"
+    time: str = "meta.ts_ms"
+    # Default: true when one of `topics` has the Debezium decoder and ends in ".transaction".
+    transaction_metadata: bool | None = None
+    complete_when: list[str] | None = None
+    lateness: Duration = 0.0
+    idle_after: Duration | None = 30.0
+    closed_retention: Duration = 7 * 86400.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_outbox_yet(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "outbox" in data:
+            raise ValueError(
+                "correlation.outbox is not supported yet: leave it out (business events go to"
+                " the handlers' handle_business)"
+            )
+        return data
+
+    def part_list(self) -> list[tuple[str, str, str | None]]:
+        """(name, source, key path or None) per configured part."""
+        return [
+            (name, p, None) if isinstance(p, str) else (name, p.source, p.key)
+            for name, p in self.parts.items()
+        ]
+
+
 class ProjectionConfig(_Strict):
     name: Name
     topics: list[str] = Field(min_length=1)
@@ -203,6 +259,8 @@ class ProjectionConfig(_Strict):
     replay_topic: str | None = None
     # Parked events allowed for the projection; at the bound its source partitions pause.
     max_parked: int = Field(100_000, gt=0)
+    # Business events from correlated events (docs/correlation.md); merge mode, PostgreSQL.
+    correlation: CorrelationConfig | None = None
 
     @field_validator("handlers")
     @classmethod
@@ -255,7 +313,92 @@ class ProjectionConfig(_Strict):
                     raise ValueError(
                         "Debezium events carry no contiguous sequence: use mode: merge"
                     )
+        if self.correlation is not None:
+            problems = self._correlation_problems(self.correlation)
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def correlation_topics(self) -> list[str]:
+        """The topics whose events the correlation takes (empty without a correlation)."""
+        if self.correlation is None:
+            return []
+        return list(self.correlation.topics or self.topics)
+
+    @property
+    def transaction_metadata(self) -> bool:
+        """Whether the correlation reads Debezium's transaction topic (its END records decide
+        when a transaction is complete): as configured, else whether one of its topics has the
+        Debezium decoder and a name ending in ".transaction"."""
+        c = self.correlation
+        if c is None:
+            return False
+        if c.transaction_metadata is not None:
+            return c.transaction_metadata
+        return any(
+            t.endswith(".transaction") and self.decoder_for(t).kind == "debezium"
+            for t in self.correlation_topics
+        )
+
+    def _correlation_problems(self, c: CorrelationConfig) -> list[str]:
+        problems: list[str] = []
+        if self.store == "redis":
+            problems.append(
+                "correlation is not supported on Redis yet: use store: postgres for this"
+                " projection, or remove correlation"
+            )
+        if self.mode != "merge":
+            problems.append(
+                "correlation is supported in merge mode only for now: set mode: merge (CDC"
+                " streams are merge projections), or remove correlation"
+            )
+        unknown = sorted(set(c.topics or ()) - set(self.topics))
+        if unknown:
+            problems.append(f"correlation.topics names topics not in topics: {unknown}")
+        if c.transaction_metadata and not any(
+            self.decoder_for(t).kind == "debezium" for t in self.correlation_topics
+        ):
+            problems.append(
+                "correlation.transaction_metadata is on but no topic in correlation.topics has"
+                " the Debezium decoder"
+            )
+        if not problems:
+            problems = correlation_rule_problems(self)
+        return problems
+
+
+def correlation_rule_problems(projection: ProjectionConfig) -> list[str]:
+    """The core's own checks of a projection's correlation (its messages name the keys)."""
+    try:
+        correlation_rules(projection, lambda parts: None)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def correlation_rules(projection: ProjectionConfig, rule: BusinessRule) -> CorrelationRules:
+    """The core's ``CorrelationRules`` of a projection's correlation, with its loaded ``rule``;
+    durations become event-time milliseconds. ``ValueError`` naming the key."""
+    c = projection.correlation
+    if c is None:
+        raise ValueError(f"projection {projection.name!r} has no correlation")
+    return CorrelationRules(
+        window=_ms(c.window),
+        parts=tuple(Part(name, source, key) for name, source, key in c.part_list()),
+        rule=rule,
+        name=c.name or projection.name,
+        part_by=c.part_by,
+        key=c.key,
+        time=c.time,
+        transaction_metadata=projection.transaction_metadata,
+        complete_when=None if c.complete_when is None else frozenset(c.complete_when),
+        closed_retention=_ms(c.closed_retention),
+    )
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
 class MetricsConfig(_Strict):

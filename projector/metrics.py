@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from projector import __version__
 
 if TYPE_CHECKING:
     from projector.runner.batch import BatchResult
+    from projector.runner.correlate_step import CorrelationOutcome
     from projector.store.base import ProjectionFigures
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,45 @@ class Metrics:
             p,
             registry=r,
         )
+        self.correlations_closed = Counter(
+            "projector_correlations_closed",
+            "Correlation windows closed, by reason (complete, expired).",
+            [*p, "reason"],
+            registry=r,
+        )
+        self.correlation_late = Counter(
+            "projector_correlation_late_parts",
+            "Parts that arrived after their window closed (logged; they name nothing).",
+            p,
+            registry=r,
+        )
+        self.correlation_duplicates = Counter(
+            "projector_correlation_duplicate_parts",
+            "Parts the correlation had already (re-deliveries).",
+            p,
+            registry=r,
+        )
+        self.correlation_skipped = Counter(
+            "projector_correlation_skipped",
+            "Events of the correlation's topics it does not take, by reason.",
+            [*p, "reason"],
+            registry=r,
+        )
+        self.correlation_missing = Counter(
+            "projector_correlation_missing_parts",
+            "Parts a transaction's END record counted that never came before its window closed.",
+            p,
+            registry=r,
+        )
+        self.business_events = Counter(
+            "projector_business_events",
+            "Business events named by a correlation and applied by the handlers.",
+            p,
+            registry=r,
+        )
+        # Open correlations and the watermark's lag, read from the store at scrape time.
+        self.correlation_figures = CorrelationCollector()
+        r.register(self.correlation_figures)
         info = Gauge("projector_build_info", "projector's version.", ["version"], registry=r)
         info.labels(__version__).set(1)
 
@@ -105,6 +146,21 @@ class Metrics:
         self.record_gaps(projection, result)
         self.batch_size.labels(projection).observe(result.consumed)
         self.apply_seconds.labels(projection).observe(seconds)
+
+    def record_correlation(self, projection: str, outcome: CorrelationOutcome) -> None:
+        """After the commit of a batch (or idle tick) that ran a correlation step."""
+        for reason, count in outcome.closed.items():
+            self.correlations_closed.labels(projection, reason).inc(count)
+        for reason, count in outcome.skipped.items():
+            self.correlation_skipped.labels(projection, reason).inc(count)
+        for counter, value in (
+            (self.correlation_late, outcome.late),
+            (self.correlation_duplicates, outcome.duplicates),
+            (self.correlation_missing, outcome.missing),
+            (self.business_events, outcome.business),
+        ):
+            if value:
+                counter.labels(projection).inc(value)
 
     def record_gaps(self, projection: str, result: BatchResult) -> None:
         for event, value in (
@@ -186,3 +242,60 @@ class StoreCollector(Collector):
             families["oldest"].add_metric([row.projection], row.oldest_gap_age)
             families["dead"].add_metric([row.projection], row.dead_letters)
         yield from families.values()
+
+
+# A correlated projection's figures from its store: (open correlations, the lowest event-time
+# high of its input partitions in epoch ms, None while one has none).
+CorrelationFigures = Callable[[], tuple[int, int | None]]
+
+
+class CorrelationCollector(Collector):
+    """``projector_correlations_open`` and ``projector_correlation_watermark_lag_seconds``
+    (now minus the watermark: the lowest stored event-time high of the correlation's input
+    partitions, less ``lateness``), per correlated projection, read from the store at scrape
+    time. Each worker with a correlation adds its source (a store connection of its own, used
+    only here) and removes it when it stops."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, tuple[CorrelationFigures, Callable[[], None], float]] = {}
+        self.lock = threading.Lock()  # scrapes may overlap; one connection per source
+        self.clock: Callable[[], float] = time.time
+
+    def add(
+        self,
+        projection: str,
+        figures: CorrelationFigures,
+        reconnect: Callable[[], None],
+        lateness: float = 0.0,
+    ) -> None:
+        with self.lock:
+            self._sources[projection] = (figures, reconnect, lateness)
+
+    def remove(self, projection: str) -> None:
+        with self.lock:
+            self._sources.pop(projection, None)
+
+    def collect(self) -> Iterator[Metric]:
+        opened = GaugeMetricFamily(
+            "projector_correlations_open",
+            "Correlation keys with parts waiting for their window to close.",
+            labels=["projection"],
+        )
+        lag = GaugeMetricFamily(
+            "projector_correlation_watermark_lag_seconds",
+            "Now minus the correlation's event-time watermark (absent while it is unset).",
+            labels=["projection"],
+        )
+        with self.lock:
+            for projection, (figures, reconnect, lateness) in sorted(self._sources.items()):
+                try:
+                    count, high = figures()
+                except Exception as exc:  # a scrape must not fail because the store is away
+                    log.warning("metrics: cannot read %s's correlations: %s", projection, exc)
+                    reconnect()
+                    continue
+                opened.add_metric([projection], count)
+                if high is not None:
+                    lag.add_metric([projection], max(0.0, self.clock() - high / 1000 + lateness))
+        yield opened
+        yield lag

@@ -7,12 +7,18 @@ matter and nothing is parked. The merge state is kept per document in the store 
 per document, so instances touching one document serialise and restarts lose nothing.
 A handler failure is traced to its document; that document's events become dead letters (a
 retry merges them again later, order being irrelevant) and the others go on.
+
+With a ``correlation`` (docs/correlation.md), the batch's events then go through
+:mod:`projector.runner.correlate_step` in the same transaction (lock order: fence, documents,
+correlations): Debezium's BEGIN/END records feed the correlation only (they describe no row),
+and the business events it names go to the handlers' ``handle_business``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from projector.apply import DocumentChange, LoadedHandler
@@ -23,6 +29,7 @@ from projector.core.merge import DocState, MergeRules, merge_events, purge_tombs
 from projector.core.message import RawMessage
 from projector.core.sequencer import StreamPosition, group_by_stream
 from projector.runner.batch import BatchResult, apply_consumed, first_failure
+from projector.runner.correlate_step import PARTS_TYPE, CorrelationOutcome, CorrelationStep
 from projector.store.base import Store, StoreBatch, TopicPartition
 from projector.store.errors import TransientStoreError, is_transient
 
@@ -41,7 +48,13 @@ class MergeApplier:
         rules: MergeRules,
         clock: Callable[[], float],
         tombstone_retention: float | None = None,
+        correlation: CorrelationStep | None = None,
     ):
+        self.correlation = correlation
+        # The last batch's correlation outcome (reset per try), for metrics after the commit,
+        # and which of its partitions had reached their end when it was read.
+        self.correlated: CorrelationOutcome | None = None
+        self._caught_up: Collection[TopicPartition] = ()
         self.clock = clock
         self.tombstone_retention = tombstone_retention
         self.projection = projection
@@ -57,10 +70,32 @@ class MergeApplier:
         decoders: Mapping[str, Decoder],
         epochs: Mapping[TopicPartition, int],
         positions: Mapping[TopicPartition, int] | None = None,
+        caught_up: Collection[TopicPartition] = (),
     ) -> BatchResult:
         """Apply one consumed batch in one transaction; raises ``Fenced`` like the sequence
-        applier when this instance no longer owns one of the batch's partitions."""
+        applier when this instance no longer owns one of the batch's partitions.
+        ``caught_up``: the batch's partitions whose end it reached (for the correlation's
+        idle watermark)."""
+        self._caught_up = frozenset(caught_up)
+        self.correlated = None
         return apply_consumed(self, messages, decoders, epochs, positions)
+
+    def idle_tick(
+        self, epochs: Mapping[TopicPartition, int], caught_up: Collection[TopicPartition]
+    ) -> tuple[CorrelationOutcome, BatchResult] | None:
+        """With no message to apply: the correlation step with no events, in a transaction
+        fenced on the owned partitions' epochs (``epochs``; their checkpoints do not move),
+        so the caught-up ones advance the watermark by the clock and what is due closes.
+        Raises ``Fenced`` like ``apply``."""
+        corr = self.correlation
+        owned = {tp: e for tp, e in epochs.items() if tp[0] in (corr.topics if corr else ())}
+        if corr is None or not owned:
+            return None
+        result = BatchResult()
+        with self.store.batch(self.projection, self.view_schema) as tx:
+            tx.hold(owned)
+            outcome = corr.run(tx, [], result, owned.keys(), caught_up)
+        return outcome, result
 
     def apply_events(
         self,
@@ -69,9 +104,25 @@ class MergeApplier:
         result: BatchResult,
         overrides: Mapping[str, Callable[[StreamPosition], StreamPosition]] | None = None,
     ) -> None:
-        """Merge ``events`` into their documents and run the handlers on what changed.
-        (``overrides`` exist for the sequence applier's dead-letter retry; merge mode has no
-        positions to override.)"""
+        """Merge ``events`` into their documents and run the handlers on what changed; with a
+        correlation, then the correlation step. (``overrides`` exist for the sequence
+        applier's dead-letter retry; merge mode has no positions to override.)"""
+        corr = self.correlation
+        if corr is None:
+            self._merge_and_handle(tx, events, result)
+            return
+        split = _Split.of(events, corr)
+        result.ignored += len(split.parts) - len(split.rows)
+        self._merge_and_handle(tx, split.rows, result)
+        if split.parts or result.checkpoints:
+            self.correlated = corr.run(
+                tx, split.parts, result, result.checkpoints.keys(), self._caught_up
+            )
+        self._retry_business(tx, corr, split.business, split.rule_letters, result)
+
+    def _merge_and_handle(
+        self, tx: StoreBatch, events: Sequence[Event], result: BatchResult
+    ) -> None:
         timed = [e for e in events if e.ts is not None]
         untimed = [
             DeadLetter(
@@ -97,6 +148,31 @@ class MergeApplier:
         result.applied += sum(len(c.events) for c in changes) - sum(
             len(c.events) for c, _ in failed
         )
+
+    def _retry_business(
+        self,
+        tx: StoreBatch,
+        corr: CorrelationStep,
+        business: Sequence[Event],
+        rule_letters: Sequence[Event],
+        result: BatchResult,
+    ) -> None:
+        """Dead letters being retried (``projector dead-letters retry``): a business event
+        goes to ``handle_business`` again; a failed rule's parts are named again by the rule
+        (the same ids as the first time) and go there too."""
+        named: list[Event] = list(business)
+        for parts in rule_letters:
+            events, error = corr.rename(parts)
+            if error is not None:
+                letter = DeadLetter("correlation_rule", error, event=parts)
+                tx.dead_letter([letter])
+                result.dead_letters.append(letter)
+            named += events
+        if named:
+            applied, letters = corr.apply_business(tx, named)
+            tx.dead_letter(letters)
+            result.dead_letters += letters
+            result.applied += applied
 
     def sweep(self) -> tuple[int, int]:
         """Forget the tombstones of documents unchanged for ``tombstone_retention``; a deleted
@@ -154,6 +230,31 @@ class MergeApplier:
                 f"handler failed on the batch but on no single document: {batch_error}"
             )
         return found
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A correlated batch's events by where they go: ``parts``, the correlation's input (the
+    decoded events, duplicates included); ``rows``, those merged into documents (not
+    Debezium's BEGIN/END records, which describe no row); and dead letters being retried:
+    ``business`` events and a failed rule's ``rule_letters``, which go to
+    ``handle_business`` only."""
+
+    parts: list[Event]
+    rows: list[Event]
+    business: list[Event]
+    rule_letters: list[Event]
+
+    @classmethod
+    def of(cls, events: Sequence[Event], corr: CorrelationStep) -> _Split:
+        retried = [e for e in events if corr.is_business(e)]
+        parts = [e for e in events if not corr.is_business(e)]
+        return cls(
+            parts,
+            [e for e in parts if not corr.is_transaction_record(e)],
+            [e for e in retried if e.type != PARTS_TYPE],
+            [e for e in retried if e.type == PARTS_TYPE],
+        )
 
 
 def _purged(raw: dict[str, Any] | None) -> dict[str, Any] | None:

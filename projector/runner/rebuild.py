@@ -156,6 +156,14 @@ class Rebuilder:
         self.config = config
         self.history = list(history)
         self.projection: ProjectionConfig = config.projection(projection)
+        if self.projection.correlation is not None:
+            # Its pending correlations would not move with the swap (docs/correlation.md,
+            # slice 5): the rebuilt projection would name business events differently.
+            raise ValueError(
+                f"projection {projection!r} has a correlation: rebuilding one is not supported"
+                " yet, since its pending correlations would not move with the swap"
+                " (docs/correlation.md, slice 5)"
+            )
         self.progress = progress or Progress()
         self.clock = clock
         self.stop = stop or threading.Event()

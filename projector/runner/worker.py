@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from tenacity import Retrying, retry_if_exception, wait_exponential
 
-from projector.apply import LoadedHandler, load_handler
-from projector.config import Config, ProjectionConfig
+from projector.apply import LoadedHandler, load_handler, load_rule
+from projector.config import Config, ProjectionConfig, correlation_rules
 from projector.core.decode import Decoder, load_decoder
 from projector.core.merge import MergeRules
 from projector.core.message import RawMessage
@@ -28,6 +28,7 @@ from projector.metrics import Metrics
 from projector.replay.channels import open_channel
 from projector.runner.backpressure import BackPressure
 from projector.runner.batch import BatchApplier, BatchResult, Clock
+from projector.runner.correlate_step import CorrelationStep
 from projector.runner.gap_timer import GapTimer
 from projector.runner.merge_batch import MergeApplier
 from projector.runner.progress import PartitionProgress
@@ -39,13 +40,40 @@ from projector.store.errors import Fenced, is_transient
 log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 60.0  # how often merge projections look for tombstones past their retention
+IDLE_TICK_SECONDS = 1.0  # at most this far apart: idle ticks of a correlation (real time)
 
 
 def load_handlers(projection: ProjectionConfig) -> list[LoadedHandler]:
+    """The projection's handlers; with a correlation, its rule is loaded too (to check it)
+    and some handler must take the business events."""
     loaded = [load_handler(path, projection.mode) for path in projection.handlers]
     if projection.mode == "merge" and projection.merge.view_table and not loaded:
         loaded.append(document_view(projection.merge.view_table))
+    if projection.correlation is not None:
+        load_rule(projection.correlation.rule)
+        if not any(h.business is not None for h in loaded):
+            raise ValueError(
+                f"projection {projection.name!r}: correlation: business events would reach"
+                " nothing: define handle_business in a handler module"
+            )
     return loaded
+
+
+def build_correlation(
+    projection: ProjectionConfig, handlers: list[LoadedHandler], clock: Clock
+) -> CorrelationStep | None:
+    """The projection's correlation step, if it has one (durations in event-time ms)."""
+    c = projection.correlation
+    if c is None:
+        return None
+    return CorrelationStep(
+        correlation_rules(projection, load_rule(c.rule)),
+        projection.correlation_topics,
+        handlers,
+        clock,
+        lateness=round(c.lateness * 1000),
+        idle_after=None if c.idle_after is None else round(c.idle_after * 1000),
+    )
 
 
 def build_decoders(projection: ProjectionConfig) -> dict[str, Decoder]:
@@ -64,14 +92,16 @@ def build_applier(
     """The projection's batch applier: sequence or merge, by its mode."""
     if projection.mode == "merge":
         rules = MergeRules(frozenset(projection.merge.delete_types), projection.merge.removed_field)
+        handlers = load_handlers(projection)
         return MergeApplier(
             projection.name,
             projection.schema_name,
             store,
-            load_handlers(projection),
+            handlers,
             rules,
             clock,
             projection.merge.tombstone_retention,
+            build_correlation(projection, handlers, clock),
         )
     return BatchApplier(
         projection.name,
@@ -136,7 +166,22 @@ class ProjectionWorker:
         self.stats = WorkerStats()
         self.heartbeat = time.monotonic()  # real time: a stalled loop is a real-time matter
         self._next_sweep = 0.0
+        self._next_idle_tick = 0.0  # time.monotonic()
+        idle_after = projection.correlation.idle_after if projection.correlation else None
+        self._idle_every = min(IDLE_TICK_SECONDS, (idle_after or IDLE_TICK_SECONDS * 4) / 4)
         self.metrics.gap_timeout.labels(projection.name).set(projection.gap_timeout)
+        self._figures_store: Store | None = None
+        if projection.correlation is not None:
+            self._watch_correlation(projection.correlation.lateness)
+
+    def _watch_correlation(self, lateness: float) -> None:
+        """The correlation's gauges, read at scrape time through a connection of their own."""
+        store = self._figures_store = open_store(self.config, self.projection)
+        name, topics = self.projection.name, self.projection.correlation_topics
+        self.metrics.correlation_figures.clock = self.clock
+        self.metrics.correlation_figures.add(
+            name, lambda: store.correlation_figures(name, topics), store.close, lateness
+        )
 
     # -- rebalance hooks (called inside poll) -------------------------------------------------
     def _claim(self, partitions: list[TopicPartition]) -> Mapping[TopicPartition, int | None]:
@@ -178,6 +223,9 @@ class ProjectionWorker:
             if self.channel is not None:
                 self.channel.close()
             self.store.close()
+            if self._figures_store is not None:
+                self.metrics.correlation_figures.remove(self.projection.name)
+                self._figures_store.close()
             log.info(
                 "projection %s stopped after %d batches: %s",
                 self.projection.name,
@@ -197,6 +245,8 @@ class ProjectionWorker:
                 crash_point("after-commit")
                 source.commit(result.checkpoints)
                 self._record(messages, result, time.monotonic() - started)
+        if not messages:
+            self._idle_tick(source)
         if self.gap_timer is not None:
             self._retrying()(self.gap_timer.tick)
         self._sweep_tombstones()
@@ -208,6 +258,40 @@ class ProjectionWorker:
         if not (idle and self.exit_when_caught_up and self.progress.assignment_seen):
             return False
         return all(n == 0 for n in self.progress.lag.values()) and not self._waiting_for_replays()
+
+    def _idle_tick(self, source: KafkaSource) -> None:
+        """A correlation's windows close by an idle watermark too: when a poll brought
+        nothing, at most every ``min(1 s, idle_after / 4)`` (always in a burst run, before it
+        decides it is done), run the correlation step with no events."""
+        applier = self.applier
+        if not isinstance(applier, MergeApplier) or applier.correlation is None:
+            return
+        now = time.monotonic()
+        if now < self._next_idle_tick and not self.exit_when_caught_up:
+            return
+        self._next_idle_tick = now + self._idle_every
+        try:
+            done = self._retrying()(applier.idle_tick, dict(self.epochs), self._caught_up(source))
+        except Fenced as fenced:
+            log.warning("projection %s: %s; dropping them", self.projection.name, fenced)
+            for tp in fenced.partitions:
+                self.epochs.pop(tp, None)
+            source.pause(set(fenced.partitions))
+            return
+        if done is not None:
+            outcome, result = done
+            self.metrics.record_correlation(self.projection.name, outcome)
+            for letter in result.dead_letters:
+                self.metrics.dead_letters.labels(self.projection.name, letter.kind).inc()
+
+    def _caught_up(self, source: KafkaSource) -> set[TopicPartition]:
+        """The correlation's owned partitions with nothing left to read (as /readyz sees it,
+        from the end offsets the fetches brought back)."""
+        applier = self.applier
+        if not isinstance(applier, MergeApplier) or applier.correlation is None:
+            return set()
+        topics = applier.correlation.topics
+        return {tp for tp, n in source.lag(cached=True).items() if n == 0 and tp[0] in topics}
 
     def _sweep_tombstones(self) -> None:
         """Merge mode: forget old tombstones, at most once a minute (by the daemon's clock)."""
@@ -230,6 +314,8 @@ class ProjectionWorker:
         self.backpressure.observe(result)
         self.progress.applied(messages)
         self.metrics.record_batch(self.projection.name, result, seconds)
+        if isinstance(self.applier, MergeApplier) and self.applier.correlated is not None:
+            self.metrics.record_correlation(self.projection.name, self.applier.correlated)
 
     def _count_requests(self, outcome: str, count: int, skipped: BatchResult | None) -> None:
         if count:
@@ -248,8 +334,18 @@ class ProjectionWorker:
 
     def _apply(self, source: KafkaSource, messages: list[RawMessage]) -> BatchResult | None:
         positions = source.positions({(m.topic, m.partition) for m in messages})
+        caught_up = self._caught_up(source)
         while messages:
             try:
+                if isinstance(self.applier, MergeApplier):
+                    return self._retrying()(
+                        self.applier.apply,
+                        messages,
+                        self.decoders,
+                        dict(self.epochs),
+                        positions,
+                        caught_up,
+                    )
                 return self._retrying()(
                     self.applier.apply, messages, self.decoders, dict(self.epochs), positions
                 )

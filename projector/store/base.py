@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from projector.core.correlate import InputTime, Pending
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
 from projector.core.gaps import Gap
@@ -107,6 +108,10 @@ class StoreBatch(Protocol):
         ``starts`` (the batch's first offsets) record where a partition's history starts, on
         its first batch ever."""
 
+    def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
+        """Fence without moving any checkpoint (an idle tick): the partitions' rows are held
+        on their epochs; raises ``Fenced`` naming those this instance no longer owns."""
+
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules
     ) -> dict[str, StreamPosition]:
@@ -148,6 +153,23 @@ class StoreBatch(Protocol):
         """Merge mode: the documents' stored merge states, held like positions."""
 
     def write_documents(self, states: Mapping[str, dict[str, Any]], now: float) -> None: ...
+
+    def lock_correlations(self, keys: Iterable[str], watermark: int | None) -> dict[str, Pending]:
+        """Correlation: the records of ``keys`` and of every key whose stored ``due`` is at or
+        below ``watermark``, held like positions (created first, locked in key order, after the
+        documents). A key with no record yet is absent from the result."""
+
+    def write_correlations(
+        self, write: Iterable[tuple[Pending, int | None]], delete: Iterable[str]
+    ) -> None:
+        """Store the written records with their ``due`` (event time, ms; ``None``: never),
+        delete ``delete``'s, and the rows created by ``lock_correlations`` but never written."""
+
+    def input_times(self, topics: Iterable[str]) -> dict[TopicPartition, InputTime]:
+        """Every stored partition's event-time progress of these topics (all owners')."""
+
+    def write_input_times(self, times: Mapping[TopicPartition, InputTime]) -> None:
+        """Store this batch's partitions' event-time progress (beside their fence)."""
 
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None: ...
 
@@ -194,6 +216,10 @@ class Store(Protocol):
         """Open or held gaps, how many held, and when the oldest was first seen."""
 
     def count_open_dead_letters(self, projection: str) -> int: ...
+
+    def correlation_figures(self, projection: str, topics: Sequence[str]) -> tuple[int, int | None]:
+        """Open correlations (records with open parts), and the lowest stored event-time high
+        of ``topics``' partitions (``None``: one has none yet), for metrics."""
 
     def projection_figures(
         self, projections: Sequence[str], now: float

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
 
 from projector.apply import Params
 from projector.core import json_codec
+from projector.core.correlate import InputTime, Pending
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
 from projector.core.gaps import Gap
@@ -118,6 +119,7 @@ class PgBatch:
         self.projection = projection
         self._s = sql.Identifier(schema)
         self._view_schema = view_schema
+        self._created: list[str] = []  # correlation rows lock_correlations created
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -153,6 +155,24 @@ class PgBatch:
                         part,
                         epochs.get((topic, part), -1),
                     ),
+                )
+                if cur.rowcount != 1:
+                    lost.append((topic, part))
+        if lost:
+            raise Fenced(lost)
+
+    def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
+        """Compare-and-set the partitions' checkpoint rows on their epochs without moving an
+        offset; the row locks are held to commit, as by :meth:`fence`."""
+        lost: list[TopicPartition] = []
+        with self.conn.cursor() as cur:
+            for (topic, part), epoch in sorted(epochs.items()):
+                cur.execute(
+                    self._q(
+                        "update {s}.checkpoints set updated_at = now() where projection = %s"
+                        " and topic = %s and partition = %s and epoch = %s"
+                    ),
+                    (self.projection, topic, part, epoch),
                 )
                 if cur.rowcount != 1:
                     lost.append((topic, part))
@@ -417,6 +437,84 @@ class PgBatch:
                     ],
                 )
 
+    # -- correlation (docs/correlation.md, section 5) ----------------------------------------
+    def lock_correlations(self, keys: Iterable[str], watermark: int | None) -> dict[str, Pending]:
+        """Create the keys' rows (sorted, ``on conflict do nothing``, as positions are), then
+        lock them and every row due at ``watermark`` in one statement, in key order: two
+        instances touching one key serialise here, and a record both find due is closed once
+        (the second re-reads the row after the first commits; READ COMMITTED re-checks
+        ``due <= watermark`` on the new version and skips it when no longer due)."""
+        names = sorted(set(keys))
+        self._created = names
+        if names:
+            self.conn.execute(
+                self._q(
+                    "insert into {s}.correlations (projection, key)"
+                    " select %s, k from unnest(%s::text[]) as k order by k on conflict do nothing"
+                ),
+                (self.projection, names),
+            )
+        if not names and watermark is None:
+            return {}
+        rows = self.conn.execute(
+            self._q(
+                "select key, record from {s}.correlations where projection = %s"
+                " and (key = any(%s) or due <= %s) order by key for update"
+            ),
+            (self.projection, names, watermark),
+        ).fetchall()
+        return {key: Pending.from_json(record) for key, record in rows if record is not None}
+
+    def write_correlations(
+        self, write: Iterable[tuple[Pending, int | None]], delete: Iterable[str]
+    ) -> None:
+        rows = [(Jsonb(p.to_json()), due, self.projection, p.key) for p, due in write]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "update {s}.correlations set record = %s, due = %s, updated_at = now()"
+                        " where projection = %s and key = %s"
+                    ),
+                    rows,
+                )
+        gone = sorted(set(delete))
+        created = self._created
+        if gone or created:
+            self.conn.execute(
+                self._q(
+                    "delete from {s}.correlations where projection = %s"
+                    " and (key = any(%s) or (key = any(%s) and record is null))"
+                ),
+                (self.projection, gone, created),
+            )
+
+    def input_times(self, topics: Iterable[str]) -> dict[TopicPartition, InputTime]:
+        rows = self.conn.execute(
+            self._q(
+                "select topic, partition, event_time_high, caught_up from {s}.checkpoints"
+                " where projection = %s and topic = any(%s)"
+            ),
+            (self.projection, sorted(set(topics))),
+        ).fetchall()
+        return {(r[0], r[1]): InputTime(r[2], r[3]) for r in rows}
+
+    def write_input_times(self, times: Mapping[TopicPartition, InputTime]) -> None:
+        """On the checkpoint rows the batch's fence holds already; a high never goes back."""
+        rows = [
+            (t.high, t.caught_up, self.projection, topic, part)
+            for (topic, part), t in sorted(times.items())
+        ]
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(
+                    self._q(
+                        "update {s}.checkpoints set event_time_high = greatest(event_time_high, %s),"
+                        " caught_up = %s where projection = %s and topic = %s and partition = %s"
+                    ),
+                    rows,
+                )
+
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None:
         row = self.conn.execute(
             self._q(
@@ -653,6 +751,22 @@ class PostgresStore:
             "select count(*) from {s}.dead_letters where projection = %s and status = 'open'",
             projection,
         )
+
+    def correlation_figures(self, projection: str, topics: Sequence[str]) -> tuple[int, int | None]:
+        """Correlations with open parts, and the lowest event-time high of ``topics``'
+        partitions (``None`` while one has none and is not caught up: the watermark is
+        unset then, as the core's ``watermark`` says)."""
+        row = self.conn.execute(
+            self._q(
+                "select (select count(*) from {s}.correlations where projection = %s"
+                "  and record is not null and record->'parts' <> '{{}}'::jsonb),"
+                " (select case when bool_and(event_time_high is not null or caught_up)"
+                "  then min(event_time_high) end from {s}.checkpoints"
+                "  where projection = %s and topic = any(%s))"
+            ),
+            (projection, projection, list(topics)),
+        ).fetchone()
+        return (0, None) if row is None else (int(row[0]), row[1])
 
     def gap_summary(self, projection: str) -> tuple[int, int, float | None]:
         """A projection's open gaps, how many of them are held (given up on, policy hold), and

@@ -42,6 +42,7 @@ from redis.client import Pipeline
 from redis.retry import Retry
 
 from projector.core import json_codec
+from projector.core.correlate import InputTime, Pending
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
 from projector.core.gaps import Gap
@@ -512,6 +513,29 @@ class RedisBatch:
             s.set("doc_at", repr(now))
             self._own.append(["ZADD", self.keys.docs, repr(now), stream])
 
+    # -- correlation: not on Redis yet (slice 4 of docs/correlation.md); the config refuses a
+    # correlation on a Redis projection, so these are never reached with work to do.
+    def lock_correlations(self, keys: Iterable[str], watermark: int | None) -> dict[str, Pending]:
+        if list(keys):
+            raise StoreError("correlation is not supported on Redis yet")
+        return {}
+
+    def write_correlations(
+        self, write: Iterable[tuple[Pending, int | None]], delete: Iterable[str]
+    ) -> None:
+        if any(True for _ in write) or any(True for _ in delete):
+            raise StoreError("correlation is not supported on Redis yet")
+
+    def input_times(self, topics: Iterable[str]) -> dict[TopicPartition, InputTime]:
+        return {}
+
+    def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
+        raise StoreError("correlation (its idle tick) is not supported on Redis yet")
+
+    def write_input_times(self, times: Mapping[TopicPartition, InputTime]) -> None:
+        if times:
+            raise StoreError("correlation is not supported on Redis yet")
+
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None:
         raw = self.read("hget", [self.keys.dl], [str(letter_id)])[0]
         if raw is None:
@@ -838,6 +862,9 @@ class RedisStore:
 
     def count_open_dead_letters(self, projection: str) -> int:
         return self._figures(projection)[4]
+
+    def correlation_figures(self, projection: str, topics: Sequence[str]) -> tuple[int, int | None]:
+        return 0, None  # no correlation on Redis yet
 
     def projection_figures(self, projections: Sequence[str], now: float) -> list[ProjectionFigures]:
         out = []

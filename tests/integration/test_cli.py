@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 CORE_TABLES = {
     "checkpoints",
+    "correlations",
     "dead_letters",
     "documents",
     "gaps",

@@ -14,6 +14,8 @@ import yaml
 from projector.config import (
     Config,
     ConfigError,
+    CorrelationConfig,
+    CorrelationPartConfig,
     KafkaConfig,
     LogConfig,
     MetricsConfig,
@@ -21,11 +23,13 @@ from projector.config import (
     ProjectionConfig,
     RedisConfig,
     ReplayConfig,
+    correlation_rules,
     load_config,
     parse_config,
     parse_duration,
     redact,
 )
+from projector.runner.worker import load_handlers
 from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "config.example.yaml"
@@ -127,8 +131,14 @@ def test_example_config_parses_with_an_empty_environment() -> None:
     )
     assert (config.log.level, config.log.format) == ("INFO", "text")
 
-    assert [p.name for p in config.projections] == ["accounts", "customers", "games", "profiles"]
-    accounts, customers, games, profiles = config.projections
+    assert [p.name for p in config.projections] == [
+        "accounts",
+        "customers",
+        "games",
+        "profiles",
+        "school",
+    ]
+    accounts, customers, games, profiles, _school = config.projections
     assert (profiles.mode, profiles.handlers, profiles.merge.view_table) == (
         "merge",
         [],
@@ -214,6 +224,9 @@ def test_example_config_documents_every_key() -> None:
     assert set(raw["log"]) == keys(LogConfig)
     assert set(raw["projections"][0]["replay"]) == keys(ReplayConfig)
     assert set(raw["projections"][0]) == keys(ProjectionConfig)
+    [school] = [p for p in raw["projections"] if p["name"] == "school"]
+    assert set(school["correlation"]) == keys(CorrelationConfig)
+    assert set(school["correlation"]["parts"]["student_course"]) == keys(CorrelationPartConfig)
 
 
 # --- ${VAR} interpolation ---------------------------------------------------------------------
@@ -912,3 +925,164 @@ def test_hostile_names_for_schemas_tables_and_keys_are_refused_naming_the_key(
     with pytest.raises(ConfigError) as info:
         parse_config(config_with(_set_name(where, value)), env={})
     assert where in str(info.value)
+
+
+# --- correlation ------------------------------------------------------------------------------
+
+
+def school(**correlation: object) -> Callable[[dict[str, Any]], None]:
+    """The first projection made the example's correlated school projection, its correlation
+    section updated with ``correlation`` (a value of None removes the key)."""
+
+    def change(d: dict[str, Any]) -> None:
+        section: dict[str, Any] = {
+            "rule": "handlers.school_correlation:name_business_events",
+            "window": "10s",
+            "parts": {t: f"public.{t}" for t in ("student", "course", "student_course")},
+        }
+        section.update(correlation)
+        d["projections"][0] = {
+            "name": "school",
+            "mode": "merge",
+            "topics": ["s.public.student", "s.public.course", "s.public.student_course"],
+            "decoder": {"kind": "debezium"},
+            "decoders": {"s.transaction": {"kind": "debezium"}},
+            "handlers": ["handlers.school", "handlers.school_history"],
+            "correlation": {k: v for k, v in section.items() if v is not None},
+        }
+        d["projections"][0]["topics"].append("s.transaction")
+
+    return change
+
+
+def test_example_school_correlation_becomes_the_cores_rules() -> None:
+    """Proves the example's correlation section parses into the core's rules: durations as
+    event-time milliseconds, the name defaulting to the projection's, parts with their own key
+    or none, and transaction metadata switched on by the Debezium ``*.transaction`` topic."""
+    config = load_config(EXAMPLE, env={})
+    proj = config.projection("school")
+    assert proj.transaction_metadata is True
+    assert proj.correlation_topics == proj.topics
+    rules = correlation_rules(proj, lambda parts: None)
+    assert (rules.window, rules.name, rules.key, rules.time) == (
+        10_000,
+        "school",
+        "meta.tx_id",
+        "meta.ts_ms",
+    )
+    assert [(p.name, p.source, p.key) for p in rules.parts] == [
+        ("student", "public.student", None),
+        ("course", "public.course", None),
+        ("student_course", "public.student_course", None),
+    ]
+    assert rules.transaction_metadata and rules.complete_when is None
+    assert rules.closed_retention == 7 * 86_400_000
+    assert proj.correlation is not None
+    assert (proj.correlation.idle_after, proj.correlation.lateness) == (30.0, 0.0)
+
+
+def test_transaction_metadata_is_off_without_a_transaction_topic() -> None:
+    """Proves the default of ``transaction_metadata`` follows the topics: with no Debezium
+    ``*.transaction`` topic among the correlation's topics it is off, and a field-path key
+    with ``complete_when`` is accepted."""
+    data = config_with(
+        school(topics=["s.public.student"], key="data.id", complete_when=["student"])
+    )
+    proj = parse_config(data, env={}).projections[0]
+    assert proj.transaction_metadata is False
+    assert correlation_rules(proj, lambda parts: None).complete_when == frozenset({"student"})
+
+
+@pytest.mark.parametrize(
+    ("correlation", "message"),
+    [
+        ({"window": "0s"}, "correlation.window must be a positive duration"),
+        ({"rule": "handlers.school_correlation"}, "write e.g. handlers.school_correlation:name"),
+        ({"parts": {}}, "correlation.parts must name at least one part"),
+        (
+            {"parts": {"a": "public.student", "b": "public.student"}},
+            "correlation.parts lists a source twice",
+        ),
+        ({"key": "tx_id"}, "correlation.key must be a path such as meta.tx_id"),
+        ({"time": "when"}, "correlation.time must be a path"),
+        (
+            {"parts": {"student": {"source": "public.student", "key": "id"}}},
+            "correlation.parts.student.key must be a path",
+        ),
+        ({"topics": ["elsewhere"]}, "correlation.topics names topics not in topics: ['elsewhere']"),
+        (
+            {"part_by": "topic", "transaction_metadata": True},
+            "correlation.transaction_metadata needs part_by: table and key: meta.tx_id",
+        ),
+        (
+            {"complete_when": ["student"]},
+            "correlation.complete_when does not apply with transaction_metadata",
+        ),
+        (
+            {"transaction_metadata": False, "complete_when": ["nobody"]},
+            "correlation.complete_when names parts not in correlation.parts: ['nobody']",
+        ),
+        ({"outbox": {"topic": "school.business"}}, "correlation.outbox is not supported yet"),
+        ({"lateness": "-1s"}, "projections[0].correlation.lateness"),
+    ],
+)
+def test_correlation_problems_name_the_key(correlation: dict[str, Any], message: str) -> None:
+    """Proves each problem of a correlation section is a ConfigError naming its key and the
+    fix, as docs/correlation.md section 3 words them."""
+    assert message in error_of(config_with(school(**correlation)))
+
+
+def test_correlation_is_refused_on_redis_and_in_sequence_mode() -> None:
+    """Proves what slice 2 does not support is refused at start with a clear message: a
+    correlation on a Redis projection, or in sequence mode."""
+
+    def on_redis(d: dict[str, Any]) -> None:
+        school()(d)
+        with_redis(d)
+        first(d)["store"] = "redis"
+        first(d)["handlers"] = ["handlers.profiles_redis"]
+
+    assert "correlation is not supported on Redis yet" in error_of(config_with(on_redis))
+
+    def in_sequence(d: dict[str, Any]) -> None:
+        school()(d)
+        first(d).update(mode="sequence", decoder={"kind": "json", "stream": "s", "seq": "q"})
+        first(d)["decoders"] = {}
+
+    assert "correlation is supported in merge mode only" in error_of(config_with(in_sequence))
+
+
+def test_transaction_metadata_needs_a_debezium_topic() -> None:
+    """Proves transaction metadata switched on over topics none of which has the Debezium
+    decoder is refused, naming the key."""
+
+    def json_only(d: dict[str, Any]) -> None:
+        school(transaction_metadata=True)(d)
+        first(d).update(decoder={"kind": "json", "stream": "s", "ts": "ts"}, decoders={})
+
+    assert "no topic in correlation.topics has the Debezium decoder" in error_of(
+        config_with(json_only)
+    )
+
+
+def test_correlation_rule_and_business_handler_are_checked_at_load() -> None:
+    """Proves the load-time checks (``projector check-config`` and ``run``): a rule module
+    without the named function, and a correlation whose business events no handler takes."""
+    config = parse_config(config_with(school()), env={})
+    load_handlers(config.projections[0])  # the example's: fine
+
+    no_rule = parse_config(
+        config_with(school(rule="handlers.school_correlation:no_such_rule")), env={}
+    )
+    with pytest.raises(
+        ValueError, match=r"module handlers\.school_correlation has no no_such_rule"
+    ):
+        load_handlers(no_rule.projections[0])
+
+    def only_rows(d: dict[str, Any]) -> None:
+        school()(d)
+        first(d)["handlers"] = ["handlers.school"]
+
+    nowhere = parse_config(config_with(only_rows), env={})
+    with pytest.raises(ValueError, match="business events would reach nothing"):
+        load_handlers(nowhere.projections[0])
