@@ -211,7 +211,7 @@ def _in_order(position: StreamPosition, incoming: Iterable[Event]) -> StreamPlan
     if not events:
         return None
     last = events[-1]
-    moved = StreamPosition(position.stream, last.seq or 0, last.id, last.hash, None)
+    moved = StreamPosition(position.stream, expected - 1, last.id, last.hash, None)
     return StreamPlan(stream=position.stream, position=moved, apply=events)
 
 

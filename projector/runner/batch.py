@@ -100,13 +100,21 @@ def _valid_unicode(event: Event) -> bool:
     return True
 
 
-def next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartition, int]:
-    """The checkpoint per partition: the offset after the last message read, as in Kafka."""
-    out: dict[TopicPartition, int] = {}
+def offset_spans(
+    messages: Sequence[RawMessage],
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Per partition, in one pass: the first offset read, and the checkpoint (the offset
+    after the last message read, as in Kafka)."""
+    firsts: dict[TopicPartition, int] = {}
+    nexts: dict[TopicPartition, int] = {}
     for m in messages:
         key = (m.topic, m.partition)
-        out[key] = max(out.get(key, 0), m.offset + 1)
-    return out
+        if key in nexts:
+            firsts[key] = min(firsts[key], m.offset)
+            nexts[key] = max(nexts[key], m.offset + 1)
+        else:
+            firsts[key], nexts[key] = m.offset, m.offset + 1
+    return firsts, nexts
 
 
 @dataclass(frozen=True)
@@ -191,14 +199,10 @@ def apply_consumed(
     transaction's commit marker where one follows, so the checkpoint reaches the end."""
     decoded = decode_all(messages, decoders)
     result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
-    result.checkpoints = next_offsets(messages)
+    starts, result.checkpoints = offset_spans(messages)
     for tp, position in (positions or {}).items():
         if tp in result.checkpoints:
             result.checkpoints[tp] = max(result.checkpoints[tp], position)
-    starts: dict[TopicPartition, int] = {}
-    for m in messages:
-        key = (m.topic, m.partition)
-        starts[key] = min(starts.get(key, m.offset), m.offset)
     with applier.store.batch(applier.projection, applier.view_schema) as tx:
         tx.fence(result.checkpoints, epochs, starts)
         applier.apply_events(tx, decoded.events, result)

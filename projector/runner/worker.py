@@ -273,10 +273,7 @@ class ProjectionWorker:
         try:
             done = self._retrying()(applier.idle_tick, dict(self.epochs), self._caught_up(source))
         except Fenced as fenced:
-            log.warning("projection %s: %s; dropping them", self.projection.name, fenced)
-            for tp in fenced.partitions:
-                self.epochs.pop(tp, None)
-            source.pause(set(fenced.partitions))
+            self._drop(source, fenced)
             return
         if done is not None:
             outcome, result = done
@@ -350,13 +347,19 @@ class ProjectionWorker:
                     self.applier.apply, messages, self.decoders, dict(self.epochs), positions
                 )
             except Fenced as fenced:
-                log.warning("projection %s: %s; dropping them", self.projection.name, fenced)
-                lost = set(fenced.partitions)
-                for tp in lost:
-                    self.epochs.pop(tp, None)
-                source.pause(lost)
+                lost = self._drop(source, fenced)
                 messages = [m for m in messages if (m.topic, m.partition) not in lost]
         return None
+
+    def _drop(self, source: KafkaSource, fenced: Fenced) -> set[TopicPartition]:
+        """Partitions another instance owns now: forget their epochs and stop reading them
+        (they are resumed if they are assigned here again)."""
+        log.warning("projection %s: %s; dropping them", self.projection.name, fenced)
+        lost = set(fenced.partitions)
+        for tp in lost:
+            self.epochs.pop(tp, None)
+        source.pause(lost)
+        return lost
 
     def _wait(self, seconds: float) -> None:
         self.stop.wait(seconds)  # a stop request cuts a backoff short

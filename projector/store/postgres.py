@@ -126,15 +126,15 @@ class PgBatch:
 
     def fence(
         self,
-        checkpoints: Mapping[TopicPartition, int],
+        checkpoints: Mapping[TopicPartition, int | None],
         epochs: Mapping[TopicPartition, int],
         starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         """Compare-and-set every checkpoint of the batch on its epoch; the row locks are held to
         commit, so a new owner's claim waits for this batch and then sees its checkpoint. The
         first batch ever of a partition records where its history starts (``starts``: the
-        batch's first offsets). Raises :class:`Fenced` naming the partitions this instance no
-        longer owns."""
+        batch's first offsets). A checkpoint of ``None`` moves nothing (``greatest`` ignores
+        nulls). Raises :class:`Fenced` naming the partitions this instance no longer owns."""
         lost: list[TopicPartition] = []
         starts = starts or {}
         with self.conn.cursor() as cur:
@@ -144,7 +144,7 @@ class PgBatch:
                         "update {s}.checkpoints set"
                         " start_offset = case when next_offset is null"
                         "  then coalesce(start_offset, %s) else start_offset end,"
-                        " next_offset = greatest(coalesce(next_offset, 0), %s), updated_at = now()"
+                        " next_offset = greatest(next_offset, %s), updated_at = now()"
                         " where projection = %s and topic = %s and partition = %s and epoch = %s"
                     ),
                     (
@@ -162,22 +162,8 @@ class PgBatch:
             raise Fenced(lost)
 
     def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
-        """Compare-and-set the partitions' checkpoint rows on their epochs without moving an
-        offset; the row locks are held to commit, as by :meth:`fence`."""
-        lost: list[TopicPartition] = []
-        with self.conn.cursor() as cur:
-            for (topic, part), epoch in sorted(epochs.items()):
-                cur.execute(
-                    self._q(
-                        "update {s}.checkpoints set updated_at = now() where projection = %s"
-                        " and topic = %s and partition = %s and epoch = %s"
-                    ),
-                    (self.projection, topic, part, epoch),
-                )
-                if cur.rowcount != 1:
-                    lost.append((topic, part))
-        if lost:
-            raise Fenced(lost)
+        """The fence of a batch that moves no offset (a correlation's idle tick)."""
+        self.fence(dict.fromkeys(epochs), epochs)
 
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules
