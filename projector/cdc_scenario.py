@@ -36,6 +36,11 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from projector.core.correlate import BusinessEvent, BusinessRule, business_id
+from projector.core.decode import load_decoder
+from projector.core.event import Event
+from projector.core.message import RawMessage
+
 Row = dict[str, Any]
 
 TABLES = ("student", "course", "student_course")
@@ -96,6 +101,35 @@ class Change:
 class Transaction:
     tx_id: int
     changes: tuple[Change, ...]
+
+
+def commit_ms(tx: Transaction) -> int:
+    """The transaction's commit time (``source.ts_ms``, the same on each of its changes)."""
+    payload = next(c.payload for c in tx.changes if c.payload is not None)
+    return int(payload["source"]["ts_ms"])
+
+
+def transaction_records(tx: Transaction) -> list[tuple[bytes, bytes]]:
+    """The transaction topic's BEGIN and END records of ``tx`` (key, value), as Debezium writes
+    them with ``provide.transaction.metadata``: ids ``"<txId>:<lsn>"`` whose LSN differs
+    between BEGIN and END, and END's change counts per ``schema.table``, tombstones left out."""
+    counts: dict[str, int] = {}
+    for c in tx.changes:
+        if c.payload is not None:
+            counts[f"public.{c.table}"] = counts.get(f"public.{c.table}", 0) + 1
+    lsns = [c.lsn for c in tx.changes]
+    begin_id, end_id = f"{tx.tx_id}:{min(lsns) - 8}", f"{tx.tx_id}:{max(lsns) + 8}"
+    begin = {"status": "BEGIN", "id": begin_id, "ts_ms": commit_ms(tx), "event_count": None}
+    end = {
+        "status": "END",
+        "id": end_id,
+        "ts_ms": commit_ms(tx),
+        "event_count": sum(counts.values()),
+        "data_collections": [
+            {"data_collection": name, "event_count": n} for name, n in sorted(counts.items())
+        ],
+    }
+    return [(json.dumps({"id": r["id"]}).encode(), json.dumps(r).encode()) for r in (begin, end)]
 
 
 def _field(name: str, type_: str, optional: bool) -> Row:
@@ -431,3 +465,27 @@ def oracle(log: Iterable[Transaction]) -> SchoolState:
             else:
                 tables[change.table][key] = dict(change.payload["after"])
     return state
+
+
+def business_oracle(
+    log: Iterable[Transaction], name: str, rule: BusinessRule
+) -> list[tuple[str, str]]:
+    """(id, type) of every business event ``rule`` names on each transaction's changes, as
+    the Debezium decoder gives them, with the ids the correlation derives (``name``, the
+    transaction id, the changes' event ids): what a correlation over the three tables keyed by
+    the transaction must name, whatever the order its parts arrive in."""
+    decoder = load_decoder("debezium", {})
+    out: list[tuple[str, str]] = []
+    for tx in log:
+        parts: dict[str, list[Event]] = {}
+        for c in tx.changes:
+            key, value = c.wire(envelope=False)
+            event = decoder.decode(RawMessage(c.table, 0, 0, key, value))
+            if event is not None:
+                parts.setdefault(c.table, []).append(event)
+        ordered = {n: sorted(evs, key=lambda e: (e.ts or 0, e.id)) for n, evs in parts.items()}
+        first = business_id(name, str(tx.tx_id), (e.id for evs in parts.values() for e in evs))
+        named = rule(ordered)
+        events = [] if named is None else [named] if isinstance(named, BusinessEvent) else named
+        out += [(first if i == 0 else f"{first}.{i}", b.type) for i, b in enumerate(events)]
+    return out

@@ -9,7 +9,10 @@ events are never published: they are only in the write side's event store (a tab
 database). The seed's CDC question goes to the merge projection ``school`` (``handlers.school``):
 the Debezium change events of a school database's tables STUDENT, COURSE and STUDENT_COURSE
 (:mod:`projector.cdc_scenario`), each on its own topic, shuffled in full with stale re-deliveries
-and tombstones after deletes, and one student's unenrolment published before the enrolment.
+and tombstones after deletes, and one student's unenrolment published before the enrolment;
+with Debezium's transaction topic, a correlation names one business event per transaction
+(``enroll``, ``change``, ``unenroll``, ``update``: ``handlers.school_correlation``), kept by
+``handlers.school_history``.
 Then it runs ``projector run --exit-when-caught-up``: the withheld events' gaps open, ``projector
 gaps list`` shows them asked for, and the reference responder (``projector replay-responder``)
 re-publishes them on the replay topic, which fills the gaps. It compares every row of every view
@@ -61,6 +64,7 @@ from tenacity import (
     wait_fixed,
 )
 
+from handlers.school_correlation import name_business_events
 from projector import cdc_scenario as cdc
 from projector import scenarios
 from projector.config import redact
@@ -382,9 +386,36 @@ CDC_REDELIVERED = 0.2  # published again at random places, and as many older one
 CDC_BATCH = 25  # smaller batches: a row's changes mostly land in different ones
 
 
+SCHOOL_HISTORY = f"{SCHOOL}.enrolment_history"  # handlers.school_history's business events
+TX_TOPIC = "school.transaction"  # Debezium's transaction metadata topic (BEGIN/END records)
+
+
 def cdc_topic(table: str) -> str:
     """A source table's change topic, named like Debezium's (without the demo's prefix)."""
     return f"public.{table}"
+
+
+def school_projection(s: Settings) -> dict[str, Any]:
+    """The merge projection over the three change topics and the transaction topic, with the
+    seed's correlation: one business event per transaction, named by
+    ``handlers.school_correlation`` and kept by ``handlers.school_history``."""
+    return {
+        "name": SCHOOL,
+        "mode": "merge",
+        "topics": [*(s.topic(cdc_topic(t)) for t in cdc.TABLES), s.topic(TX_TOPIC)],
+        "decoder": {"kind": "debezium"},
+        "handlers": ["handlers.school", "handlers.school_history"],
+        "batch_max_messages": CDC_BATCH,
+        "correlation": {
+            "rule": "handlers.school_correlation:name_business_events",
+            "window": "10s",
+            "parts": {t: f"public.{t}" for t in cdc.TABLES},
+            "transaction_metadata": True,
+            # Each topic is shuffled in full here, so a partition's event time goes back and
+            # forth; an hour's lateness lets every window close by its END record's counts.
+            "lateness": "1h",
+        },
+    }
 
 
 def make_school_views(state: cdc.SchoolState) -> dict[str, View]:
@@ -718,14 +749,7 @@ def write_config(s: Settings, projections: Sequence[Projection]) -> Path:
             for p in projections
         ]
         + [
-            {
-                "name": SCHOOL,
-                "mode": "merge",
-                "topics": [s.topic(cdc_topic(t)) for t in cdc.TABLES],
-                "decoder": {"kind": "debezium"},
-                "handlers": ["handlers.school"],
-                "batch_max_messages": CDC_BATCH,
-            },
+            school_projection(s),
             {
                 "name": GAMES_REDIS,
                 "store": "redis",
@@ -1029,6 +1053,43 @@ def show_school(dsn: str, case: Unenrolment, views: Mapping[str, View]) -> bool:
     return show_unenrolment(dsn, case, enrolments) and ok
 
 
+def show_business(dsn: str, expected: Sequence[tuple[str, str]], case: Unenrolment) -> bool:
+    """The seed's question answered: one business event per transaction, whatever the order
+    its changes came in; compared by id and type with the rule applied to each transaction's
+    changes, in commit order."""
+    console.print(
+        f"\nThe business events: the correlation gathered each transaction's changes from the"
+        f" three topics (its key the transaction id, its END record saying when all are in) and"
+        f" handlers.school_correlation named what it did; handlers.school_history keeps them in"
+        f" {SCHOOL_HISTORY}, keyed by the id derived from the transaction and its changes.\n"
+    )
+    rows = fetch(dsn, SCHOOL_HISTORY)
+    counts: dict[str, list[int]] = {}
+    for _, kind in expected:
+        counts.setdefault(kind, [0, 0])[0] += 1
+    for row in rows:
+        counts.setdefault(row["type"], [0, 0])[1] += 1
+    out = Table("business event", "oracle", SCHOOL_HISTORY)
+    for kind, (want, got) in sorted(counts.items()):
+        out.add_row(kind, str(want), str(got))
+    console.print(out)
+    mine = sorted((r for r in rows if r["student_id"] == case.student_id), key=lambda r: r["at"])
+    shown = [{k: r[k] for k in ("type", "course_id", "at")} for r in mine]
+    console.print(table(f"{SCHOOL_HISTORY}, student {case.student_id}", shown))
+    actual = sorted((r["business_id"], r["type"]) for r in rows)
+    ok = actual == sorted(expected)
+    if ok:
+        console.print(f"[green]✓[/] {SCHOOL_HISTORY} equals its oracle, all {len(rows)} events")
+    else:
+        missing = len(set(expected) - set(actual))
+        extra = len(actual) - len(set(actual) & set(expected))
+        console.print(
+            f"[red]✗ {SCHOOL_HISTORY} differs from its oracle: {missing} missing,"
+            f" {extra} unexpected[/]"
+        )
+    return ok
+
+
 def show_unenrolment(dsn: str, case: Unenrolment, view: View) -> bool:
     sid, cid, course = case.student_id, case.course["id"], case.course_name
     rows = [r for r in fetch(dsn, view.table) if r["student_id"] == sid]
@@ -1091,6 +1152,8 @@ def replay_state(dsn: str, projection: str) -> tuple[dict[tuple[str, int, int], 
 def show_state(s: Settings) -> bool:
     with psycopg.connect(s.dsn) as conn:
         counts = {t: _count(conn, t) for t in ("holding", "gaps", "dead_letters")}
+        # Closed windows keep their part ids (to know re-deliveries), with no parts open.
+        counts["correlations"] = _count_open_correlations(conn)
         checkpoints: list[tuple[str, str, int, int | None]] = conn.execute(
             "select projection, topic, partition, next_offset"
             f" from {STATE_SCHEMA}.checkpoints order by 1, 2, 3"
@@ -1099,6 +1162,7 @@ def show_state(s: Settings) -> bool:
         ("holding", "parked events"),
         ("gaps", "gaps"),
         ("dead_letters", "dead letters"),
+        ("correlations", "correlations still open"),
     ):
         mark = "[green]✓[/]" if counts[name] == 0 else "[red]✗[/]"
         console.print(f"{mark} {what} ({STATE_SCHEMA}.{name}): {counts[name]}")
@@ -1124,6 +1188,14 @@ def show_state(s: Settings) -> bool:
         )
     console.print(out)
     return read == len(checkpoints) and not any(counts.values()) and not any(in_redis.values())
+
+
+def _count_open_correlations(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        f"select count(*) from {STATE_SCHEMA}.correlations"
+        " where record is not null and record->'parts' <> '{}'::jsonb"
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def redis_state(s: Settings) -> tuple[dict[str, int], list[tuple[str, str, int, int | None]]]:
@@ -1202,7 +1274,7 @@ def set_up(s: Settings, projections: Sequence[Projection]) -> Path:
     if replayed:
         topics += [s.requests_topic, *(s.topic(p.replay_topic) for p in replayed)]
         forget_group(s.kafka, s.responder_group)
-    topics += [s.topic(cdc_topic(t)) for t in cdc.TABLES]
+    topics += [*(s.topic(cdc_topic(t)) for t in cdc.TABLES), s.topic(TX_TOPIC)]
     recreate_topics(s.kafka, topics)
     console.print(f"topics       {', '.join(topics)}  ({PARTITIONS} partitions each)")
     deleted = clear_redis(s)
@@ -1219,7 +1291,8 @@ def set_up(s: Settings, projections: Sequence[Projection]) -> Path:
         )
     console.print(
         f"             {SCHOOL}: mode merge over the three change topics, Debezium decoder"
-        " (a row's stream is <table>:<key>, its timestamp the change's LSN)"
+        " (a row's stream is <table>:<key>, its timestamp the change's LSN); a correlation"
+        f" over them and {s.topic(TX_TOPIC)} names one business event per transaction"
     )
     console.print(
         f"             {GAMES_REDIS}: store redis, {GAMES_REDIS_HANDLER}, reads"
@@ -1295,6 +1368,8 @@ def publish_cdc(
     cdc.publish_topics(s.kafka, {d.topic: d.messages for d in deliveries}, envelope=True)
     for d in deliveries:
         out.add_row(d.topic, str(d.changes), str(len(d.messages)), str(d.early), str(d.redelivered))
+    records = publish_transactions(s, log)
+    out.add_row(s.topic(TX_TOPIC), "-", str(records), "0", "0")
     console.print(out)
     tombstones = sum(d.tombstones for d in deliveries)
     console.print(
@@ -1304,7 +1379,9 @@ def publish_cdc(
         f" ({tombstones} here, counted in 'published'). Every topic shuffled in full,"
         f" {CDC_REDELIVERED:.0%} of its messages published again at random places and as many"
         " older ones again after the rest: stale re-deliveries. The three topics are read side"
-        " by side, so an enrolment can also come before its student or its course.\n"
+        " by side, so an enrolment can also come before its student or its course."
+        f" {s.topic(TX_TOPIC)} has each transaction's BEGIN and END records, in commit order:"
+        " END says how many changes of each table the transaction made.\n"
     )
     sid, name = case.student_id, case.student["name"]
     console.print(
@@ -1314,6 +1391,19 @@ def publish_cdc(
     )
     console.print(f"    unenrolment  →  tombstone  →  {between} other messages  →  enrolment")
     return deliveries
+
+
+def publish_transactions(s: Settings, log: Sequence[cdc.Transaction]) -> int:
+    """The transaction topic: BEGIN and END of each transaction, in commit order, on one
+    partition as Debezium keeps it."""
+    producer = Producer({"bootstrap.servers": s.kafka, "enable.idempotence": True})
+    records = [r for tx in log for r in cdc.transaction_records(tx)]
+    for key, value in records:
+        producer.produce(s.topic(TX_TOPIC), value=value, key=key, partition=0)
+        producer.poll(0)
+    if producer.flush(60) != 0:
+        raise RuntimeError(f"could not publish every message to {s.topic(TX_TOPIC)}")
+    return len(records)
 
 
 def _withheld_row(event: Wire) -> Row:
@@ -1361,13 +1451,14 @@ def run_projector(
             f" in Redis ({s.redis_prefix}:s:{GAMES_REDIS}:<version>:st:<stream>), each batch with its"
             " checkpoints and views in one script."
         )
-        tombstones = totals.get(SCHOOL, {}).get("ignored", 0)
+        ignored = totals.get(SCHOOL, {}).get("ignored", 0)
         console.print(
             f"{SCHOOL} merges instead: each field of a row keeps the value of the newest LSN,"
             " whatever the order, so nothing waits. A change that altered nothing (stale or"
             " repeated) counts as a duplicate, unless merged in the same batch as a newer change"
-            f" of its row. The {tombstones} tombstones read (re-deliveries included) were"
-            " ignored: each one's delete said it all."
+            f" of its row. The {ignored} messages the merge ignored are the tombstones"
+            " (re-deliveries included), whose delete said it all, and the BEGIN/END records,"
+            " which only the correlation reads."
         )
     if responder is not None and code == 0:
         show_fill(s, daemon, responder, replayed)
@@ -1484,6 +1575,7 @@ def show_results(
     in_redis: Mapping[str, View],
     school: Mapping[str, View],
     unenrolment: Unenrolment,
+    business: Sequence[tuple[str, str]],
 ) -> bool:
     section("5. The views, compared row by row with the oracle")
     console.print("The oracles read each log in full and in order, the withheld events too.\n")
@@ -1491,6 +1583,7 @@ def show_results(
     ok = show_seed_case(s.dsn, case, views) and ok
     ok = show_redis_games(s, in_redis, case) and ok
     ok = show_school(s.dsn, unenrolment, school) and ok
+    ok = show_business(s.dsn, business, unenrolment) and ok
     section("6. projector's own state")
     return show_state(s) and ok
 
@@ -1531,6 +1624,7 @@ def main() -> int:
     cdc_state = cdc.oracle(cdc_log)
     school = make_school_views(cdc_state)
     unenrolment = find_unenrolment(cdc_log, cdc_state)
+    business = cdc.business_oracle(cdc_log, SCHOOL, name_business_events)
     introduce()
     config = set_up(s, projections)
     code = check_and_migrate(config)
@@ -1541,7 +1635,7 @@ def main() -> int:
     code = run_projector(s, config, deliveries, cdc_deliveries)
     if code:
         return code
-    ok = show_results(s, views, case, in_redis, school, unenrolment)
+    ok = show_results(s, views, case, in_redis, school, unenrolment, business)
     what_next(s, config, case.game_id)
     console.print()
     if ok:

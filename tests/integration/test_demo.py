@@ -3,8 +3,8 @@
 The demo publishes the seed scenarios shuffled and partly duplicated (one game's POINT before its
 ASSIST) with a few accounts events withheld (only the write side's event store has them), and the
 seed's CDC question as Debezium change events of three tables on three topics (shuffled, stale
-re-deliveries, tombstones, one unenrolment before its enrolment) for the merge projection
-``school``, and projects the games' plays a second time into Redis (``games_redis``,
+re-deliveries, tombstones, one unenrolment before its enrolment) with the transaction topic for
+the merge projection ``school`` and its correlation (one business event per transaction), and projects the games' plays a second time into Redis (``games_redis``,
 ``handlers.game_redis``); it runs the real ``projector`` CLI with the reference replay responder,
 and compares every row of every view, and every key of the Redis views, with the oracles, exiting
 non-zero if one differs. So its exit code and its
@@ -39,6 +39,7 @@ VIEWS = (
     "games.player_stats",
     "school.enrolment_view",
     "school.student_courses",
+    "school.enrolment_history",
     "games_redis:game:<id>",
     "games_redis:game:<id>:player:<n>",
     "games_redis:game:<id>:players",
@@ -97,7 +98,8 @@ def run_demo(env: dict[str, str]) -> str:
 def test_make_demo_ends_with_every_view_equal_to_its_oracle_and_runs_again(
     demo_env: dict[str, str],
 ) -> None:
-    """Proves ``make demo`` exits 0 and says each of the six views, the four key patterns of
+    """Proves ``make demo`` exits 0 and says each of the seven views (the school's business
+    events among them), the four key patterns of
     the games in Redis, the seed's game whose POINT came before its ASSIST, that game's top 3
     in Redis, and the school student whose unenrolment came before the enrolment, equals its
     oracle, with nothing parked, missing or dead-lettered (in PostgreSQL and in Redis) and
@@ -116,6 +118,7 @@ def test_make_demo_ends_with_every_view_equal_to_its_oracle_and_runs_again(
             assert re.search(rf"✓ {state} \(projector\.\w+\): 0\n", output), output
             in_redis = rf"✓ {state} \({prefix}:s:games_redis:[\w:<>]+\): 0\n"
             assert re.search(in_redis, output), output
+        assert "✓ correlations still open (projector.correlations): 0\n" in output, output
         assert re.search(r"✓ partitions read to their end: (\d+) of \1\n", output), output
         deleted = re.search(rf"keys {prefix}:\*\s+\((\d+) deleted\)", output)
         assert deleted, output
