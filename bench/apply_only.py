@@ -7,7 +7,7 @@ time and per second of this process's CPU. The second figure is what to compare 
 the hot path: it hardly moves with the machine's other load. ``--profile`` adds cProfile's
 top functions.
 
-    .venv/bin/python -m bench.apply_only --store postgres --events 100000
+    .venv/bin/python -m bench.apply_only --store postgres --events 100000 [--delivery in-order]
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--streams", type=int, default=10_000)
     p.add_argument("--batch", type=int, default=2000)
+    p.add_argument(
+        "--delivery",
+        choices=("reordered", "in-order"),
+        default="reordered",
+        help="the bench's reordered delivery (withheld events never come) or the log in order",
+    )
     p.add_argument("--profile", action="store_true", help="print cProfile's top 25")
     args = p.parse_args(argv)
     svc = services()
@@ -63,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             dsn, config.postgres.schema_, view_migrations(projection, load_handlers(projection))
         )
         workload = generate(args.events, args.streams)
-        order = workload.disordered(11).order
+        delivery = workload.disordered(11) if args.delivery == "reordered" else workload.in_order()
+        order = delivery.order
         messages = [
             RawMessage("apply-only", 0, offset, workload.key(i), workload.payload(i))
             for offset, i in enumerate(order)
@@ -87,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             store.close()
     print(
-        f"{args.store}: {len(messages):,} messages in {wall:.2f} s: {len(messages) / wall:,.0f}/s;"
+        f"{args.store}, {args.delivery}: {len(messages):,} messages in {wall:.2f} s: {len(messages) / wall:,.0f}/s;"
         f" {cpu:.2f} s of CPU: {len(messages) / cpu:,.0f} per CPU-second"
     )
     if profiler is not None:
