@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import itertools
 import re
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar
 
@@ -25,71 +23,19 @@ from confluent_kafka.cimpl import NewTopic
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.conftest import Services, unique
-from tests.integration.harness import daemon_process, write_config
+from tests.integration.fault_run import Daemon, one
+from tests.integration.harness import write_config
 
 Row = dict[str, Any]
 T = TypeVar("T")
 TopicPartition = tuple[str, int]
 
-ASSIGNED = re.compile(r"projector\.source\.kafka: assigned (?!nothing)")
 REVOKED = re.compile(r"projector\.source\.kafka: revoked (?!nothing)")
 FENCED = "fenced: another instance owns"
 
 
 def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-
-@dataclass
-class Instance:
-    """One ``projector run`` process with its own config file (its own ``kafka.instance_id``,
-    so its static group membership id is chosen by the test) and log."""
-
-    name: str
-    config: Path
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Instance:
-        self.proc = daemon_process(self.config, log=self.log, env=self.env)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def count(self, pattern: re.Pattern[str] | str, since: int = 0) -> int:
-        text = self.text()[since:]
-        if isinstance(pattern, str):
-            return text.count(pattern)
-        return len(pattern.findall(text))
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM and the exit code (the daemon must finish its batch and exit 0)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def reap(self) -> None:
-        """Make sure the process is gone (after a failure: kill it)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
 
 
 class Fleet:
@@ -99,19 +45,19 @@ class Fleet:
     def __init__(self, data: dict[str, Any], tmp_path: Path):
         self.data = data
         self.tmp_path = tmp_path
-        self.instances: dict[str, Instance] = {}
+        self.instances: dict[str, Daemon] = {}
 
-    def start(self, name: str, env: dict[str, str] | None = None) -> Instance:
+    def start(self, name: str, env: dict[str, str] | None = None) -> Daemon:
         data = {**self.data, "kafka": {**self.data["kafka"], "instance_id": f"fault-{name}"}}
         path = write_config(self.tmp_path / f"{name}.yaml", data)
-        instance = Instance(name, path, self.tmp_path / f"{name}.log", env or {})
+        instance = Daemon(path, self.tmp_path / f"{name}.log", env or {}, name=name)
         self.instances[name] = instance
         return instance.start()
 
-    def __getitem__(self, name: str) -> Instance:
+    def __getitem__(self, name: str) -> Daemon:
         return self.instances[name]
 
-    def running(self) -> list[Instance]:
+    def running(self) -> list[Daemon]:
         return [i for i in self.instances.values() if i.alive()]
 
     def count(self, pattern: re.Pattern[str] | str) -> int:
@@ -140,22 +86,6 @@ def fleet(data: dict[str, Any], tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
-
-
-def wait_for(
-    check: Callable[[], Any], what: str, limit: float, alive: Callable[[], None] = lambda: None
-) -> Any:
-    """Poll ``check`` every 50 ms (bounded by ``limit`` seconds) until it is truthy, calling
-    ``alive`` (which raises when a process it watches died) each round; its first truthy value."""
-    deadline = time.monotonic() + limit
-    while True:
-        alive()
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Sampler(Generic[T]):
@@ -242,13 +172,6 @@ def rss_kb(pid: int) -> int:
     """The resident set size of process ``pid``, from /proc (kB)."""
     status = Path(f"/proc/{pid}/status").read_text()
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-
-
-def one(dsn: str, query: str, params: tuple[Any, ...] = ()) -> Any:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
 
 
 def committed(dsn: str, projection: str) -> int:

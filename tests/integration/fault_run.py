@@ -178,6 +178,7 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    name: str = "daemon"
 
     def start(self) -> Daemon:
         assert not self.alive(), "already running"
@@ -202,6 +203,13 @@ class Daemon:
     def tail(self, chars: int = 4000) -> str:
         return self.text()[-chars:]
 
+    def count(self, pattern: re.Pattern[str] | str, since: int = 0) -> int:
+        """How often ``pattern`` is in the log past character ``since``."""
+        text = self.text()[since:]
+        if isinstance(pattern, str):
+            return text.count(pattern)
+        return len(pattern.findall(text))
+
     def check_alive(self) -> None:
         """Raises if the process exited (with its log's tail)."""
         if self.proc is not None and self.proc.poll() is not None:
@@ -220,6 +228,7 @@ class Daemon:
         """SIGTERM: the daemon finishes its batch and exits; its exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen daemon must see the SIGTERM
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=timeout)

@@ -27,15 +27,14 @@ from tests.conftest import Services
 from tests.integration.fault_fleet import (
     CheckpointSampler,
     Comparison,
-    Instance,
     Sampler,
     compare_accounts,
     fleet,
     fresh_database,
     fresh_topics,
     rss_kb,
-    wait_for,
 )
+from tests.integration.fault_run import Daemon, wait_for
 from tests.integration.harness import config_dict, migrate_all, projection, publish, rows
 from tests.integration.test_pipeline import account_rows
 
@@ -316,7 +315,7 @@ def _drive(
     run: BacklogRun,
     services: Services,
     topics: dict[str, str],
-    daemon: Instance,
+    daemon: Daemon,
     progress: ProgressSampler,
     metric: Sampler[int | None],
     alive: Callable[[], None],

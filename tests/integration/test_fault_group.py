@@ -21,7 +21,6 @@ from projector import scenarios
 from projector.config import parse_config
 from tests.conftest import Services
 from tests.integration.fault_fleet import (
-    ASSIGNED,
     FENCED,
     REVOKED,
     CheckpointSampler,
@@ -35,8 +34,8 @@ from tests.integration.fault_fleet import (
     fresh_database,
     fresh_topics,
     owners,
-    wait_for,
 )
+from tests.integration.fault_run import ASSIGNED, wait_for
 from tests.integration.harness import config_dict, migrate_all, projection, publish, rows
 from tests.integration.test_pipeline import account_rows
 
