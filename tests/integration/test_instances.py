@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 
 from projector import scenarios
+from projector.config import parse_config
 from tests.conftest import Services
 from tests.integration.harness import (
+    config_dict,
     daemon_process,
-    process_config,
+    migrate_all,
     projection,
     publish,
     rows,
+    write_config,
 )
 from tests.integration.test_pipeline import account_rows
 
@@ -35,22 +38,35 @@ def poll_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.parametrize("strategy", [None, "cooperative-sticky"])
 def test_two_instances_share_the_partitions_and_serialise_on_shared_streams(
-    services: Services, pg_dsn: str, new_topic: Callable[..., str], tmp_path: Path
+    services: Services,
+    pg_dsn: str,
+    new_topic: Callable[..., str],
+    tmp_path: Path,
+    strategy: str | None,
 ) -> None:
     """Proves two instances of one group split the partitions and, where one stream's events
     arrive on two topics owned by different instances, serialise on the stream in the store:
-    the views equal the oracle. Also proves SIGTERM: each instance finishes its batch, commits
-    and exits 0."""
+    the views equal the oracle. The second instance joins once the first owns everything, so
+    a rebalance moves partitions: with librdkafka's default (eager) assignors, and with
+    cooperative-sticky, whose incremental assignment the daemon must use (it once called
+    ``assign()`` there, died, and exited 0). Also proves SIGTERM: each instance finishes its
+    batch, commits and exits 0."""
     topic_a, topic_b = new_topic(partitions=2), new_topic(partitions=2)
-    path = process_config(
-        services,
-        pg_dsn,
-        tmp_path,
-        [projection("accounts", [topic_a, topic_b], ["handlers.accounts"], batch_max_messages=100)],
-    )
-    procs = [daemon_process(path, log=tmp_path / f"instance{i}.log") for i in range(2)]
+    proj = projection("accounts", [topic_a, topic_b], ["handlers.accounts"], batch_max_messages=100)
+    data = config_dict(services, pg_dsn, [proj])
+    if strategy is not None:
+        data["kafka"]["consumer"]["partition.assignment.strategy"] = strategy
+    path = write_config(tmp_path / "config.yaml", data)
+    migrate_all(parse_config(data, env={}))
+    procs = [daemon_process(path, log=tmp_path / "instance0.log")]
     try:
+        poll_until(
+            lambda: rows(pg_dsn, "select count(*) from projector.checkpoints") == [(4,)],
+            "the first instance to own every partition",
+        )
+        procs.append(daemon_process(path, log=tmp_path / "instance1.log"))
         poll_until(
             lambda: (
                 rows(pg_dsn, "select count(distinct owner), count(*) from projector.checkpoints")
