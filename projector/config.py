@@ -196,6 +196,18 @@ class CorrelationPartConfig(_Strict):
     key: str | None = None
 
 
+class OutboxConfig(_Strict):
+    """``correlation.outbox``: business events queued in the batch transaction and published
+    to ``topic`` at least once, each with its stable id (docs/correlation.md, section 7)."""
+
+    topic: str = Field(min_length=1)
+    # The Kafka message key: the event's stream (one student's events keep their order) or id.
+    key: Literal["stream", "id"] = "stream"
+    # Published rows are kept this long, so a business event closed again is not re-queued.
+    retention: Duration = 7 * 86400.0
+    max_batch: int = Field(500, gt=0, le=100_000)  # rows per publishing round
+
+
 class CorrelationConfig(_Strict):
     """A correlation step (docs/correlation.md): which events belong together (one source
     transaction, or a field) and the rule that names the business event they make."""
@@ -215,16 +227,8 @@ class CorrelationConfig(_Strict):
     lateness: Duration = 0.0
     idle_after: Duration | None = 30.0
     closed_retention: Duration = 7 * 86400.0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_outbox_yet(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "outbox" in data:
-            raise ValueError(
-                "correlation.outbox is not supported yet: leave it out (business events go to"
-                " the handlers' handle_business)"
-            )
-        return data
+    # Publish the business events to a Kafka topic (at least once, with their stable id).
+    outbox: OutboxConfig | None = None
 
     def part_list(self) -> list[tuple[str, str, str | None]]:
         """(name, source, key path or None) per configured part."""
@@ -315,6 +319,7 @@ class ProjectionConfig(_Strict):
                     )
         if self.correlation is not None:
             problems = self._correlation_problems(self.correlation)
+            problems += self._outbox_problems(self.correlation)
             if problems:
                 raise ValueError("; ".join(problems))
         return self
@@ -341,13 +346,24 @@ class ProjectionConfig(_Strict):
             for t in self.correlation_topics
         )
 
-    def _correlation_problems(self, c: CorrelationConfig) -> list[str]:
+    def _outbox_problems(self, c: CorrelationConfig) -> list[str]:
+        if c.outbox is None:
+            return []
         problems: list[str] = []
         if self.store == "redis":
             problems.append(
-                "correlation is not supported on Redis yet: use store: postgres for this"
-                " projection, or remove correlation"
+                "correlation.outbox is not supported on Redis yet: use store: postgres for"
+                " this projection, or leave correlation.outbox out"
             )
+        if c.outbox.topic in self.consumed_topics:
+            problems.append(
+                f"correlation.outbox.topic must not be one of the projection's topics"
+                f" ({c.outbox.topic!r}): the projection would read its own business events"
+            )
+        return problems
+
+    def _correlation_problems(self, c: CorrelationConfig) -> list[str]:
+        problems: list[str] = []
         if self.mode != "merge":
             problems.append(
                 "correlation is supported in merge mode only for now: set mode: merge (CDC"

@@ -128,6 +128,22 @@ class Metrics:
         # Open correlations and the watermark's lag, read from the store at scrape time.
         self.correlation_figures = CorrelationCollector()
         r.register(self.correlation_figures)
+        self.outbox_published = Counter(
+            "projector_outbox_published",
+            "Business events the outbox publisher delivered to Kafka (again after a crash).",
+            p,
+            registry=r,
+        )
+        self.outbox_errors = Counter(
+            "projector_outbox_publish_errors",
+            "Outbox publishing failures, by outcome (delivery: Kafka refused a message;"
+            " timeout: not delivered in time; store: the outbox could not be read or marked).",
+            [*p, "outcome"],
+            registry=r,
+        )
+        # The outbox's pending rows and the oldest one's age, read from the store at scrape time.
+        self.outbox_figures = OutboxCollector()
+        r.register(self.outbox_figures)
         info = Gauge("projector_build_info", "projector's version.", ["version"], registry=r)
         info.labels(__version__).set(1)
 
@@ -299,3 +315,51 @@ class CorrelationCollector(Collector):
                     lag.add_metric([projection], max(0.0, self.clock() - high / 1000 + lateness))
         yield opened
         yield lag
+
+
+# A projection's outbox figures from its store: (rows pending, the oldest one's age in seconds,
+# None with none).
+OutboxFigures = Callable[[], tuple[int, float | None]]
+
+
+class OutboxCollector(Collector):
+    """``projector_outbox_pending`` and ``projector_outbox_oldest_pending_seconds`` per
+    projection with an outbox, read from the store at scrape time. Each instance's publisher
+    adds its source (a store connection of its own, used only here), whether or not it holds
+    the publishing lock, and removes it when it stops."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, tuple[OutboxFigures, Callable[[], None]]] = {}
+        self.lock = threading.Lock()  # scrapes may overlap; one connection per source
+
+    def add(self, projection: str, figures: OutboxFigures, reconnect: Callable[[], None]) -> None:
+        with self.lock:
+            self._sources[projection] = (figures, reconnect)
+
+    def remove(self, projection: str) -> None:
+        with self.lock:
+            self._sources.pop(projection, None)
+
+    def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "projector_outbox_pending",
+            "Business events queued in the outbox and not yet published.",
+            labels=["projection"],
+        )
+        oldest = GaugeMetricFamily(
+            "projector_outbox_oldest_pending_seconds",
+            "Age of the oldest business event waiting to be published; 0 with none.",
+            labels=["projection"],
+        )
+        with self.lock:
+            for projection, (figures, reconnect) in sorted(self._sources.items()):
+                try:
+                    count, age = figures()
+                except Exception as exc:  # a scrape must not fail because the store is away
+                    log.warning("metrics: cannot read %s's outbox: %s", projection, exc)
+                    reconnect()
+                    continue
+                pending.add_metric([projection], count)
+                oldest.add_metric([projection], age or 0.0)
+        yield pending
+        yield oldest

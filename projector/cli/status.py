@@ -17,11 +17,16 @@ from projector.cli.common import (
     _config,
     _guard,
     _human,
+    _iso,
     _with_stores,
 )
+from projector.config import Config, ProjectionConfig
+from projector.core.correlate import Pending
 from projector.core.event import Event
-from projector.runner.operations import ProjectionStatus, status
-from projector.store.base import StreamReport
+from projector.runner.operations import ProjectionStatus, selected, status
+from projector.store.base import Store, StreamReport
+from projector.store.connect import StoreSet
+from projector.store.postgres import PostgresStore
 
 
 def _status_item(st: ProjectionStatus, now: float) -> dict[str, Any]:
@@ -49,6 +54,54 @@ def _status_item(st: ProjectionStatus, now: float) -> dict[str, Any]:
         "rate_per_s": None if st.rate is None else round(st.rate, 1),
         "eta_s": None if st.eta_seconds is None else round(st.eta_seconds, 1),
     }
+
+
+def _correlation_item(store: Store, proj: ProjectionConfig, now: float) -> dict[str, Any] | None:
+    """A correlated projection's figures, as its gauges show them: open correlations, the
+    watermark's lag (now minus the lowest input high, less ``lateness``; ``None`` while it is
+    unset) and, with the outbox table, pending business events and the oldest one's age."""
+    if proj.correlation is None:
+        return None
+    count, high = store.correlation_figures(proj.name, proj.correlation_topics)
+    lag = None if high is None else max(0.0, now - high / 1000 + proj.correlation.lateness)
+    box = store.outbox_figures(proj.name) if isinstance(store, PostgresStore) else None
+    return {
+        "open_correlations": count,
+        "watermark_lag_s": None if lag is None else round(lag, 1),
+        "outbox_pending": None if box is None else box[0],
+        "outbox_oldest_pending_age_s": None if box is None or box[1] is None else round(box[1], 1),
+    }
+
+
+def _correlations(
+    cfg: Config, stores: StoreSet, projection: str | None
+) -> dict[str, dict[str, Any] | None]:
+    now = time.time()
+    return {p.name: _correlation_item(stores.of(p), p, now) for p in selected(cfg, projection)}
+
+
+def _correlation_table(items: list[dict[str, Any]]) -> Table | None:
+    table = Table(
+        "projection",
+        "open",
+        "watermark lag",
+        "outbox pending",
+        "oldest pending",
+        title="correlation",
+    )
+    for i in items:
+        c = i.get("correlation")
+        if c is None:
+            continue
+        lag, age = c["watermark_lag_s"], c["outbox_oldest_pending_age_s"]
+        table.add_row(
+            i["projection"],
+            str(c["open_correlations"]),
+            "unset" if lag is None else _human(lag),
+            "-" if c["outbox_pending"] is None else str(c["outbox_pending"]),
+            "-" if age is None else _human(age),
+        )
+    return table if table.row_count else None
 
 
 def _status_tables(items: list[dict[str, Any]]) -> list[Table]:
@@ -82,7 +135,8 @@ def _status_tables(items: list[dict[str, Any]]) -> list[Table]:
             )
         for topic, why in i["unavailable_topics"].items():
             lags.add_row(i["projection"], topic, "-", "-", "-", f"unavailable: {why}")
-    return [summary, lags]
+    correlation = _correlation_table(items)
+    return [summary, lags] if correlation is None else [summary, lags, correlation]
 
 
 def status_cmd(
@@ -97,12 +151,19 @@ def status_cmd(
     ] = 2.0,
 ) -> None:
     """Per projection: consumer lag (per partition and total), rate and ETA while behind,
-    parked events, open gaps and the oldest one's age, open dead letters. Reads only; safe
-    while the daemon runs."""
+    parked events, open gaps and the oldest one's age, open dead letters; with a correlation,
+    its open correlations, watermark lag and outbox backlog. Reads only; safe while the daemon
+    runs."""
     cfg = _config(config)
-    found = _guard(lambda: _with_stores(cfg, lambda s: status(cfg, s, projection, sample)))
+    found, correlated = _guard(
+        lambda: _with_stores(
+            cfg, lambda s: (status(cfg, s, projection, sample), _correlations(cfg, s, projection))
+        )
+    )
     now = time.time()
-    items = [_status_item(st, now) for st in found]
+    items = [
+        {**_status_item(st, now), "correlation": correlated.get(st.projection)} for st in found
+    ]
     if as_json:
         typer.echo(json.dumps(items, indent=2))
         return
@@ -143,6 +204,30 @@ def _report_item(r: StreamReport) -> dict[str, Any]:
     }
 
 
+def _correlation_record(store: Store, proj: ProjectionConfig, stream: str) -> dict[str, Any] | None:
+    """The correlation record of a ``<correlation name>:<key>`` stream, if the projection has
+    a correlation, its store can read records, and the key has one."""
+    c = proj.correlation
+    prefix = f"{proj.name if c is None or c.name is None else c.name}:"
+    if c is None or not stream.startswith(prefix) or not isinstance(store, PostgresStore):
+        return None
+    found = store.correlation_record(proj.name, stream.removeprefix(prefix))
+    return None if found is None else _record_item(*found)
+
+
+def _record_item(record: Pending, due: int | None) -> dict[str, Any]:
+    return {
+        "key": record.key,
+        "open_parts": {name: [e.id for e in evs] for name, evs in sorted(record.parts.items())},
+        "end": None if record.end is None else record.end.id,
+        "due": _iso(None if due is None else due / 1000),
+        "closed": [
+            {"until": _iso(w.until / 1000), "business_id": w.business_id, "events": len(w.ids)}
+            for w in record.closed
+        ],
+    }
+
+
 def inspect(
     projection: Annotated[str, typer.Argument(help="The projection.")],
     stream: Annotated[str, typer.Argument(help="The stream, e.g. account:42.")],
@@ -150,22 +235,26 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """One stream's story: position, parked events, gaps with replay attempts, dead letters,
-    and the offsets they came from."""
+    and the offsets they came from; for a correlation's stream (``<name>:<key>``), its
+    correlation record (open parts, END record, due, closed windows)."""
     cfg = _config(config)
-    cfg_projection = _guard(lambda: cfg.projection(projection))
-    report = _guard(
-        lambda: _with_stores(
-            cfg, lambda s: s.of(cfg_projection).inspect_stream(cfg_projection.name, stream)
-        )
-    )
-    item = _report_item(report)
+    proj = _guard(lambda: cfg.projection(projection))
+
+    def read(stores: StoreSet) -> tuple[StreamReport, dict[str, Any] | None]:
+        store = stores.of(proj)
+        return store.inspect_stream(proj.name, stream), _correlation_record(store, proj, stream)
+
+    report, record = _guard(lambda: _with_stores(cfg, read))
+    item = {**_report_item(report), "correlation": record}
     if as_json:
         typer.echo(json.dumps(item, indent=2))
         return
     pos = item["position"]
-    if pos is None:
+    if record is not None:
+        _echo_record(stream, record)
+    if pos is None and record is None:
         typer.echo(f"{stream}: no event of this stream has reached {projection}")
-    else:
+    elif pos is not None:
         blocked = (
             f", blocked at seq {pos['blocked_seq']} by a dead letter" if pos["blocked_seq"] else ""
         )
@@ -181,4 +270,15 @@ def inspect(
     for d in item["dead_letters"]:
         typer.echo(
             f"  dead letter #{d['id']} {d['kind']} {d['status']} seq {d['seq']} from {d['source']}: {d['reason']}"
+        )
+
+
+def _echo_record(stream: str, record: dict[str, Any]) -> None:
+    parts = ", ".join(f"{n} ({len(ids)})" for n, ids in record["open_parts"].items())
+    end = ", END record in" if record["end"] else ""
+    due = f", due at {record['due']} (event time)" if record["due"] else ""
+    typer.echo(f"{stream}: correlation key {record['key']}: open parts {parts or 'none'}{end}{due}")
+    for w in record["closed"]:
+        typer.echo(
+            f"  closed window until {w['until']}: {w['events']} event(s), {w['business_id']}"
         )

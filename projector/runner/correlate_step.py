@@ -8,8 +8,10 @@ transaction, after the documents are merged and their handlers ran:
 4. plan with the pure core (:func:`projector.core.correlate.correlate`);
 5. hand the business events to the handler modules' ``handle_business``; one they fail on (not
    transiently) becomes a dead letter holding it, the others go on;
-6. write the records, the partitions' progress, and dead letters: ``correlation_rule`` for a
-   rule that raised (holding the window's parts), ``handler`` for business events.
+6. write the records, the partitions' progress, the outbox rows of the applied business
+   events (with ``correlation.outbox``; a rebuild's batch holds them aside instead, section 8),
+   and dead letters: ``correlation_rule`` for a rule that raised (holding the window's parts),
+   ``handler`` for business events.
 
 The same step with no events is the worker's idle tick: it closes what an idle watermark made
 due. Nothing here reads the wall clock but ``clock`` (the daemon's, injectable in tests).
@@ -22,6 +24,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from projector.apply import LoadedHandler
+from projector.config import OutboxConfig
 from projector.core.correlate import (
     TX_BEGIN,
     TX_END,
@@ -41,12 +44,15 @@ from projector.core.correlate import (
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
 from projector.runner.batch import BatchResult, first_failure
-from projector.store.base import Handler, StoreBatch, TopicPartition
+from projector.store.base import Handler, OutboxMessage, StoreBatch, TopicPartition
 from projector.store.errors import TransientStoreError, is_transient
 
 log = logging.getLogger(__name__)
 
 PARTS_TYPE = "correlation.parts"  # a rule's dead letter: the window's parts, as one event
+# A rebuild's batches run under "<name>#rebuild" (store/postgres_rebuild.py, rebuild_name; the
+# Redis rebuild fences under the same name): their business events are held, not published.
+REBUILD_SUFFIX = "#rebuild"
 
 
 @dataclass
@@ -73,6 +79,7 @@ class CorrelationStep:
         clock: Callable[[], float],
         lateness: int = 0,
         idle_after: int | None = None,
+        outbox: OutboxConfig | None = None,
     ):
         self.rules = rules
         self.topics = frozenset(topics)
@@ -81,6 +88,7 @@ class CorrelationStep:
         self.clock = clock
         self.lateness = lateness
         self.idle_after = idle_after
+        self.outbox = outbox
 
     # -- which events --------------------------------------------------------------------
     def takes(self, event: Event) -> bool:
@@ -119,6 +127,7 @@ class CorrelationStep:
         letters += failed
         tx.write_correlations([(r, r.due(self.rules)) for r in plan.write], plan.delete)
         tx.write_input_times(batch)
+        self._prune_held(tx, mark)
         tx.dead_letter(letters)
         result.dead_letters += letters
         for event in plan.late:
@@ -154,7 +163,27 @@ class CorrelationStep:
                 log.warning("dead letter: business event %s: %s", culprit.id, reason)
                 failed.append(DeadLetter("handler", reason, event=culprit))
                 pending = [e for e in pending if e is not culprit]
+        self._queue(tx, pending)
         return (len(pending) if self.handlers else 0), failed
+
+    def _queue(self, tx: StoreBatch, events: Sequence[Event]) -> None:
+        """The applied business events' outbox rows, in the batch transaction; held aside
+        under the rebuild's name in a rebuild (its events were published by the live run)."""
+        box = self.outbox
+        if box is None or not events:
+            return
+        messages = [
+            OutboxMessage(e, box.topic, e.stream if box.key == "stream" else e.id) for e in events
+        ]
+        tx.write_outbox(messages, held=tx.projection.endswith(REBUILD_SUFFIX))
+
+    def _prune_held(self, tx: StoreBatch, mark: int | None) -> None:
+        """A rebuild's held events further than ``window + closed_retention`` behind the
+        watermark are forgotten: no correlation that old is still open live at the swap."""
+        if self.outbox is None or mark is None or not tx.projection.endswith(REBUILD_SUFFIX):
+            return
+        horizon = mark - self.rules.window - self.rules.closed_retention
+        tx.write_outbox([], held=True, prune_held_before=horizon)
 
     def rename(self, letter: Event) -> tuple[tuple[Event, ...], str | None]:
         """A failed rule's dead letter (its window's parts) named again by the rule, after a

@@ -1,7 +1,9 @@
 """``projector run``: one worker thread per projection, clean shutdown on SIGTERM/SIGINT.
 
 SIGTERM lets each worker finish its batch, commit it, close its consumer (a static member does
-not leave the group) and return; the process exits 0. A worker that dies of a non-transient
+not leave the group) and return; the outbox publishers (one thread per projection with
+``correlation.outbox``, :mod:`projector.runner.outbox`) finish their round and stop after the
+workers; the process exits 0. A worker that dies of a non-transient
 error stops the others and the process exits non-zero, for systemd or Kubernetes to restart.
 """
 
@@ -20,9 +22,11 @@ from types import FrameType
 from projector.config import Config
 from projector.metrics import Metrics, StoreCollector
 from projector.runner.batch import Clock
+from projector.runner.compaction import kafka_policies, warn_if_compacted
 from projector.runner.gap_timer import ProjectionFailed
 from projector.runner.identity import instance_id
 from projector.runner.ops_server import OpsServer
+from projector.runner.outbox import OutboxPublisher, build_publisher
 from projector.runner.worker import ProjectionWorker, load_handlers
 from projector.store.connect import StoreSet
 
@@ -59,12 +63,25 @@ class Daemon:
         self.instance = instance_id(config.kafka.instance_id, scope=config.kafka.group_prefix)
         instance = self.instance.value
         selected = [p for p in config.projections if not projections or p.name in projections]
+        if any(p.correlation is not None for p in selected):
+            policies = kafka_policies(config, timeout=5.0)  # brokers away: start anyway
+            for proj in selected:  # a compacted correlation topic (docs/correlation.md, 8)
+                warn_if_compacted(proj, policies)
         self.workers = [
             ProjectionWorker(
                 config, p, instance, self.stop, clock, exit_when_caught_up, self.metrics
             )
             for p in selected
         ]
+        # Stopped once the workers are: a burst run's publishers then publish what is left.
+        self._halt_publishers = threading.Event()
+        built = [
+            build_publisher(config, w.projection, self._halt_publishers, clock, self.metrics)
+            for w in self.workers
+        ]
+        self.publishers = [p for p in built if p is not None]
+        for publisher in self.publishers:
+            publisher.drain = exit_when_caught_up
         self._figures_stores = StoreSet(config)
         self.collector = StoreCollector(
             [w.projection.name for w in self.workers],
@@ -122,15 +139,22 @@ class Daemon:
             )
             for w in self.workers
         ]
+        publishing = [
+            threading.Thread(
+                target=self._guarded_publisher, args=(p,), name=f"outbox-{p.projection}"
+            )
+            for p in self.publishers
+        ]
         if self.ops is not None:
             self.ops.start()
         try:
-            for t in threads:
+            for t in [*threads, *publishing]:
                 t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.5)  # join with a timeout so signals reach the main thread
+            _join(threads)
+            self._halt_publishers.set()
+            _join(publishing)
         finally:
+            self._halt_publishers.set()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.ops is not None:
@@ -143,7 +167,18 @@ class Daemon:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("%s: finishing the current batches, then exiting", signal.Signals(signum).name)
+        for p in self.publishers:
+            p.drain = False
         self.stop.set()
+
+    def _guarded_publisher(self, publisher: OutboxPublisher) -> None:
+        """A publisher that dies of a non-transient error stops the daemon, as a worker does."""
+        try:
+            publisher.run()
+        except BaseException as exc:
+            log.exception("outbox publisher of %s failed: %s", publisher.projection, exc)
+            self.failures.append(exc)
+            self.stop.set()
 
     def _guarded(self, worker: ProjectionWorker) -> None:
         returned = False
@@ -165,6 +200,12 @@ class Daemon:
                 log.error("projection %s died: %r", worker.projection.name, sys.exc_info()[1])
                 self.failures.append(RuntimeError(f"projection {worker.projection.name} died"))
                 self.stop.set()
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=0.5)  # join with a timeout so signals reach the main thread
 
 
 @contextmanager

@@ -23,12 +23,22 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from confluent_kafka import KafkaException
+
 from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder
 from projector.core.message import RawMessage
 from projector.runner.batch import Clock
+from projector.runner.compaction import Policies, kafka_policies, warn_if_compacted
 from projector.runner.daemon import collecting_less_often
-from projector.runner.worker import Applier, build_applier, build_decoders, load_handlers
+from projector.runner.merge_batch import MergeApplier
+from projector.runner.worker import (
+    IDLE_TICK_SECONDS,
+    Applier,
+    build_applier,
+    build_decoders,
+    load_handlers,
+)
 from projector.source.kafka import PartitionReader, TopicPartition
 from projector.store.base import LivePartition, NotCaughtUp, Store
 from projector.store.connect import open_store, view_migrations
@@ -90,6 +100,7 @@ class RebuildReport:
     seconds: float = 0.0
     checkpoints: dict[TopicPartition, int] = field(default_factory=dict)
     old_dropped: bool = False
+    warnings: list[str] = field(default_factory=list)  # said before it built (compaction)
 
 
 class Progress:
@@ -152,17 +163,20 @@ class Rebuilder:
         stop: threading.Event | None = None,
         lock_timeout: float = 5.0,
         history: Sequence[str] = (),
+        policies: Policies | None = None,
     ) -> None:
         self.config = config
         self.history = list(history)
+        self.policies = policies or kafka_policies(config)
         self.projection: ProjectionConfig = config.projection(projection)
-        if self.projection.correlation is not None:
-            # Its pending correlations would not move with the swap (docs/correlation.md,
-            # slice 5): the rebuilt projection would name business events differently.
+        if self.projection.correlation is not None and self.projection.store != "postgres":
+            # Not on Redis yet: its rebuild store neither clears the rebuild's event-time
+            # progress (``s:<name>#rebuild:times``: a second rebuild would start from the first
+            # one's watermark) nor hands held business events over at the version flip.
             raise ValueError(
-                f"projection {projection!r} has a correlation: rebuilding one is not supported"
-                " yet, since its pending correlations would not move with the swap"
-                " (docs/correlation.md, slice 5)"
+                f"projection {projection!r} has a correlation: rebuilding it is supported on"
+                " PostgreSQL only for now (on Redis the rebuild's correlation state is not"
+                " handed over at the swap yet)"
             )
         self.progress = progress or Progress()
         self.clock = clock
@@ -238,6 +252,8 @@ class Rebuilder:
                     self.rebuild.abandon()
                 plan = self.plan(reader)
                 report = RebuildReport(plan)
+                warning = warn_if_compacted(self.projection, self.policies, rebuild=True)
+                report.warnings += [warning] if warning else []
                 if dry_run:
                     return report  # it shows the partitions whose history is trimmed
                 if plan.trimmed and not (allow_trimmed or self.history):
@@ -251,10 +267,7 @@ class Rebuilder:
         return report
 
     def _build(self, reader: PartitionReader, plan: RebuildPlan, report: RebuildReport) -> None:
-        shadow = self.projection.model_copy(
-            update={"name": self.rebuild.name, "view_schema": self.rebuild.shadow}
-        )
-        applier = build_applier(self.config, shadow, self.store, self.clock)
+        applier = build_applier(self.config, self._shadow(), self.store, self.clock)
         decoders = build_decoders(self.projection)
         for topic in self.history:  # events as on the projection's own topics
             decoders[topic] = decoders[self.projection.topics[0]]
@@ -264,6 +277,7 @@ class Rebuilder:
         epochs = {tp: c.epoch for tp, c in claims.items()}
         reader.assign({tp: c.next_offset for tp, c in claims.items()})
         batch = Batcher(applier, decoders, epochs, reader, self.projection.batch_max_messages)
+        batch.idle_every = idle_every(self.projection)
         total = plan.to_read
         slack = self.projection.batch_max_messages
         while not self.stop.is_set():
@@ -299,6 +313,18 @@ class Rebuilder:
             return
         report.status = "interrupted"
 
+    def _shadow(self) -> ProjectionConfig:
+        """The projection as the rebuild applies it: its state under the rebuild's name, its
+        views in the shadow schema, and its correlation under the live name (the prefix of
+        business ids and streams: the rebuild names the very events the live run did)."""
+        update: dict[str, object] = {"name": self.rebuild.name, "view_schema": self.rebuild.shadow}
+        corr = self.projection.correlation
+        if corr is not None:
+            update["correlation"] = corr.model_copy(
+                update={"name": corr.name or self.projection.name}
+            )
+        return self.projection.model_copy(update=update)
+
     def _drop_old(self) -> bool:
         """Drop the swapped-out schema, waiting for its last readers a while."""
         deadline = time.monotonic() + 30
@@ -306,6 +332,13 @@ class Rebuilder:
             if self.rebuild.drop_old(self.lock_timeout):
                 return True
         return False
+
+
+def idle_every(projection: ProjectionConfig) -> float:
+    """How often (real seconds, at most) a correlation's idle tick runs: as the daemon's."""
+    c = projection.correlation
+    idle_after = None if c is None else c.idle_after
+    return min(IDLE_TICK_SECONDS, (idle_after or IDLE_TICK_SECONDS * 4) / 4)
 
 
 class Batcher:
@@ -325,6 +358,8 @@ class Batcher:
         self.reader = reader
         self.size = size
         self.offsets: dict[TopicPartition, int] = {}
+        self.idle_every = IDLE_TICK_SECONDS  # real seconds between idle ticks, at most
+        self._next_idle = 0.0
 
     def position(self, tp: TopicPartition) -> int:
         return self.offsets.get(tp, 0)
@@ -355,7 +390,33 @@ class Batcher:
             self._apply(messages, retry=True)
         else:
             self.offsets.update(self.reader.positions())
+            self._idle_tick()
         return len(messages)
+
+    def _idle_tick(self) -> None:
+        """A correlation's partitions read to their end advance its watermark as in the live
+        run (an empty partition holds nothing back; with ``idle_after``, the clock raises a
+        caught-up one), so the rebuild closes what the live run closed by idleness instead of
+        leaving it open for the daemon to close again after the swap. At most every
+        ``idle_every`` seconds, when a poll brought nothing."""
+        applier = self.applier
+        if not isinstance(applier, MergeApplier) or applier.correlation is None:
+            return
+        now = time.monotonic()
+        if now < self._next_idle:
+            return
+        self._next_idle = now + self.idle_every
+        topics = applier.correlation.topics
+        try:
+            marks = self.reader.watermarks()
+        except KafkaException as exc:  # a broker away: the next idle poll asks again
+            log.info("rebuild: cannot read the partitions' ends for the idle tick: %s", exc)
+            return
+        ends = {tp: high for tp, (_, high) in marks.items() if tp[0] in topics}
+        caught_up = {tp for tp, high in ends.items() if self.position(tp) >= high}
+        for attempt in transient_retries():
+            with attempt:
+                applier.idle_tick(self.epochs, caught_up)
 
     def read_up_to(self, targets: Mapping[TopicPartition, int], report: RebuildReport) -> None:
         """Inside the swap: apply until every partition reached ``targets`` (no retry: an error

@@ -51,10 +51,12 @@ def load_handlers(projection: ProjectionConfig) -> list[LoadedHandler]:
         loaded.append(document_view(projection.merge.view_table))
     if projection.correlation is not None:
         load_rule(projection.correlation.rule)
-        if not any(h.business is not None for h in loaded):
+        outbox = projection.correlation.outbox
+        if outbox is None and not any(h.business is not None for h in loaded):
             raise ValueError(
                 f"projection {projection.name!r}: correlation: business events would reach"
-                " nothing: define handle_business in a handler module"
+                " nothing: define handle_business in a handler module or set"
+                " correlation.outbox.topic"
             )
     return loaded
 
@@ -73,6 +75,7 @@ def build_correlation(
         clock,
         lateness=round(c.lateness * 1000),
         idle_after=None if c.idle_after is None else round(c.idle_after * 1000),
+        outbox=c.outbox,
     )
 
 

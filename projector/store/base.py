@@ -59,6 +59,26 @@ class ProjectionFigures:
     dead_letters: int
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A business event to publish, as the batch queues it: its topic and Kafka key."""
+
+    event: Event
+    topic: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A queued business event, as the publisher reads it (``event``: ``Event.to_json()``)."""
+
+    seq: int
+    event_id: str
+    topic: str
+    key: str
+    event: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class StreamReport:
     """One stream's story, for an operator chasing a hole."""
@@ -171,6 +191,18 @@ class StoreBatch(Protocol):
     def write_input_times(self, times: Mapping[TopicPartition, InputTime]) -> None:
         """Store this batch's partitions' event-time progress (beside their fence)."""
 
+    def write_outbox(
+        self,
+        messages: Sequence[OutboxMessage],
+        held: bool = False,
+        prune_held_before: int | None = None,
+    ) -> int:
+        """Queue business events to publish, in order, under this batch's projection; ``held``
+        (a rebuild's batch): kept aside for the swap instead, never published. An event
+        already there (same projection and id, in any status) keeps its row. With
+        ``prune_held_before`` (event time, ms), the held events older than that are forgotten
+        first. Returns how many rows were added."""
+
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None: ...
 
     def resolve_dead_letter(
@@ -243,3 +275,28 @@ class Store(Protocol):
     ) -> tuple[int, int]:
         """Forget the tombstones of documents unchanged since ``unchanged_since``; returns
         (swept, removed)."""
+
+
+class OutboxStore(Protocol):
+    """A projection's outbox, as its publisher sees it, on a connection of its own (never
+    inside a batch transaction)."""
+
+    def try_lock(self) -> bool:
+        """Become the projection's one publisher (held until ``unlock`` or the connection
+        ends); False while another holds it."""
+
+    def unlock(self) -> None: ...
+
+    def pending(self, limit: int) -> list[OutboxRow]:
+        """The oldest ``limit`` rows still to publish, in queue order."""
+
+    def mark_published(self, seqs: Sequence[int], now: float) -> int:
+        """The delivered rows: published at ``now`` (epoch seconds), one more attempt."""
+
+    def sweep(self, published_before: float, limit: int = 5000) -> int:
+        """Delete rows published before ``published_before`` (epoch seconds); how many."""
+
+    def figures(self) -> tuple[int, float | None]:
+        """Rows pending, and the oldest pending row's age in seconds (``None``: none)."""
+
+    def close(self) -> None: ...

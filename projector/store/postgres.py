@@ -27,11 +27,13 @@ from projector.core.event import Event
 from projector.core.gaps import Gap
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules, StreamPosition
+from projector.store import postgres_outbox
 from projector.store.base import (
     Claim,
     DeadLetterRow,
     Handler,
     HeldSeqs,
+    OutboxMessage,
     ProjectionFigures,
     StreamReport,
     TopicPartition,
@@ -501,6 +503,17 @@ class PgBatch:
                     rows,
                 )
 
+    # -- the outbox (docs/correlation.md, section 7): projector/store/postgres_outbox.py --------
+    def write_outbox(
+        self,
+        messages: Sequence[OutboxMessage],
+        held: bool = False,
+        prune_held_before: int | None = None,
+    ) -> int:
+        if prune_held_before is not None:
+            postgres_outbox.prune_held(self.conn, self._s, self.projection, prune_held_before)
+        return postgres_outbox.write_outbox(self.conn, self._s, self.projection, messages, held)
+
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None:
         row = self.conn.execute(
             self._q(
@@ -753,6 +766,34 @@ class PostgresStore:
             (projection, projection, list(topics)),
         ).fetchone()
         return (0, None) if row is None else (int(row[0]), row[1])
+
+    def correlation_record(self, projection: str, key: str) -> tuple[Pending, int | None] | None:
+        """One correlation key's stored record and its ``due`` (event time, ms), for
+        ``projector inspect``; ``None`` when the key has none."""
+        row = self.conn.execute(
+            self._q(
+                "select record, due from {s}.correlations where projection = %s and key = %s"
+                " and record is not null"
+            ),
+            (projection, key),
+        ).fetchone()
+        return None if row is None else (Pending.from_json(row[0]), row[1])
+
+    def has_outbox(self) -> bool:
+        """Whether projector's schema has the outbox table (``migrations/0006_outbox.sql``)."""
+        row = self.conn.execute(
+            "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+            " where n.nspname = %s and c.relname = 'outbox' and c.relkind = 'r'",
+            (self.schema,),
+        ).fetchone()
+        return row is not None
+
+    def outbox_figures(self, projection: str) -> tuple[int, float | None] | None:
+        """Pending outbox rows and the oldest one's age in seconds (the database's clock), for
+        ``projector status``; ``None`` without the outbox table."""
+        if not self.has_outbox():
+            return None
+        return postgres_outbox.PgOutbox(self, projection).figures()
 
     def gap_summary(self, projection: str) -> tuple[int, int, float | None]:
         """A projection's open gaps, how many of them are held (given up on, policy hold), and

@@ -1,16 +1,18 @@
 """PostgreSQL side of ``projector rebuild``: a shadow schema, the rebuild's own state, the swap.
 
 While it runs, the rebuild is a projection of its own to the store: its state (positions,
-holding, gaps, documents, dead letters, checkpoints) lives under ``<name>#rebuild`` in
-projector's tables and its views in the schema ``<view_schema>__rebuild``, built by the same
+holding, gaps, documents, correlations, dead letters, checkpoints with their event-time
+progress) lives under ``<name>#rebuild`` in projector's tables and its views in the schema ``<view_schema>__rebuild``, built by the same
 handlers (their SQL never names a schema). The swap, in one transaction:
 
 1. locks the live projection's checkpoint rows (``lock_timeout`` bounds the wait): a live
    batch in flight finishes first, the next ones wait at their fence;
 2. lets the caller apply what the live projection has read and the rebuild not yet, so both
    stand at the same offsets;
-3. replaces the live state rows by the rebuild's (the live checkpoints keep their epochs, so the
-   running daemon goes on without a rebalance, from the rebuilt state);
+3. hands the rebuild's held business events over to the outbox (those the live run still owed;
+   see :meth:`PgRebuildStore._hand_over_outbox`), then replaces the live state rows by the
+   rebuild's (the live checkpoints keep their epochs, so the running daemon goes on without a
+   rebalance, from the rebuilt state);
 4. renames the live schema to ``<view_schema>__old`` and the shadow to the live name, gives the
    new tables the live ones' grants, and re-points views in other schemas that used them.
 Readers never see a half-built view: a statement resolves names when it starts, so it reads
@@ -33,7 +35,7 @@ from projector.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
-_STATE_TABLES = ("positions", "holding", "gaps", "documents")
+_STATE_TABLES = ("positions", "holding", "gaps", "documents", "correlations")
 
 
 def rebuild_name(projection: str) -> str:
@@ -145,6 +147,8 @@ class PgRebuildStore:
             conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(name)))
         for table in (*_STATE_TABLES, "dead_letters", "checkpoints"):
             conn.execute(self._q(f"delete from {{s}}.{table} where projection = %s"), (self.name,))
+        if self.store.has_outbox():  # the rebuild's held business events
+            conn.execute(self._q("delete from {s}.outbox where projection = %s"), (self.name,))
         conn.execute(self._q("delete from {s}.rebuilds where projection = %s"), (self.projection,))
 
     # -- the swap ---------------------------------------------------------------------------
@@ -179,6 +183,8 @@ class PgRebuildStore:
             behind = [tp for tp, o in targets.items() if rebuilt.get(tp, 0) < o]
             if behind:
                 raise NotCaughtUp(f"the rebuild is behind on {behind}")
+            if self.store.has_outbox():
+                self._hand_over_outbox(conn)
             self._swap_state(conn, rebuilt)
             self._swap_schemas(conn)
             conn.execute(
@@ -197,6 +203,36 @@ class PgRebuildStore:
             (self.name,),
         ).fetchall()
         return {(t, p): int(o) for t, p, o in rows}
+
+    def _hand_over_outbox(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+        """The rebuild's held business events that the live run still owes become pending live
+        rows, in the order they were named; then every held row of the rebuild goes.
+
+        Owed, by the live state read before it is replaced: the event's correlation key is
+        still open there (parts or an END record waiting: the live run would close it and
+        publish), or the live run has no closed window of the key at all (the rebuild read
+        further than the live run had, and the daemon goes on from there past those parts, so
+        it would never name it). A key the live run closed, with nothing open, was published
+        by the live run, under the id its parts gave. ``on conflict do nothing``: an event
+        queued or published already keeps its row. Returns how many rows were queued."""
+        cur = conn.execute(
+            self._q(
+                "insert into {s}.outbox (projection, event_id, topic, msg_key, event, event_ts,"
+                " status) select %s, h.event_id, h.topic, h.msg_key, h.event, h.event_ts,"
+                " 'pending' from {s}.outbox h where h.projection = %s and h.status = 'held'"
+                " and not exists (select 1 from {s}.correlations c where c.projection = %s"
+                "  and c.key = h.event->'meta'->>'key' and c.record->'parts' = '{{}}'::jsonb"
+                "  and coalesce(c.record->'end', 'null'::jsonb) = 'null'::jsonb"
+                "  and jsonb_array_length(coalesce(c.record->'closed', '[]'::jsonb)) > 0)"
+                " order by h.seq on conflict (projection, event_id) do nothing"
+            ),
+            (self.projection, self.name, self.projection),
+        )
+        queued = max(cur.rowcount, 0)
+        conn.execute(self._q("delete from {s}.outbox where projection = %s"), (self.name,))
+        if queued:
+            log.info("rebuild %s: %d business event(s) queued at the swap", self.projection, queued)
+        return queued
 
     def _swap_state(
         self, conn: psycopg.Connection[tuple[Any, ...]], rebuilt: Mapping[TopicPartition, int]
@@ -221,16 +257,22 @@ class PgRebuildStore:
             self._q("update {s}.dead_letters set projection = %s where projection = %s"),
             (self.projection, self.name),
         )
-        # The live rows keep their epochs and owners: the running daemon is not fenced.
+        # The live rows keep their epochs and owners: the running daemon is not fenced. A
+        # correlation's event-time progress moves with the offsets and never goes back (the
+        # live high may be ahead: raised by the idle clock); ``caught_up`` stays the live
+        # owner's, who reads Kafka and sets it again on its next batch.
         for (topic, part), offset in sorted(rebuilt.items()):
             conn.execute(
                 self._q(
                     "insert into {s}.checkpoints (projection, topic, partition, next_offset,"
-                    " start_offset) select %s, %s, %s, %s, start_offset from {s}.checkpoints"
+                    " start_offset, event_time_high) select %s, %s, %s, %s, start_offset,"
+                    " event_time_high from {s}.checkpoints"
                     " where projection = %s and topic = %s and partition = %s"
                     " on conflict (projection, topic, partition) do update set"
                     " next_offset = greatest(coalesce({s}.checkpoints.next_offset, 0),"
-                    " excluded.next_offset), updated_at = now()"
+                    " excluded.next_offset), event_time_high = greatest("
+                    "{s}.checkpoints.event_time_high, excluded.event_time_high),"
+                    " updated_at = now()"
                 ),
                 (self.projection, topic, part, offset, self.name, topic, part),
             )

@@ -1,27 +1,35 @@
 """Redis store: projector's own state and the projections' views, one Lua script per batch.
 
 A batch reads what it needs first, on one connection, under WATCH: the batch's stream hashes
-(position, parked events, gaps, merge state) and whatever the handlers read. The runner plans
-as usual; the handlers' writes and projector's own changes are collected as plain commands.
-The commit is MULTI / EVALSHA / EXEC: the script checks the fence (each partition's epoch) and
-the type of every key it will touch before it writes anything, since Redis never rolls a
-script back. EXEC fails if anything WATCHed changed meanwhile (another instance touched one of
-the streams): the batch is planned again from fresh reads. A retry always plans again, so a
-commit whose reply was lost is never applied twice (its streams show its events as applied).
+(position, parked events, gaps, merge state), the correlation records it touches or finds due,
+and whatever the handlers read (a correlation's input progress is read unwatched: a stale read
+only lowers its watermark). The runner plans as usual; the handlers' writes and projector's
+own changes are collected as plain commands. The commit is MULTI / EVALSHA / EXEC: the script
+checks the fence (each partition's epoch) and the type of every key it will touch before it
+writes anything, since Redis never rolls a script back. EXEC fails if anything WATCHed changed
+meanwhile (another instance touched one of the streams or records): the batch is planned
+again from fresh reads. A retry always plans again, so a commit whose reply was lost is
+never applied twice (its streams show its events as applied).
 
 Keys, under ``<prefix>:`` (no TTLs, but on a rebuild's swapped-out version and its pause, so
 only an ``allkeys-*`` policy could evict live ones):
 - ``s:<projection>:epochs|offsets|owners|starts``: hashes per ``topic:partition`` (fence,
-  checkpoint, first offset ever read); ``s:<projection>:version``: the version written;
+  checkpoint, first offset ever read); ``s:<projection>:times``: beside them, a correlation's
+  input progress per ``topic:partition`` (``"<high>,<0|1>"``: the highest event time read, ms,
+  empty when none; caught up); ``s:<projection>:version``: the version written;
 - at that version, ``s:<projection>:<version>:st:<stream>``: a stream's hash: ``seq id hash
   blocked`` (position), ``p:<seq>`` (a parked event), ``gaps`` (JSON), ``doc``/``doc_at``;
 - ``s:<projection>:<version>:parked`` (count), ``gaps``/``gapdue``/``gapskipped`` (sorted sets
   of ``[stream, from_seq]`` by first seen / next request), ``gapheld`` (set), ``dl`` (dead
   letters by id), ``dlseq``, ``dlopen``, ``docs`` (merge documents by last change);
+- correlation (docs/correlation.md), at that version: ``co:<key>`` (a correlation record, the
+  core's ``Pending`` as JSON), ``codue`` (sorted set: correlation key by due, event time ms)
+  and ``coopen`` (set: the keys with open parts, for metrics);
 - ``v:<view_schema>:<version>:<key>``: the handlers' views; ``v:<view_schema>:active``: the
   version readers read.
 A rebuild builds the next version beside the live one (:mod:`projector.store.redis_rebuild`).
-The stream id is always the last part of its key, so distinct streams never share a key.
+The stream id is always the last part of its key, so distinct streams never share a key;
+likewise a correlation key.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -42,7 +50,7 @@ from redis.client import Pipeline
 from redis.retry import Retry
 
 from projector.core import json_codec
-from projector.core.correlate import InputTime, Pending
+from projector.core.correlate import InputTime, Pending, watermark
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
 from projector.core.gaps import Gap
@@ -63,6 +71,7 @@ from projector.store.redis_view import Op, RedisView
 log = logging.getLogger(__name__)
 
 MAX_ARGS = 1000  # per recorded command: Lua's unpack() has a stack limit
+DUE_PER_BATCH = 1000  # correlation records a batch closes at most; the next batch takes more
 
 
 def _watch(pipe: Pipeline, *keys: str) -> None:
@@ -112,6 +121,7 @@ class Keys:
         self.offsets = f"{fence}:offsets"  # topic:partition -> the next offset to read
         self.owners = f"{fence}:owners"  # topic:partition -> the instance that claimed it
         self.starts = f"{fence}:starts"  # topic:partition -> the first offset ever read
+        self.times = f"{fence}:times"  # topic:partition -> a correlation's input progress
         self.pointer = version_pointer(prefix, projection)
         # Live batches stop while a rebuild swaps in (a rebuild's own batches never do).
         self.paused = "" if projection.endswith(REBUILD) else f"{prefix}:s:{owner}:paused"
@@ -125,9 +135,14 @@ class Keys:
         self.dlseq = f"{base}:dlseq"  # the last dead letter id
         self.dlopen = f"{base}:dlopen"  # ids of open dead letters
         self.docs = f"{base}:docs"  # merge documents by last change, for the sweep
+        self.codue = f"{base}:codue"  # correlation key -> due (event time, ms)
+        self.coopen = f"{base}:coopen"  # correlation keys with open parts, for metrics
 
     def stream(self, stream: str) -> str:
         return f"{self.base}:st:{stream}"
+
+    def correlation(self, key: str) -> str:
+        return f"{self.base}:co:{key}"
 
     def views(self, view_schema: str) -> str:
         return f"{self.prefix}:v:{view_schema}:{self.version}"
@@ -140,6 +155,31 @@ def _tp(topic: str, partition: int) -> str:
 def _untp(text: str) -> TopicPartition:
     topic, _, part = text.rpartition(":")
     return topic, int(part)
+
+
+def input_time_text(t: InputTime) -> str:
+    """A partition's input progress as ``times`` holds it: ``"<high>,<0|1>"``."""
+    return f"{'' if t.high is None else t.high},{int(t.caught_up)}"
+
+
+def parse_input_time(text: str) -> InputTime:
+    high, _, caught_up = text.partition(",")
+    return InputTime(int(high) if high else None, caught_up == "1")
+
+
+def stored_input_times(
+    times: Mapping[str, str], claimed: Iterable[str], topics: Collection[str]
+) -> dict[TopicPartition, InputTime]:
+    """Every claimed partition (``epochs``' fields) of ``topics`` with its stored progress;
+    one with none stored yet holds the watermark unset (as a new checkpoint row does in
+    PostgreSQL). Progress stored for a partition not claimed does not count."""
+    out: dict[TopicPartition, InputTime] = {}
+    for name in claimed:
+        tp = _untp(name)
+        if tp[0] in topics:
+            raw = times.get(name)
+            out[tp] = InputTime(None) if raw is None else parse_input_time(raw)
+    return out
 
 
 def _dumps(value: Any) -> str:
@@ -342,23 +382,33 @@ class RedisBatch:
         starts: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         """Checked by the script at commit: ``Fenced`` is raised then, and nothing written."""
-        k = self.keys
         starts = starts or {}
-        for (topic, part), offset in sorted(checkpoints.items()):
-            epoch = epochs.get((topic, part), -1)
-            start = starts.get((topic, part))
-            self._fence.append(
-                [
-                    k.epochs,
-                    k.offsets,
-                    _tp(topic, part),
-                    str(epoch),
-                    str(offset),
-                    k.starts,
-                    "" if start is None else str(start),
-                    k.paused,
-                ]
-            )
+        for tp, offset in sorted(checkpoints.items()):
+            self._fence_entry(tp, epochs.get(tp, -1), offset, starts.get(tp))
+
+    def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
+        """The fence of a batch that moves no offset (a correlation's idle tick), checked by
+        the script at commit like ``fence``."""
+        for tp, epoch in sorted(epochs.items()):
+            self._fence_entry(tp, epoch, None, None)
+
+    def _fence_entry(
+        self, tp: TopicPartition, epoch: int, offset: int | None, start: int | None
+    ) -> None:
+        """One partition's fence for batch.lua; an empty offset or start moves nothing."""
+        k = self.keys
+        self._fence.append(
+            [
+                k.epochs,
+                k.offsets,
+                _tp(*tp),
+                str(epoch),
+                "" if offset is None else str(offset),
+                k.starts,
+                "" if start is None else str(start),
+                k.paused,
+            ]
+        )
 
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules
@@ -513,28 +563,68 @@ class RedisBatch:
             s.set("doc_at", repr(now))
             self._own.append(["ZADD", self.keys.docs, repr(now), stream])
 
-    # -- correlation: not on Redis yet (slice 4 of docs/correlation.md); the config refuses a
-    # correlation on a Redis projection, so these are never reached with work to do.
+    # -- correlation (docs/correlation.md, section 6) ----------------------------------------
     def lock_correlations(self, keys: Iterable[str], watermark: int | None) -> dict[str, Pending]:
-        if list(keys):
-            raise StoreError("correlation is not supported on Redis yet")
-        return {}
+        """The records of ``keys`` and of (at most ``DUE_PER_BATCH``) keys due at
+        ``watermark``, read under WATCH: another instance writing one of them before this
+        batch commits (closing a record both found due, adding a part) makes the commit fail
+        and the batch is planned again from fresh reads. The due index is not watched (every
+        batch writes it); a record no longer due when read is left as it is by the plan."""
+        k = self.keys
+        names = set(keys)
+        if watermark is not None:
+            due = self._pipe.zrangebyscore(k.codue, "-inf", watermark, start=0, num=DUE_PER_BATCH)
+            names.update(cast(list[str], due))
+        ordered = sorted(names)
+        raws = self.read("get", [k.correlation(n) for n in ordered], [])
+        return {
+            name: Pending.from_json(json_codec.loads(raw))
+            for name, raw in zip(ordered, raws, strict=True)
+            if raw is not None
+        }
 
     def write_correlations(
         self, write: Iterable[tuple[Pending, int | None]], delete: Iterable[str]
     ) -> None:
-        if any(True for _ in write) or any(True for _ in delete):
-            raise StoreError("correlation is not supported on Redis yet")
+        k = self.keys
+        for record, due in write:
+            self._own.append(["COSET", k.correlation(record.key), _dumps(record.to_json())])
+            if due is None:
+                self._own.append(["ZREM", k.codue, record.key])
+            else:
+                self._own.append(["ZADD", k.codue, str(due), record.key])
+            self._own.append(["SADD" if record.parts else "SREM", k.coopen, record.key])
+        gone = sorted(set(delete))
+        self._own += [["DEL", k.correlation(name)] for name in gone]
+        self._own += _chunks("ZREM", k.codue, gone, 1) + _chunks("SREM", k.coopen, gone, 1)
 
     def input_times(self, topics: Iterable[str]) -> dict[TopicPartition, InputTime]:
-        return {}
-
-    def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
-        raise StoreError("correlation (its idle tick) is not supported on Redis yet")
+        """Read in one round trip and not WATCHed: every owner writes its partitions' progress
+        with each batch, and a stale read only lowers the watermark (windows close later,
+        never wrongly)."""
+        k = self.keys
+        times, claimed = self._store.scripts.call(
+            self._pipe, "read", [k.times, k.epochs], "hgetall"
+        )
+        stored = dict(zip(times[::2], times[1::2], strict=True))
+        return stored_input_times(stored, claimed[::2], set(topics))
 
     def write_input_times(self, times: Mapping[TopicPartition, InputTime]) -> None:
-        if times:
-            raise StoreError("correlation is not supported on Redis yet")
+        """Written by the script after its fence check; a stored high never goes back."""
+        for (topic, part), t in sorted(times.items()):
+            self._own.append(["COTIME", self.keys.times, _tp(topic, part), input_time_text(t)])
+
+    def write_outbox(
+        self,
+        messages: Sequence[Any],
+        held: bool = False,
+        prune_held_before: int | None = None,
+    ) -> int:
+        """The outbox is PostgreSQL-only for now; the config refuses it on Redis first."""
+        raise StoreError(
+            "correlation.outbox is not supported on Redis yet: use store: postgres for this"
+            " projection, or leave correlation.outbox out"
+        )
 
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None:
         raw = self.read("hget", [self.keys.dl], [str(letter_id)])[0]
@@ -603,7 +693,8 @@ class RedisBatch:
             verdict = self._store.apply(self._pipe, self._fence, ops)
         except redis.exceptions.WatchError:
             raise TransientStoreError(
-                "another instance changed one of the batch's streams; planning it again"
+                "another instance changed what the batch read (a stream, a correlation record,"
+                " a view); planning it again"
             ) from None
         if verdict[0] == "fenced":
             raise Fenced([_untp(f) for f in verdict[1:]])
@@ -864,7 +955,15 @@ class RedisStore:
         return self._figures(projection)[4]
 
     def correlation_figures(self, projection: str, topics: Sequence[str]) -> tuple[int, int | None]:
-        return 0, None  # no correlation on Redis yet
+        """Correlations with open parts (``coopen``), and the lowest stored event-time high of
+        ``topics``' claimed partitions (``None`` while one has none and is not caught up)."""
+        k = self.keys(projection)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.scard(k.coopen)
+            pipe.hgetall(k.times)
+            pipe.hkeys(k.epochs)
+            count, times, claimed = pipe.execute()
+        return int(count), watermark(stored_input_times(times, claimed, set(topics)).values())
 
     def projection_figures(self, projections: Sequence[str], now: float) -> list[ProjectionFigures]:
         out = []

@@ -27,6 +27,7 @@ CORE_TABLES = {
     "documents",
     "gaps",
     "holding",
+    "outbox",
     "positions",
     "rebuilds",
     "schema_version",

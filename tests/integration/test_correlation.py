@@ -2,7 +2,11 @@
 STUDENT, COURSE and STUDENT_COURSE rows of one Debezium transaction, with the transaction
 topic's END record, become one business event, whatever the arrival order, across crashes
 and instances; windows close by the transaction's END counts, by expiry, or by an idle
-watermark driven by the daemon's injected clock."""
+watermark driven by the daemon's injected clock.
+
+The tests are a contract: they reach the store through the ``backend`` fixture (a
+:class:`Backend`, PostgreSQL here), and ``tests/integration/test_correlation_redis.py`` runs the
+same ones on Redis with a backend of its own."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from projector.core.message import RawMessage
 from projector.metrics import Metrics
 from projector.runner.daemon import Daemon
 from projector.runner.dead_letters import resolve
+from projector.store.base import Store
 from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration import business_log as module
@@ -187,8 +192,92 @@ def open_parts(pg_dsn: str) -> int:
     return int(count)
 
 
+LogRow = tuple[str, str, str, dict[str, Any]]  # business id, type, stream, data
+
+
+class Backend:
+    """The store a correlation test runs against, and how the test reads it back: its
+    projection (handlers in the store's flavour), its config, and projector's own state and
+    the test handlers' views in store-neutral shapes. This one is PostgreSQL."""
+
+    kind = "postgres"
+
+    def __init__(self, services: Services, pg_dsn: str) -> None:
+        self.services = services
+        self.pg_dsn = pg_dsn
+
+    def projection(
+        self, topic_of: dict[str, str], handlers: Sequence[str], **correlation: Any
+    ) -> dict[str, Any]:
+        """The school projection (:func:`projection`); ``handlers`` named as for PostgreSQL."""
+        return projection(topic_of, handlers, **correlation)
+
+    def config_dict(self, proj: dict[str, Any]) -> dict[str, Any]:
+        return config_dict(self.services, self.pg_dsn, [proj])
+
+    def make(self, proj: dict[str, Any]) -> Config:
+        config = parse_config(self.config_dict(proj), env={})
+        migrate_all(config)
+        return config
+
+    def process_config(self, tmp_path: Path, proj: dict[str, Any]) -> Path:
+        """A config file for ``projector run`` as a real process, PostgreSQL migrated."""
+        data = self.config_dict(proj)
+        path = write_config(tmp_path / "config.yaml", data)
+        migrate_all(parse_config(data, env={}))
+        return path
+
+    def store(self) -> Store:
+        """A store connection of the test's own (the caller closes it)."""
+        return PostgresStore(self.pg_dsn)
+
+    def business_log(self) -> list[LogRow]:
+        """Every business event ``tests.integration.business_log`` applied, once per time."""
+        return [(i, t, s, d) for i, t, s, d in business_log(self.pg_dsn)]
+
+    def history(self) -> list[tuple[str, str]]:
+        """``handlers.school_history``'s rows: (business id, type), sorted."""
+        return [
+            (i, t)
+            for i, t in rows(
+                self.pg_dsn, "select business_id, type from school.enrolment_history order by 1"
+            )
+        ]
+
+    def open_parts(self) -> int:
+        """Correlation records with open parts."""
+        return open_parts(self.pg_dsn)
+
+    def consumed(self) -> int:
+        """The sum of the checkpoints (messages read, every partition starting at 0)."""
+        return consumed(self.pg_dsn)
+
+    def owners(self, writing: bool = False) -> int:
+        """How many instances own partitions (``writing``: partitions they moved past 0)."""
+        where = " where next_offset > 0" if writing else ""
+        [(count,)] = rows(
+            self.pg_dsn, f"select count(distinct owner) from projector.checkpoints{where}"
+        )
+        return int(count)
+
+    def dead_letters(self) -> list[tuple[int, str, str | None, str]]:
+        """(id, kind, event type, status) of every dead letter, by id."""
+        return [
+            (int(i), k, t, s)
+            for i, k, t, s in rows(
+                self.pg_dsn,
+                "select id, kind, event->>'type', status from projector.dead_letters order by id",
+            )
+        ]
+
+
+@pytest.fixture
+def backend(services: Services, pg_dsn: str) -> Backend:
+    return Backend(services, pg_dsn)
+
+
 def test_three_parts_in_all_six_orders_make_one_enroll_each(
-    services: Services, pg_dsn: str, topics: dict[str, str]
+    backend: Backend, topics: dict[str, str]
 ) -> None:
     """Proves order independence across the three table topics: six transactions, each
     enrolling a new student in a new course, whose parts are published in the six orders of
@@ -206,7 +295,7 @@ def test_three_parts_in_all_six_orders_make_one_enroll_each(
     # parts on one partition, out of commit order: lateness allows for it, so windows close
     # by their END record's counts only.
     handlers = ["handlers.school_history", "tests.integration.business_log"]
-    config = make(services, pg_dsn, projection(topics, handlers, lateness="1h"))
+    config = backend.make(backend.projection(topics, handlers, lateness="1h"))
     orders = list(itertools.permutations(TABLES))
     for stage in range(3):
         messages = [
@@ -214,12 +303,12 @@ def test_three_parts_in_all_six_orders_make_one_enroll_each(
             for tx, order in zip(txs, orders, strict=True)
         ]
         messages += [end_message(topics, tx) for i, tx in enumerate(txs) if i % 3 == stage]
-        send(services, messages)
+        send(backend.services, messages)
         metrics = run_burst(config, clock)
         if stage < 2:
-            assert business_log(pg_dsn) == []
-            assert open_parts(pg_dsn) == 6
-    logged = business_log(pg_dsn)
+            assert backend.business_log() == []
+            assert backend.open_parts() == 6
+    logged = backend.business_log()
     assert sorted((i, t) for i, t, _, _ in logged) == sorted(expected_enroll(tx) for tx in txs)
     for tx in txs:
         [(data,)] = [(d,) for i, _, _, d in logged if i == expected_enroll(tx)[0]]
@@ -227,16 +316,15 @@ def test_three_parts_in_all_six_orders_make_one_enroll_each(
         course = after(tx, "course")
         assert (data["student"], data["course"], data["lookup"]) == (student, course, {})
     assert counter(metrics, "correlations_closed", reason="complete") == 6
-    assert open_parts(pg_dsn) == 0
-    history = rows(pg_dsn, "select business_id, type from school.enrolment_history order by 1")
-    assert history == sorted(expected_enroll(tx) for tx in txs)
+    assert backend.open_parts() == 0
+    assert backend.history() == sorted(expected_enroll(tx) for tx in txs)
 
-    send(services, [change_message(topics, c) for tx in txs for c in tx.changes])
-    send(services, [end_message(topics, tx) for tx in txs])
+    send(backend.services, [change_message(topics, c) for tx in txs for c in tx.changes])
+    send(backend.services, [end_message(topics, tx) for tx in txs])
     metrics = run_burst(config, clock)
-    assert len(business_log(pg_dsn)) == 6
+    assert len(backend.business_log()) == 6
     assert counter(metrics, "correlation_duplicates") == 24
-    assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
+    assert backend.dead_letters() == []
 
 
 def retimed(tx: Transaction, ts_ms: int, only: str | None = None) -> Transaction:
@@ -252,7 +340,7 @@ def retimed(tx: Transaction, ts_ms: int, only: str | None = None) -> Transaction
 
 
 def test_parts_outside_the_window_make_partial_events(
-    services: Services, pg_dsn: str, topics: dict[str, str]
+    backend: Backend, topics: dict[str, str]
 ) -> None:
     """Proves windows in event time with a field-path key and no transaction metadata
     (``key: data.student_id``, the STUDENT part keyed by ``data.id``; complete when both
@@ -265,7 +353,7 @@ def test_parts_outside_the_window_make_partial_events(
     t = tx_ms(b)
     a = retimed(retimed(a, t - 2_000), t, only="student_course")
     b = retimed(b, t + 20_000, only="student_course")
-    proj = projection(
+    proj = backend.projection(
         topics,
         ["tests.integration.business_log"],
         topics=[topics["student"], topics["student_course"]],
@@ -276,11 +364,11 @@ def test_parts_outside_the_window_make_partial_events(
             "student_course": "public.student_course",
         },
     )
-    config = make(services, pg_dsn, proj)
-    send(services, [change_message(topics, c) for tx in (a, b) for c in tx.changes])
+    config = backend.make(proj)
+    send(backend.services, [change_message(topics, c) for tx in (a, b) for c in tx.changes])
     clock = Clock(t / 1000)
     metrics = run_burst(config, clock)
-    [(_, kind, stream, data)] = business_log(pg_dsn)
+    [(first, kind, stream, data)] = backend.business_log()
     a_student = next(c.key["id"] for c in a.changes if c.table == "student")
     assert (kind, stream, data["student"]["id"]) == ("enroll", f"student:{a_student}", a_student)
     assert counter(metrics, "correlations_closed", reason="complete") == 1
@@ -289,16 +377,16 @@ def test_parts_outside_the_window_make_partial_events(
     metrics = run_burst(config, clock)
     b_student = next(c.key["id"] for c in b.changes if c.table == "student")
     partial = sorted(
-        (k, d.get("student_id"), d["student"] is None) for _, k, _, d in business_log(pg_dsn)[1:]
+        (k, d.get("student_id"), d["student"] is None)
+        for i, k, _, d in backend.business_log()
+        if i != first
     )
     assert partial == [("enroll", b_student, True), ("update", None, False)]
     assert counter(metrics, "correlations_closed", reason="expired") == 2
-    assert open_parts(pg_dsn) == 0
+    assert backend.open_parts() == 0
 
 
-def test_a_lone_part_closes_by_the_idle_watermark(
-    services: Services, pg_dsn: str, topics: dict[str, str]
-) -> None:
+def test_a_lone_part_closes_by_the_idle_watermark(backend: Backend, topics: dict[str, str]) -> None:
     """Proves idleness, with the injected clock and no real waiting: a transaction whose END
     record counts three changes, of which only the STUDENT one arrives. With every partition
     caught up, the watermark follows the clock at ``now - idle_after``; the window (10 s) stays
@@ -307,35 +395,39 @@ def test_a_lone_part_closes_by_the_idle_watermark(
     (no message to read), in the daemon's burst run."""
     [tx] = enrolments(school_log(random.Random(5), changes=200), 1)
     t = tx_ms(tx)
-    config = make(services, pg_dsn, projection(topics, ["tests.integration.business_log"]))
+    config = backend.make(backend.projection(topics, ["tests.integration.business_log"]))
     student = next(c for c in tx.changes if c.table == "student")
-    send(services, [change_message(topics, student), end_message(topics, tx)])
+    send(backend.services, [change_message(topics, student), end_message(topics, tx)])
     clock = Clock(t / 1000)
     for seconds in (0, 39):
         clock.now = (t + seconds * 1000) / 1000
         run_burst(config, clock)
-        assert business_log(pg_dsn) == []
-        assert open_parts(pg_dsn) == 1
+        assert backend.business_log() == []
+        assert backend.open_parts() == 1
     # The gauges, as a scrape reads them from the store: one open correlation, and the
     # watermark (every input caught up: the idle floor, 39 - 30 s after the commit) 30 s
     # behind the clock.
-    assert gauges(pg_dsn, topics, clock) == {
+    assert store_gauges(backend.store(), topics, clock) == {
         "projector_correlations_open": 1.0,
         "projector_correlation_watermark_lag_seconds": 30.0,
     }
     clock.now = (t + 40_000) / 1000
     metrics = run_burst(config, clock)
-    [(_, kind, _, data)] = business_log(pg_dsn)
+    [(_, kind, _, data)] = backend.business_log()
     assert (kind, data["student"]) == ("update", after(tx, "student"))
     assert counter(metrics, "correlations_closed", reason="expired") == 1
     assert counter(metrics, "correlation_missing") == 2
     assert counter(metrics, "business_events") == 1
-    assert open_parts(pg_dsn) == 0
+    assert backend.open_parts() == 0
 
 
 def gauges(pg_dsn: str, topics: dict[str, str], clock: Clock) -> dict[str, float]:
-    """The correlation gauges of a fresh registry whose source is the test's store."""
-    store = PostgresStore(pg_dsn)
+    """The correlation gauges of a fresh registry whose source is the test's database."""
+    return store_gauges(PostgresStore(pg_dsn), topics, clock)
+
+
+def store_gauges(store: Store, topics: dict[str, str], clock: Clock) -> dict[str, float]:
+    """The correlation gauges of a fresh registry whose source is ``store`` (closed here)."""
     metrics = Metrics()
     metrics.correlation_figures.clock = clock
     names = list(topics.values())
@@ -374,7 +466,7 @@ def consumed(pg_dsn: str) -> int:
 
 
 def test_kill_9_while_a_window_is_open_then_restart_closes_it_once(
-    services: Services, pg_dsn: str, topics: dict[str, str], tmp_path: Path
+    backend: Backend, topics: dict[str, str], tmp_path: Path
 ) -> None:
     """Proves an open correlation survives crashes and closes once. A real daemon process
     reads two of a transaction's three parts and its END record, stores the open window, and
@@ -385,39 +477,41 @@ def test_kill_9_while_a_window_is_open_then_restart_closes_it_once(
     now = int(time.time() * 1000)
     [tx] = enrolments(school_log(random.Random(9), changes=200), 1)
     tx = retimed(tx, now)
-    proj = projection(topics, ["tests.integration.business_log"], window="60s", idle_after="1h")
-    path = process_config(services, pg_dsn, tmp_path, proj)
+    proj = backend.projection(
+        topics, ["tests.integration.business_log"], window="60s", idle_after="1h"
+    )
+    path = backend.process_config(tmp_path, proj)
     first = [c for c in tx.changes if c.table != "student_course"]
-    send(services, [*(change_message(topics, c) for c in first), end_message(topics, tx)])
+    send(backend.services, [*(change_message(topics, c) for c in first), end_message(topics, tx)])
     proc = daemon_process(path)
     try:
-        poll_until(lambda: consumed(pg_dsn) == 3, "the first parts to be read")
-        poll_until(lambda: open_parts(pg_dsn) == 1, "the open window to be stored")
+        poll_until(lambda: backend.consumed() == 3, "the first parts to be read")
+        poll_until(lambda: backend.open_parts() == 1, "the open window to be stored")
     finally:
         proc.kill()
         proc.wait(30)
     last = next(c for c in tx.changes if c.table == "student_course")
-    send(services, [change_message(topics, last)])
+    send(backend.services, [change_message(topics, last)])
     crashing = daemon_process(
         path, env={"PROJECTOR_CRASH_AT": "before-commit", "PROJECTOR_CRASH_AFTER": "1"}
     )
     assert crashing.wait(60) == -9
-    assert business_log(pg_dsn) == [] and open_parts(pg_dsn) == 1
+    assert backend.business_log() == [] and backend.open_parts() == 1
     proc = daemon_process(path)
     try:
-        poll_until(lambda: len(business_log(pg_dsn)) == 1, "the window to close")
-        send(services, [change_message(topics, c) for c in tx.changes])
-        poll_until(lambda: consumed(pg_dsn) == 7, "the re-deliveries to be read")
+        poll_until(lambda: len(backend.business_log()) == 1, "the window to close")
+        send(backend.services, [change_message(topics, c) for c in tx.changes])
+        poll_until(lambda: backend.consumed() == 7, "the re-deliveries to be read")
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
-    [(business, kind, _, _)] = business_log(pg_dsn)
+    [(business, kind, _, _)] = backend.business_log()
     assert (business, kind) == expected_enroll(tx)
-    assert open_parts(pg_dsn) == 0
+    assert backend.open_parts() == 0
 
 
 def test_two_instances_close_every_transaction_once(
-    services: Services, pg_dsn: str, topics: dict[str, str], tmp_path: Path
+    backend: Backend, topics: dict[str, str], tmp_path: Path
 ) -> None:
     """Proves correlation across instances: two daemon processes in one group share the
     partitions (one of each topic's two), so one transaction's parts are read by both; they
@@ -427,30 +521,26 @@ def test_two_instances_close_every_transaction_once(
     each transaction's changes, each exactly once, and no correlation is left open."""
     now = int(time.time() * 1000)
     log = [retimed(tx, now + i) for i, tx in enumerate(school_log(random.Random(4), changes=150))]
-    proj = projection(topics, ["tests.integration.business_log"], window="60s", idle_after="1h")
-    path = process_config(services, pg_dsn, tmp_path, proj)
+    proj = backend.projection(
+        topics, ["tests.integration.business_log"], window="60s", idle_after="1h"
+    )
+    path = backend.process_config(tmp_path, proj)
     procs = [daemon_process(path, log=tmp_path / f"instance{i}.log") for i in range(2)]
     try:
-        poll_until(
-            lambda: (
-                rows(pg_dsn, "select count(distinct owner) from projector.checkpoints") == [(2,)]
-            ),
-            "both instances to own partitions",
-        )
+        poll_until(lambda: backend.owners() == 2, "both instances to own partitions")
         messages = [change_message(topics, c) for tx in log for c in tx.changes]
-        send(services, [*messages, *(end_message(topics, tx) for tx in log)])
+        send(backend.services, [*messages, *(end_message(topics, tx) for tx in log)])
         expected = sorted(expected_business(log))
-        poll_until(lambda: len(business_log(pg_dsn)) >= len(expected), "every business event")
-        poll_until(lambda: open_parts(pg_dsn) == 0, "every window to close")
-        written = "select count(distinct owner) from projector.checkpoints where next_offset > 0"
-        assert rows(pg_dsn, written) == [(2,)]  # both instances applied batches
+        poll_until(lambda: len(backend.business_log()) >= len(expected), "every business event")
+        poll_until(lambda: backend.open_parts() == 0, "every window to close")
+        assert backend.owners(writing=True) == 2  # both instances applied batches
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             assert proc.wait(30) == 0
-    assert sorted((i, k) for i, k, _, _ in business_log(pg_dsn)) == expected
-    assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
+    assert sorted((i, k) for i, k, _, _ in backend.business_log()) == expected
+    assert backend.dead_letters() == []
 
 
 def expected_business(log: Sequence[Transaction]) -> list[tuple[str, str]]:
@@ -473,7 +563,7 @@ def expected_business(log: Sequence[Transaction]) -> list[tuple[str, str]]:
 
 
 def test_rule_and_business_handler_failures_are_dead_letters_and_retry(
-    services: Services, pg_dsn: str, topics: dict[str, str]
+    backend: Backend, topics: dict[str, str]
 ) -> None:
     """Proves the dead-letter behaviour of the correlation step: of three enrolment
     transactions, the rule raises on the first (a ``correlation_rule`` dead letter holding its
@@ -482,12 +572,12 @@ def test_rule_and_business_handler_failures_are_dead_letters_and_retry(
     ``dead-letters retry`` names the first again and applies both, with the ids a first
     success would have had."""
     txs = enrolments(school_log(random.Random(3), changes=300), 3)
-    proj = projection(topics, ["tests.integration.business_log"])
+    proj = backend.projection(topics, ["tests.integration.business_log"])
     proj["correlation"]["rule"] = "tests.integration.business_log:rule"
-    config = make(services, pg_dsn, proj)
+    config = backend.make(proj)
     sid = [next(c.key["id"] for c in tx.changes if c.table == "student") for tx in txs]
-    send(services, [change_message(topics, c) for tx in txs for c in tx.changes])
-    send(services, [end_message(topics, tx) for tx in txs])
+    send(backend.services, [change_message(topics, c) for tx in txs for c in tx.changes])
+    send(backend.services, [end_message(topics, tx) for tx in txs])
     module.FAIL_RULE_FOR.add(sid[0])
     module.FAIL_HANDLER_FOR.add(sid[1])
     try:
@@ -495,29 +585,25 @@ def test_rule_and_business_handler_failures_are_dead_letters_and_retry(
     finally:
         module.FAIL_RULE_FOR.clear()
         module.FAIL_HANDLER_FOR.clear()
-    assert [i for i, *_ in business_log(pg_dsn)] == [expected_enroll(txs[2])[0]]
-    letters = rows(
-        pg_dsn, "select id, kind, event->>'type' from projector.dead_letters order by id"
-    )
-    assert sorted((k, t) for _, k, t in letters) == [
+    assert [i for i, *_ in backend.business_log()] == [expected_enroll(txs[2])[0]]
+    letters = backend.dead_letters()
+    assert sorted((k, t) for _, k, t, _ in letters) == [
         ("correlation_rule", "correlation.parts"),
         ("handler", "enroll"),
     ]
     assert counter(metrics, "correlations_closed", reason="complete") == 3
-    assert open_parts(pg_dsn) == 0
+    assert backend.open_parts() == 0
 
     outcomes = resolve(config, "school", [i for i, *_ in letters], "retry", time.time)
     assert [o.status for o in outcomes] == ["retried", "retried"]
-    assert sorted(i for i, *_ in business_log(pg_dsn)) == sorted(
+    assert sorted(i for i, *_ in backend.business_log()) == sorted(
         expected_enroll(tx)[0] for tx in txs
     )
-    assert rows(pg_dsn, "select count(*) from projector.dead_letters where status = 'open'") == [
-        (0,)
-    ]
+    assert [s for *_, s in backend.dead_letters()] == ["retried", "retried"]
 
 
 def test_a_shuffled_and_redelivered_school_log_names_the_rules_events_once(
-    services: Services, pg_dsn: str, topics: dict[str, str]
+    backend: Backend, topics: dict[str, str]
 ) -> None:
     """Proves the whole pipeline on a school log (enrolments, moves, updates, deletions) whose
     topics are each shuffled, with a fifth of the messages delivered twice and older ones
@@ -535,9 +621,9 @@ def test_a_shuffled_and_redelivered_school_log_names_the_rules_events_once(
         change_message(topics, c) for t in TABLES for c in redelivered(rng, per_table[t], 0.2)
     ]
     ends = [end_message(topics, tx) for tx in log]
-    send(services, [*messages, *rng.sample(ends, len(ends)), *ends[: len(ends) // 5]])
-    proj = projection(topics, ["tests.integration.business_log"], lateness="1h")
-    run_burst(make(services, pg_dsn, proj), Clock(tx_ms(log[0]) / 1000))
-    assert sorted((i, k) for i, k, _, _ in business_log(pg_dsn)) == sorted(expected_business(log))
-    assert open_parts(pg_dsn) == 0
-    assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
+    send(backend.services, [*messages, *rng.sample(ends, len(ends)), *ends[: len(ends) // 5]])
+    proj = backend.projection(topics, ["tests.integration.business_log"], lateness="1h")
+    run_burst(backend.make(proj), Clock(tx_ms(log[0]) / 1000))
+    assert sorted((i, k) for i, k, _, _ in backend.business_log()) == sorted(expected_business(log))
+    assert backend.open_parts() == 0
+    assert backend.dead_letters() == []

@@ -35,6 +35,7 @@ CORE_TABLES = [
     "documents",
     "gaps",
     "holding",
+    "outbox",
     "positions",
     "rebuilds",
     "schema_version",

@@ -19,6 +19,7 @@ from projector.config import (
     KafkaConfig,
     LogConfig,
     MetricsConfig,
+    OutboxConfig,
     PostgresConfig,
     ProjectionConfig,
     RedisConfig,
@@ -227,6 +228,7 @@ def test_example_config_documents_every_key() -> None:
     [school] = [p for p in raw["projections"] if p["name"] == "school"]
     assert set(school["correlation"]) == keys(CorrelationConfig)
     assert set(school["correlation"]["parts"]["student_course"]) == keys(CorrelationPartConfig)
+    assert set(school["correlation"]["outbox"]) == keys(OutboxConfig)
 
 
 # --- ${VAR} interpolation ---------------------------------------------------------------------
@@ -1022,7 +1024,14 @@ def test_transaction_metadata_is_off_without_a_transaction_topic() -> None:
             {"transaction_metadata": False, "complete_when": ["nobody"]},
             "correlation.complete_when names parts not in correlation.parts: ['nobody']",
         ),
-        ({"outbox": {"topic": "school.business"}}, "correlation.outbox is not supported yet"),
+        (
+            {"outbox": {"topic": "s.public.student"}},
+            "correlation.outbox.topic must not be one of the projection's topics",
+        ),
+        ({"outbox": {}}, "projections[0].correlation.outbox.topic"),
+        ({"outbox": {"topic": "b", "key": "tx"}}, "projections[0].correlation.outbox.key"),
+        ({"outbox": {"topic": "b", "max_batch": 0}}, "projections[0].correlation.outbox.max_batch"),
+        ({"outbox": {"topic": "b", "retention": "a week"}}, "correlation.outbox.retention"),
         ({"lateness": "-1s"}, "projections[0].correlation.lateness"),
     ],
 )
@@ -1032,17 +1041,19 @@ def test_correlation_problems_name_the_key(correlation: dict[str, Any], message:
     assert message in error_of(config_with(school(**correlation)))
 
 
-def test_correlation_is_refused_on_redis_and_in_sequence_mode() -> None:
-    """Proves what slice 2 does not support is refused at start with a clear message: a
-    correlation on a Redis projection, or in sequence mode."""
+def test_correlation_is_accepted_on_redis_and_refused_in_sequence_mode() -> None:
+    """Proves a correlation on a Redis projection is accepted since slice 4 (docs/correlation.md
+    section 11), while sequence mode, which the step does not support, is still refused at
+    start with a clear message."""
 
     def on_redis(d: dict[str, Any]) -> None:
         school()(d)
         with_redis(d)
         first(d)["store"] = "redis"
-        first(d)["handlers"] = ["handlers.profiles_redis"]
+        first(d)["handlers"] = ["handlers.profiles_redis", "handlers.school_history_redis"]
 
-    assert "correlation is not supported on Redis yet" in error_of(config_with(on_redis))
+    projection = parse_config(config_with(on_redis), env={}).projections[0]
+    assert (projection.store, projection.correlation is not None) == ("redis", True)
 
     def in_sequence(d: dict[str, Any]) -> None:
         school()(d)
@@ -1085,4 +1096,58 @@ def test_correlation_rule_and_business_handler_are_checked_at_load() -> None:
 
     nowhere = parse_config(config_with(only_rows), env={})
     with pytest.raises(ValueError, match="business events would reach nothing"):
+        load_handlers(nowhere.projections[0])
+
+
+# --- the outbox (docs/correlation.md, section 7) ---------------------------------------------
+
+
+def test_outbox_section_parses_with_its_defaults() -> None:
+    """Proves ``correlation.outbox``: only ``topic`` is required; the key defaults to the
+    business event's stream, published rows are kept 7 days, 500 rows a round."""
+    config = parse_config(config_with(school(outbox={"topic": "school.business"})), env={})
+    outbox = config.projections[0].correlation.outbox  # type: ignore[union-attr]
+    assert outbox is not None
+    assert (outbox.topic, outbox.key, outbox.retention, outbox.max_batch) == (
+        "school.business",
+        "stream",
+        7 * 86400.0,
+        500,
+    )
+    custom = {"topic": "b", "key": "id", "retention": "1d", "max_batch": 50}
+    config = parse_config(config_with(school(outbox=custom)), env={})
+    outbox = config.projections[0].correlation.outbox  # type: ignore[union-attr]
+    assert outbox is not None
+    assert (outbox.key, outbox.retention, outbox.max_batch) == ("id", 86400.0, 50)
+
+
+def test_outbox_is_refused_on_redis_naming_the_key() -> None:
+    """Proves a Redis projection's outbox is refused at start with a message naming
+    ``correlation.outbox`` (the Redis outbox is a later slice)."""
+
+    def on_redis(d: dict[str, Any]) -> None:
+        school(outbox={"topic": "school.business"})(d)
+        with_redis(d)
+        first(d)["store"] = "redis"
+        first(d)["handlers"] = ["handlers.profiles_redis"]
+
+    assert "correlation.outbox is not supported on Redis yet" in error_of(config_with(on_redis))
+
+
+def test_an_outbox_topic_is_somewhere_for_business_events_to_go() -> None:
+    """Proves the load-time check "business events would reach nothing" accepts an outbox
+    topic instead of a ``handle_business`` handler, and still names both ways out without
+    either."""
+
+    def rows_only(outbox: dict[str, Any] | None) -> Callable[[dict[str, Any]], None]:
+        def change(d: dict[str, Any]) -> None:
+            school(outbox=outbox)(d)
+            first(d)["handlers"] = ["handlers.school"]
+
+        return change
+
+    published = parse_config(config_with(rows_only({"topic": "school.business"})), env={})
+    load_handlers(published.projections[0])
+    nowhere = parse_config(config_with(rows_only(None)), env={})
+    with pytest.raises(ValueError, match=r"or set correlation\.outbox\.topic"):
         load_handlers(nowhere.projections[0])

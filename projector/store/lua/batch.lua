@@ -3,6 +3,10 @@
 -- ARGV[1]: "commit" (check, then write) or "check" (only check: a dry run of the writes).
 -- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset, starts, start, paused}...},
 --                ops = {{COMMAND, key, arg...}...}, own = number of projector's own ops first}
+-- A fence entry with an empty offset holds the partition without moving its checkpoint (a
+-- correlation's idle tick). Besides Redis commands, ops may be projector's own DLADD (a
+-- dead letter), COSET (SET of a correlation record: a string, checked like the rest) and
+-- COTIME (a partition's correlation input progress, whose high never goes back).
 -- Returns {"ok"}, {"fenced", field...}, {"paused"} (a rebuild is swapping in: wait), or
 -- {"badwrite", op index (1-based), reason}.
 -- Redis does not roll a script back when a command fails half-way, so everything that could
@@ -27,7 +31,7 @@ local KIND = {
   HSET = "hash", HDEL = "hash", HINCRBY = "hash", HINCRBYFLOAT = "hash",
   SADD = "set", SREM = "set",
   ZADD = "zset", ZREM = "zset", ZINCRBY = "zset",
-  DLADD = "hash",
+  DLADD = "hash", COSET = "string", COTIME = "hash",
 }
 local LIMIT = 9.2e18 -- INCRBY past a signed 64-bit integer fails; stay clear of it
 local MAX_PARTS = 7000 -- unpack() fails past about 8,000 values: the caller splits commands
@@ -120,6 +124,9 @@ local function check(op)
   end
   if REMOVE[cmd] and have == "none" then return nil end -- removing from nothing leaves nothing
   types[key] = want
+  if cmd == "COTIME" and not string.match(tostring(op[4]), "^%-?%d*,[01]$") then
+    return "COTIME on " .. key .. " needs <high>,<0|1>, not " .. tostring(op[4])
+  end
   if cmd == "INCRBY" then return add(key, nil, op[3], true) end
   if cmd == "INCRBYFLOAT" then return add(key, nil, op[3], false) end
   if cmd == "HINCRBY" then return add(key, op[3], op[4], true) end
@@ -142,14 +149,31 @@ for _, f in ipairs(batch.fence) do
   local current = redis.call("HGET", f[2], f[3])
   -- The first batch ever of a partition records where its history starts.
   if not current and f[7] ~= "" then redis.call("HSETNX", f[6], f[3], f[7]) end
-  if tonumber(f[5]) > tonumber(current or "-1") then redis.call("HSET", f[2], f[3], f[5]) end
+  if f[5] ~= "" and tonumber(f[5]) > tonumber(current or "-1") then
+    redis.call("HSET", f[2], f[3], f[5])
+  end
 end
+
+-- {COTIME, times hash, field, "<high>,<caught up 0|1>"} (high empty for none): stored so,
+-- but with the higher of the stored and the new high.
+local function set_time(op)
+  local high, caught_up = string.match(op[4], "^(%-?%d*),([01])$")
+  local stored = redis.call("HGET", op[2], op[3])
+  local before = stored and string.match(stored, "^(%-?%d+),")
+  if before and (high == "" or tonumber(before) > tonumber(high)) then high = before end
+  redis.call("HSET", op[2], op[3], high .. "," .. caught_up)
+end
+
 for _, op in ipairs(batch.ops) do
   if op[1] == "DLADD" then
     -- {DLADD, letters hash, id counter, open set, record JSON}: a new dead letter, numbered here
     local id = redis.call("INCR", op[3])
     redis.call("HSET", op[2], id, op[5])
     redis.call("SADD", op[4], id)
+  elseif op[1] == "COSET" then
+    redis.call("SET", op[2], op[3])
+  elseif op[1] == "COTIME" then
+    set_time(op)
   else
     redis.call(unpack(op))
   end
