@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from projector.cdc_scenario import school_log
 from projector.config import parse_config
 from tests.conftest import ROOT, Services
 from tests.integration.gaps_harness import FakeClock, running_daemon, wait_until
@@ -36,8 +38,16 @@ from tests.integration.harness import (
     rows,
     write_config,
 )
+from tests.integration.test_correlation import (
+    TABLES,
+    change_message,
+    end_message,
+    enrolments,
+    send,
+)
+from tests.integration.test_correlation import projection as school_projection
 from tests.integration.test_gaps import split_log
-from tests.integration.test_ops import get, ops_config, value
+from tests.integration.test_ops import get, value
 
 pytestmark = pytest.mark.integration
 
@@ -167,15 +177,29 @@ def test_queries_name_metrics() -> None:
 def test_live_metrics_pass_promtool_and_cover_every_queried_metric(
     promtool: str, services: Services, pg_dsn: str, new_topic: Callable[..., str]
 ) -> None:
-    """Proves, against a real run (a gap whose replay is requested, a dead letter, lag), that
-    /metrics passes `promtool check metrics`, and that every metric named by a dashboard query
-    or an alert rule is one the daemon really exports (histograms by their _bucket/_sum/_count,
-    counters by _total)."""
+    """Proves, against a real run (a gap whose replay is requested, a dead letter, lag, and a
+    correlated projection with an outbox beside it), that /metrics passes `promtool check
+    metrics`, and that every metric named by a dashboard query or an alert rule is one the
+    daemon really exports (histograms by their _bucket/_sum/_count, counters by _total)."""
     _, delivered, _ = split_log(accounts=2, events=4, withheld_seqs={2})
     topic, requests = new_topic(partitions=2), new_topic()
     publish(services.kafka, topic, [*delivered, b"{not json"])
     replay = {"channel": "kafka", "topic": requests}
-    config = ops_config(services, pg_dsn, [topic], gap_timeout="30s", replay=replay)
+    accounts = projection("accounts", [topic], ["handlers.accounts"], gap_timeout="30s")
+    accounts["replay"] = replay
+    school_topics = {name: new_topic() for name in (*TABLES, "transaction")}
+    school = school_projection(
+        school_topics, ["handlers.school_history"], outbox={"topic": new_topic()}
+    )
+    (tx,) = enrolments(school_log(random.Random(5), changes=60), 1)  # one business event
+    send(
+        services,
+        [*(change_message(school_topics, c) for c in tx.changes), end_message(school_topics, tx)],
+    )
+    data = config_dict(services, pg_dsn, [accounts, school])
+    data["metrics"] = {"enabled": True, "port": 0, "stall_after": "1s"}
+    config = parse_config(data, env={})
+    migrate_all(config)
     wanted = set().union(*map(names_in, dashboard_queries() + alert_queries()))
     clock = FakeClock()
     with running_daemon(config, clock) as daemon:
