@@ -12,7 +12,7 @@ the Debezium change events of a school database's tables STUDENT, COURSE and STU
 and tombstones after deletes, and one student's unenrolment published before the enrolment;
 with Debezium's transaction topic, a correlation names one business event per transaction
 (``enroll``, ``change``, ``unenroll``, ``update``: ``handlers.school_correlation``), kept by
-``handlers.school_history``.
+``handlers.school_history`` and published through the outbox to a topic it reads back.
 Then it runs ``projector run --exit-when-caught-up``: the withheld events' gaps open, ``projector
 gaps list`` shows them asked for, and the reference responder (``projector replay-responder``)
 re-publishes them on the replay topic, which fills the gaps. It compares every row of every view
@@ -70,6 +70,7 @@ from projector import scenarios
 from projector.config import redact
 from projector.core.merge import DocState, Kind, Mark
 from projector.replay.responder import append_events, create_event_store
+from projector.runner.outbox import HEADER_ID
 from projector.scenarios import Row, Wire
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -388,6 +389,7 @@ CDC_BATCH = 25  # smaller batches: a row's changes mostly land in different ones
 
 SCHOOL_HISTORY = f"{SCHOOL}.enrolment_history"  # handlers.school_history's business events
 TX_TOPIC = "school.transaction"  # Debezium's transaction metadata topic (BEGIN/END records)
+BUSINESS_TOPIC = "school.business"  # where the outbox publishes the business events
 
 
 def cdc_topic(table: str) -> str:
@@ -414,6 +416,7 @@ def school_projection(s: Settings) -> dict[str, Any]:
             # Each topic is shuffled in full here, so a partition's event time goes back and
             # forth; an hour's lateness lets every window close by its END record's counts.
             "lateness": "1h",
+            "outbox": {"topic": s.topic(BUSINESS_TOPIC)},
         },
     }
 
@@ -1053,7 +1056,7 @@ def show_school(dsn: str, case: Unenrolment, views: Mapping[str, View]) -> bool:
     return show_unenrolment(dsn, case, enrolments) and ok
 
 
-def show_business(dsn: str, expected: Sequence[tuple[str, str]], case: Unenrolment) -> bool:
+def show_business(s: Settings, expected: Sequence[tuple[str, str]], case: Unenrolment) -> bool:
     """The seed's question answered: one business event per transaction, whatever the order
     its changes came in; compared by id and type with the rule applied to each transaction's
     changes, in commit order."""
@@ -1063,7 +1066,7 @@ def show_business(dsn: str, expected: Sequence[tuple[str, str]], case: Unenrolme
         f" handlers.school_correlation named what it did; handlers.school_history keeps them in"
         f" {SCHOOL_HISTORY}, keyed by the id derived from the transaction and its changes.\n"
     )
-    rows = fetch(dsn, SCHOOL_HISTORY)
+    rows = fetch(s.dsn, SCHOOL_HISTORY)
     counts: dict[str, list[int]] = {}
     for _, kind in expected:
         counts.setdefault(kind, [0, 0])[0] += 1
@@ -1077,17 +1080,67 @@ def show_business(dsn: str, expected: Sequence[tuple[str, str]], case: Unenrolme
     shown = [{k: r[k] for k in ("type", "course_id", "at")} for r in mine]
     console.print(table(f"{SCHOOL_HISTORY}, student {case.student_id}", shown))
     actual = sorted((r["business_id"], r["type"]) for r in rows)
-    ok = actual == sorted(expected)
+    ok = _verdict(SCHOOL_HISTORY, actual, expected)
+    return show_published(s, expected) and ok
+
+
+def _verdict(
+    where: str, actual: Sequence[tuple[str, str]], expected: Sequence[tuple[str, str]]
+) -> bool:
+    ok = sorted(actual) == sorted(expected)
     if ok:
-        console.print(f"[green]✓[/] {SCHOOL_HISTORY} equals its oracle, all {len(rows)} events")
+        console.print(f"[green]✓[/] {where} equals its oracle, all {len(actual)} events")
     else:
         missing = len(set(expected) - set(actual))
         extra = len(actual) - len(set(actual) & set(expected))
         console.print(
-            f"[red]✗ {SCHOOL_HISTORY} differs from its oracle: {missing} missing,"
-            f" {extra} unexpected[/]"
+            f"[red]✗ {where} differs from its oracle: {missing} missing, {extra} unexpected[/]"
         )
     return ok
+
+
+def show_published(s: Settings, expected: Sequence[tuple[str, str]]) -> bool:
+    """The outbox's side: each business event on the business topic, with its id in the
+    ``projector-event-id`` header (at least once: a consumer de-duplicates on it)."""
+    topic = s.topic(BUSINESS_TOPIC)
+    ids: dict[str, str] = {}
+    sent = 0
+    for value, event_id in read_topic(s.kafka, topic):
+        if event_id is not None:
+            ids[event_id] = json.loads(value)["type"]
+            sent += 1
+    console.print(
+        f"\nThe outbox: written in each batch's transaction, published by the daemon to {topic}"
+        f" with the id in the {HEADER_ID} header; {sent} messages, {len(ids)} distinct ids."
+    )
+    return _verdict(f"{topic}, de-duplicated by id,", list(ids.items()), expected)
+
+
+def read_topic(kafka: str, topic: str) -> list[tuple[bytes, str | None]]:
+    """Every message of ``topic`` (its value and its ``projector-event-id`` header), read from
+    the start to its end."""
+    ends = high_watermarks(kafka, [(topic, p) for p in range(PARTITIONS)])
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka,
+            "group.id": "projector-demo-reader",
+            "enable.auto.commit": False,
+        }
+    )
+    out: list[tuple[bytes, str | None]] = []
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+        deadline = time.monotonic() + 30
+        while len(out) < sum(ends.values()) and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                headers = message.headers() or []
+                pairs = headers.items() if isinstance(headers, dict) else headers
+                ids = [v for k, v in pairs if k == HEADER_ID and isinstance(v, bytes)]
+                out.append((message.value() or b"", ids[0].decode() if ids else None))
+    finally:
+        consumer.close()
+    return out
 
 
 def show_unenrolment(dsn: str, case: Unenrolment, view: View) -> bool:
@@ -1275,6 +1328,7 @@ def set_up(s: Settings, projections: Sequence[Projection]) -> Path:
         topics += [s.requests_topic, *(s.topic(p.replay_topic) for p in replayed)]
         forget_group(s.kafka, s.responder_group)
     topics += [*(s.topic(cdc_topic(t)) for t in cdc.TABLES), s.topic(TX_TOPIC)]
+    topics += [s.topic(BUSINESS_TOPIC)]
     recreate_topics(s.kafka, topics)
     console.print(f"topics       {', '.join(topics)}  ({PARTITIONS} partitions each)")
     deleted = clear_redis(s)
@@ -1583,7 +1637,7 @@ def show_results(
     ok = show_seed_case(s.dsn, case, views) and ok
     ok = show_redis_games(s, in_redis, case) and ok
     ok = show_school(s.dsn, unenrolment, school) and ok
-    ok = show_business(s.dsn, business, unenrolment) and ok
+    ok = show_business(s, business, unenrolment) and ok
     section("6. projector's own state")
     return show_state(s) and ok
 

@@ -119,6 +119,8 @@ def test_make_demo_ends_with_every_view_equal_to_its_oracle_and_runs_again(
             in_redis = rf"✓ {state} \({prefix}:s:games_redis:[\w:<>]+\): 0\n"
             assert re.search(in_redis, output), output
         assert "✓ correlations still open (projector.correlations): 0\n" in output, output
+        published = r"✓ \S+-school\.business, de-duplicated by id, equals its oracle"
+        assert re.search(published.replace(" ", r"\s+"), output), output
         assert re.search(r"✓ partitions read to their end: (\d+) of \1\n", output), output
         deleted = re.search(rf"keys {prefix}:\*\s+\((\d+) deleted\)", output)
         assert deleted, output
