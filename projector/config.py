@@ -350,11 +350,6 @@ class ProjectionConfig(_Strict):
         if c.outbox is None:
             return []
         problems: list[str] = []
-        if self.store == "redis":
-            problems.append(
-                "correlation.outbox is not supported on Redis yet: use store: postgres for"
-                " this projection, or leave correlation.outbox out"
-            )
         if c.outbox.topic in self.consumed_topics:
             problems.append(
                 f"correlation.outbox.topic must not be one of the projection's topics"

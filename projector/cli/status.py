@@ -26,7 +26,6 @@ from projector.core.event import Event
 from projector.runner.operations import ProjectionStatus, selected, status
 from projector.store.base import Store, StreamReport
 from projector.store.connect import StoreSet
-from projector.store.postgres import PostgresStore
 
 
 def _status_item(st: ProjectionStatus, now: float) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def _correlation_item(store: Store, proj: ProjectionConfig, now: float) -> dict[
         return None
     count, high = store.correlation_figures(proj.name, proj.correlation_topics)
     lag = None if high is None else max(0.0, now - high / 1000 + proj.correlation.lateness)
-    box = store.outbox_figures(proj.name) if isinstance(store, PostgresStore) else None
+    box = store.outbox_figures(proj.name) if proj.correlation.outbox is not None else None
     return {
         "open_correlations": count,
         "watermark_lag_s": None if lag is None else round(lag, 1),
@@ -209,7 +208,7 @@ def _correlation_record(store: Store, proj: ProjectionConfig, stream: str) -> di
     a correlation, its store can read records, and the key has one."""
     c = proj.correlation
     prefix = f"{proj.name if c is None or c.name is None else c.name}:"
-    if c is None or not stream.startswith(prefix) or not isinstance(store, PostgresStore):
+    if c is None or not stream.startswith(prefix):
         return None
     found = store.correlation_record(proj.name, stream.removeprefix(prefix))
     return None if found is None else _record_item(*found)

@@ -3,8 +3,9 @@ go to their Kafka topic, at least once, each with its stable id in a header.
 
 One publisher per projection at a time: each instance runs one (a thread of the daemon), and
 the one holding the store's publishing lock (PostgreSQL: a session advisory lock on its own
-connection) publishes while the others only try the lock again now and then; per-key order
-holds because one producer sends the rows in queue order. A round, in order:
+connection; Redis: a lease, ``SET NX PX``, renewed by each round's read) publishes while the
+others only try the lock again now and then; per-key order holds because one producer sends
+the rows in queue order. A round, in order:
 
 1. read the oldest ``max_batch`` pending rows;
 2. produce each with the idempotent producer (``enable.idempotence``, ``acks=all``): key the
@@ -41,6 +42,8 @@ from projector.store.connect import open_store
 from projector.store.errors import is_transient
 from projector.store.postgres import PostgresStore
 from projector.store.postgres_outbox import PgOutbox
+from projector.store.redis import RedisStore
+from projector.store.redis_outbox import RedisOutbox
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +77,15 @@ def producer_config(
 
 
 def open_outbox(config: Config, projection: ProjectionConfig) -> OutboxStore:
-    """A new connection to the projection's outbox (PostgreSQL only, as the config says)."""
+    """A new connection to the projection's outbox. On Redis the publishing lease's token is
+    the configured ``kafka.instance_id`` when there is one, so a restarted instance takes its
+    own lease back at once (two live instances with one id are fenced by Kafka anyway)."""
     store = open_store(config, projection)
+    if isinstance(store, RedisStore):
+        return RedisOutbox(store, projection.name, owner=config.kafka.instance_id)
     if not isinstance(store, PostgresStore):
         store.close()
-        raise ConfigError(
-            f"projection {projection.name!r}: correlation.outbox is not supported on Redis yet"
-        )
+        raise ConfigError(f"projection {projection.name!r}: this store has no outbox")
     return PgOutbox(store, projection.name)
 
 

@@ -6,8 +6,10 @@ live ones, then swap them in while the daemon keeps running.
 2. Build: read every partition from the beginning (assigned by hand, no consumer group) and
    apply it with the projection's own handlers into a shadow copy of its views, through the
    same batch appliers the daemon uses, under a state of its own (see
-   :mod:`projector.store.postgres_rebuild`). Its progress is stored with each batch, so an
-   interrupted rebuild (Ctrl-C, kill) resumes where it stopped.
+   :mod:`projector.store.postgres_rebuild` and :mod:`projector.store.redis_rebuild`). A
+   correlation runs under the live correlation name, with idle ticks once its partitions are
+   read to their end. Its progress is stored with each batch, so an interrupted rebuild
+   (Ctrl-C, kill) resumes where it stopped.
 3. Swap: once within a batch of the live projection, in one transaction: hold the live
    checkpoints, read up to them, swap views and state. The daemon goes on from the rebuilt
    state, neither missing nor repeating an event.
@@ -169,15 +171,6 @@ class Rebuilder:
         self.history = list(history)
         self.policies = policies or kafka_policies(config)
         self.projection: ProjectionConfig = config.projection(projection)
-        if self.projection.correlation is not None and self.projection.store != "postgres":
-            # Not on Redis yet: its rebuild store neither clears the rebuild's event-time
-            # progress (``s:<name>#rebuild:times``: a second rebuild would start from the first
-            # one's watermark) nor hands held business events over at the version flip.
-            raise ValueError(
-                f"projection {projection!r} has a correlation: rebuilding it is supported on"
-                " PostgreSQL only for now (on Redis the rebuild's correlation state is not"
-                " handed over at the swap yet)"
-            )
         self.progress = progress or Progress()
         self.clock = clock
         self.stop = stop or threading.Event()

@@ -253,6 +253,14 @@ class Store(Protocol):
         """Open correlations (records with open parts), and the lowest stored event-time high
         of ``topics``' partitions (``None``: one has none yet), for metrics."""
 
+    def correlation_record(self, projection: str, key: str) -> tuple[Pending, int | None] | None:
+        """One correlation key's stored record and its ``due`` (event time, ms), for
+        ``projector inspect``; ``None`` when the key has none."""
+
+    def outbox_figures(self, projection: str) -> tuple[int, float | None] | None:
+        """Business events waiting in the projection's outbox and the oldest one's age in
+        seconds (the store's clock), for ``projector status``; ``None``: no outbox here."""
+
     def projection_figures(
         self, projections: Sequence[str], now: float
     ) -> list[ProjectionFigures]: ...
@@ -282,8 +290,9 @@ class OutboxStore(Protocol):
     inside a batch transaction)."""
 
     def try_lock(self) -> bool:
-        """Become the projection's one publisher (held until ``unlock`` or the connection
-        ends); False while another holds it."""
+        """Become the projection's one publisher, until ``unlock`` or, if this publisher
+        dies, until the store frees it (PostgreSQL: its session ends; Redis: its lease
+        expires); False while another holds it."""
 
     def unlock(self) -> None: ...
 

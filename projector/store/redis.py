@@ -25,6 +25,9 @@ only an ``allkeys-*`` policy could evict live ones):
 - correlation (docs/correlation.md), at that version: ``co:<key>`` (a correlation record, the
   core's ``Pending`` as JSON), ``codue`` (sorted set: correlation key by due, event time ms)
   and ``coopen`` (set: the keys with open parts, for metrics);
+- the outbox (:mod:`projector.store.redis_outbox`), not versioned: ``s:<projection>:outbox``
+  (a stream, the queue), ``outbox:ids``, ``outbox:seq``, ``outbox:lock``; a rebuild's held
+  business events at its version: ``cohold``, ``coholdts``, ``coholdseq``;
 - ``v:<view_schema>:<version>:<key>``: the handlers' views; ``v:<view_schema>:active``: the
   version readers read.
 A rebuild builds the next version beside the live one (:mod:`projector.store.redis_rebuild`).
@@ -56,11 +59,13 @@ from projector.core.event import Event
 from projector.core.gaps import Gap
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules, StreamPosition
+from projector.store import redis_outbox
 from projector.store.base import (
     Claim,
     DeadLetterRow,
     Handler,
     HeldSeqs,
+    OutboxMessage,
     ProjectionFigures,
     StreamReport,
     TopicPartition,
@@ -616,15 +621,21 @@ class RedisBatch:
 
     def write_outbox(
         self,
-        messages: Sequence[Any],
+        messages: Sequence[OutboxMessage],
         held: bool = False,
         prune_held_before: int | None = None,
     ) -> int:
-        """The outbox is PostgreSQL-only for now; the config refuses it on Redis first."""
-        raise StoreError(
-            "correlation.outbox is not supported on Redis yet: use store: postgres for this"
-            " projection, or leave correlation.outbox out"
+        """Queued by the script after its fence and type checks (``OUTBOX``: only an id not
+        in ``outbox:ids`` is added to the queue); a rebuild's batch holds them at the version it
+        builds instead, after pruning (:mod:`projector.store.redis_outbox`). Returns how many
+        were handed to the script: which are new is only known when it runs."""
+        k = self.keys
+        owner = self.projection.removesuffix(REBUILD)
+        held = held or self.projection.endswith(REBUILD)
+        self._own += redis_outbox.batch_ops(
+            k.prefix, owner, k.base, messages, held, prune_held_before
         )
+        return len(messages)
 
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None:
         raw = self.read("hget", [self.keys.dl], [str(letter_id)])[0]
@@ -964,6 +975,20 @@ class RedisStore:
             pipe.hkeys(k.epochs)
             count, times, claimed = pipe.execute()
         return int(count), watermark(stored_input_times(times, claimed, set(topics)).values())
+
+    def correlation_record(self, projection: str, key: str) -> tuple[Pending, int | None] | None:
+        k = self.keys(projection)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(k.correlation(key))
+            pipe.zscore(k.codue, key)
+            raw, due = pipe.execute()
+        record = None if raw is None else Pending.from_json(json_codec.loads(raw))
+        return None if record is None else (record, None if due is None else int(due))
+
+    def outbox_figures(self, projection: str) -> tuple[int, float | None] | None:
+        """Entries waiting in the projection's outbox stream and the oldest one's age (Redis's
+        clock); an outbox never written to reads as empty."""
+        return redis_outbox.RedisOutbox(self, projection).figures()
 
     def projection_figures(self, projections: Sequence[str], now: float) -> list[ProjectionFigures]:
         out = []

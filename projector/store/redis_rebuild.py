@@ -11,8 +11,13 @@ the next version. The swap:
    rebuild die, so the daemon never waits on a dead rebuild);
 2. lets the caller read up to the live checkpoints, which no longer move;
 3. in one script: checks the pause still holds and the rebuild reached the live checkpoints,
-   moves the live checkpoints to the rebuilt ones (the epochs stay: no rebalance), flips both
-   pointers, forgets the rebuild and lifts the pause.
+   moves the live checkpoints to the rebuilt ones (the epochs stay: no rebalance) and, for a
+   correlation, each partition's event-time progress (``times``: the higher high, the live
+   ``caught_up``), flips both pointers, forgets the rebuild and lifts the pause.
+The correlation records (``co:<key>``, ``codue``, ``coopen``) are versioned like the rest of
+the state: the flip makes the rebuilt ones the live ones, and the live ones go with the old
+version. ``times`` sits beside the fence, not versioned: the rebuild's own is carried over by
+the swap and deleted by it, by ``abandon`` and by every start.
 A live batch planned on the old version before the flip fails its WATCH on the pointer and is
 planned again on the new one. The old version's keys are then deleted in the background.
 """
@@ -26,10 +31,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import redis
+
+from projector.store import redis_outbox
 from projector.store.base import LivePartition, NotCaughtUp, RebuildRunning, TopicPartition
 from projector.store.errors import StoreError
 from projector.store.migrate import ViewMigrations
-from projector.store.redis import REBUILD, RedisStore, reader_pointer, version_pointer
+from projector.store.redis import (
+    REBUILD,
+    Keys,
+    RedisStateCorrupt,
+    RedisStore,
+    reader_pointer,
+    version_pointer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +54,7 @@ OLD_VERSION_GRACE = 60.0  # the swapped-out version's keys expire this long afte
 
 _SWAP = """
 -- KEYS: paused, live offsets, rebuild offsets, live version, reader pointer, rebuild target,
---       rebuild epochs, rebuild owners, rebuild starts
+--       rebuild epochs, rebuild owners, rebuild starts, live times, rebuild times
 -- ARGV: the pause token, then the live projection's partition fields and their live
 --       checkpoints (the rebuild must have reached them), in pairs
 if redis.call("GET", KEYS[1]) ~= ARGV[1] then return {"unpaused"} end
@@ -49,15 +64,38 @@ for i = 2, #ARGV, 2 do
 end
 local target = redis.call("GET", KEYS[6])
 if not target then return {"nothing"} end
+-- A correlation's event-time progress ("<high>,<0|1>", high empty for none) moves with the
+-- checkpoints: the higher of the live and the rebuilt high (it never goes back), the live
+-- caught-up flag kept ("0" where the live run has none). Worked out before anything is
+-- written: Redis does not roll a script back.
+local function parse(text)
+  local high, caught_up = string.match(text, "^(%-?%d*),([01])$")
+  if high == "-" then return nil end
+  return high, caught_up
+end
+local times = {}
+for i = 2, #ARGV, 2 do
+  local rebuilt = redis.call("HGET", KEYS[11], ARGV[i])
+  if rebuilt then
+    local high = parse(rebuilt)
+    local live_high, caught_up = parse(redis.call("HGET", KEYS[10], ARGV[i]) or ",0")
+    if not high or not live_high then return {"damaged", ARGV[i]} end
+    if high == "" or (live_high ~= "" and tonumber(live_high) > tonumber(high)) then
+      high = live_high
+    end
+    times[#times + 1] = {ARGV[i], high .. "," .. caught_up}
+  end
+end
 for i = 2, #ARGV, 2 do
   local rebuilt = redis.call("HGET", KEYS[3], ARGV[i])
   local live = tonumber(redis.call("HGET", KEYS[2], ARGV[i]) or "-1")
   if rebuilt and tonumber(rebuilt) > live then redis.call("HSET", KEYS[2], ARGV[i], rebuilt) end
 end
+for _, t in ipairs(times) do redis.call("HSET", KEYS[10], t[1], t[2]) end
 local old = redis.call("GET", KEYS[4]) or "1"
 redis.call("SET", KEYS[4], target)
 redis.call("SET", KEYS[5], target)
-redis.call("DEL", KEYS[3], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[1])
+redis.call("DEL", KEYS[3], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[11], KEYS[1])
 return {"swapped", old, target}
 """
 
@@ -148,11 +186,16 @@ class RedisRebuildStore:
         self._client.set(self._target, target)
 
     def abandon(self) -> None:
+        """Delete what an earlier rebuild left (``--restart``, and every fresh start): the
+        version it built (state and views, correlation records included) and, beside its
+        fence, what is not versioned: its checkpoints and a correlation's event-time progress
+        (``times``; kept, the next rebuild would start from that one's watermark and close
+        windows before their parts are read)."""
         target = self._client.get(self._target)
         if target is not None and int(target) != self._version():
             self._delete_version(int(target))
         self._client.delete(
-            *(f"{self._fence}:{k}" for k in ("epochs", "offsets", "owners", "starts")),
+            *(f"{self._fence}:{k}" for k in ("epochs", "offsets", "owners", "starts", "times")),
             self._target,
         )
 
@@ -214,6 +257,8 @@ class RedisRebuildStore:
                 f"{self._fence}:epochs",
                 f"{self._fence}:owners",
                 f"{self._fence}:starts",
+                f"{self.store.prefix}:s:{self.projection}:times",
+                f"{self._fence}:times",
             ]
             carried = set(fields)
             rebuilt = {
@@ -221,6 +266,7 @@ class RedisRebuildStore:
                 for tp, o in self.store.checkpoints(self.name).items()
                 if tp in carried
             }
+            self._hand_over_outbox(token)
             verdict = self._swap(keys=keys, args=args)
         finally:
             if self._client.get(self._paused) == token:
@@ -229,10 +275,51 @@ class RedisRebuildStore:
             raise NotCaughtUp(f"the rebuild is behind on {verdict[1]}")
         if verdict[0] == "unpaused":
             raise NotCaughtUp("the pause expired before the rebuild caught up")
+        if verdict[0] == "damaged":
+            raise RedisStateCorrupt(
+                f"projector's own state in Redis is damaged: the event-time progress of"
+                f" {verdict[1]} in {keys[9]} or {keys[10]} is not <high>,<0|1>"
+            )
         if verdict[0] != "swapped":
             raise StoreError(f"the swap did not happen: {verdict[0]} (try again)")
         self._old = verdict[1]
         return {tp: max(o, targets.get(tp, 0)) for tp, o in rebuilt.items()}
+
+    def _hand_over_outbox(self, token: str) -> int:
+        """The rebuild's held business events (``cohold``) that the live run still owes become
+        pending live entries, in the order they were named; then the held set goes (as
+        PostgreSQL's ``_hand_over_outbox``; the rule is :func:`redis_outbox.owed`). Runs in the
+        pause, before the flip, so the live records it reads no longer move; the pause is
+        WATCHed, so if it ended meanwhile nothing is written. Run just before the swap script
+        rather than in it: should the swap then fail, the events it queued carry the ids the
+        live run would publish them under (``outbox:ids`` keeps one), so nothing is lost or
+        doubled. The held set of a rebuild started again or abandoned goes with its version."""
+        target = self._client.get(self._target)
+        if target is None:
+            return 0
+        prefix = self.store.prefix
+        live = self.store.keys(self.projection)
+        base = Keys(prefix, self.name, str(target)).base
+        held_key = redis_outbox.HeldKeys.of(base).hold
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.watch(self._paused, held_key)
+                held = pipe.hgetall(held_key) if pipe.get(self._paused) == token else {}
+                if not held:
+                    return 0
+                keys = redis_outbox.correlation_keys(held)
+                found = pipe.mget([live.correlation(k) for k in keys])
+                records = {k: r for k, r in zip(keys, found, strict=True) if r is not None}
+                ops = redis_outbox.handover_ops(prefix, self.projection, base, held, records)
+                verdict = self.store.apply(pipe, [], ops)
+        except redis.exceptions.WatchError:
+            raise NotCaughtUp("the pause expired while the held events were handed over") from None
+        if verdict[0] != "ok":
+            raise RedisStateCorrupt(f"projector's outbox in Redis is damaged: {verdict}")
+        queued = len(ops) - 3
+        if queued:
+            log.info("rebuild %s: %d business event(s) queued at the swap", self.projection, queued)
+        return queued
 
     def drop_old(self, lock_timeout: float) -> bool:
         """Let the swapped-out version's keys expire after a grace: a reader that read the

@@ -1121,17 +1121,27 @@ def test_outbox_section_parses_with_its_defaults() -> None:
     assert (outbox.key, outbox.retention, outbox.max_batch) == ("id", 86400.0, 50)
 
 
-def test_outbox_is_refused_on_redis_naming_the_key() -> None:
-    """Proves a Redis projection's outbox is refused at start with a message naming
-    ``correlation.outbox`` (the Redis outbox is a later slice)."""
+def test_outbox_is_accepted_on_redis_with_the_same_checks() -> None:
+    """Proves a Redis projection may have an outbox (the Redis outbox,
+    ``store/redis_outbox.py``), and that it is checked as on PostgreSQL: an outbox topic that
+    is one of the projection's own topics is refused, naming ``correlation.outbox.topic``."""
 
-    def on_redis(d: dict[str, Any]) -> None:
-        school(outbox={"topic": "school.business"})(d)
-        with_redis(d)
-        first(d)["store"] = "redis"
-        first(d)["handlers"] = ["handlers.profiles_redis"]
+    def on_redis(topic: str) -> Callable[[dict[str, Any]], None]:
+        def change(d: dict[str, Any]) -> None:
+            school(outbox={"topic": topic})(d)
+            with_redis(d)
+            first(d)["store"] = "redis"
+            first(d)["handlers"] = ["handlers.profiles_redis"]
 
-    assert "correlation.outbox is not supported on Redis yet" in error_of(config_with(on_redis))
+        return change
+
+    config = parse_config(config_with(on_redis("school.business")), env={})
+    outbox = config.projections[0].correlation.outbox  # type: ignore[union-attr]
+    assert config.projections[0].store == "redis"
+    assert outbox is not None and outbox.topic == "school.business"
+    assert "correlation.outbox.topic must not be one of the projection's topics" in error_of(
+        config_with(on_redis("s.public.student"))
+    )
 
 
 def test_an_outbox_topic_is_somewhere_for_business_events_to_go() -> None:

@@ -6,7 +6,11 @@
 -- A fence entry with an empty offset holds the partition without moving its checkpoint (a
 -- correlation's idle tick). Besides Redis commands, ops may be projector's own DLADD (a
 -- dead letter), COSET (SET of a correlation record: a string, checked like the rest) and
--- COTIME (a partition's correlation input progress, whose high never goes back).
+-- COTIME (a partition's correlation input progress, whose high never goes back), and the
+-- outbox's (projector/store/redis_outbox.py): OUTBOX {ids zset, queue stream, seq string, id,
+-- topic, key, event} queues a business event unless its id is in ids; OUTHOLD {hold hash,
+-- ts zset, seq string, id, ts, message} holds a rebuild's aside unless held already; OUTPRUNE
+-- {hold hash, ts zset, before} forgets held ones older than before (event time, ms).
 -- Returns {"ok"}, {"fenced", field...}, {"paused"} (a rebuild is swapping in: wait), or
 -- {"badwrite", op index (1-based), reason}.
 -- Redis does not roll a script back when a command fails half-way, so everything that could
@@ -32,6 +36,12 @@ local KIND = {
   SADD = "set", SREM = "set",
   ZADD = "zset", ZREM = "zset", ZINCRBY = "zset",
   DLADD = "hash", COSET = "string", COTIME = "hash",
+  OUTBOX = "zset", OUTHOLD = "hash", OUTPRUNE = "hash",
+}
+-- The other keys of the outbox commands: {op index, type}, in order.
+local MORE = {
+  OUTBOX = {{3, "stream"}, {4, "string"}}, OUTHOLD = {{3, "zset"}, {4, "string"}},
+  OUTPRUNE = {{3, "zset"}},
 }
 local LIMIT = 9.2e18 -- INCRBY past a signed 64-bit integer fails; stay clear of it
 local MAX_PARTS = 7000 -- unpack() fails past about 8,000 values: the caller splits commands
@@ -101,6 +111,51 @@ local function add(key, field, amount_raw, integer)
   return nil
 end
 
+-- The queue's next entry id must pass the stream's last one: its counter (a string) must
+-- not be behind it, or XADD would fail half-way.
+local streams_checked = {}
+local function stream_behind(queue, seq)
+  if streams_checked[queue] then return nil end
+  streams_checked[queue] = true
+  if redis.call("TYPE", queue)["ok"] ~= "stream" then return nil end
+  local info = redis.call("XINFO", "STREAM", queue)
+  for i = 1, #info, 2 do
+    if info[i] == "last-generated-id" then
+      local last = tonumber(string.match(info[i + 1], "^(%d+)-"))
+      local _, cls, value = number_at(seq, nil)
+      if cls ~= "int" and cls ~= "none" then return nil end -- reported by the add() below
+      if last and last > value then
+        return seq .. " is behind the stream " .. queue .. " (" .. info[i + 1] .. ")"
+      end
+    end
+  end
+  return nil
+end
+
+local function check_outbox(op)
+  local cmd = op[1]
+  for _, more in ipairs(MORE[cmd]) do
+    local key, want = op[more[1]], more[2]
+    local have = type_of(key)
+    if have ~= "none" and have ~= want then
+      return "WRONGTYPE: " .. cmd .. " needs a " .. want .. " at " .. key .. " but it is a " .. have
+    end
+  end
+  if cmd == "OUTPRUNE" then
+    if not tonumber(op[4]) then return "OUTPRUNE needs a time, not " .. tostring(op[4]) end
+    return nil
+  end
+  if cmd == "OUTHOLD" and not string.match(tostring(op[6]), "^%-?%d+$") then
+    return "OUTHOLD needs an event time, not " .. tostring(op[6])
+  end
+  if cmd == "OUTBOX" then
+    local behind = stream_behind(op[3], op[4])
+    if behind then return behind end
+  end
+  types[op[2]], types[op[3]], types[op[4]] = KIND[cmd], MORE[cmd][1][2], "string"
+  return add(op[4], nil, "1", true) -- the counter, as if the event were new
+end
+
 local function check(op)
   local cmd, key = op[1], op[2]
   if #op > MAX_PARTS then return cmd .. " on " .. tostring(key) .. " has too many arguments" end
@@ -124,6 +179,7 @@ local function check(op)
   end
   if REMOVE[cmd] and have == "none" then return nil end -- removing from nothing leaves nothing
   types[key] = want
+  if MORE[cmd] then return check_outbox(op) end
   if cmd == "COTIME" and not string.match(tostring(op[4]), "^%-?%d*,[01]$") then
     return "COTIME on " .. key .. " needs <high>,<0|1>, not " .. tostring(op[4])
   end
@@ -164,6 +220,26 @@ local function set_time(op)
   redis.call("HSET", op[2], op[3], high .. "," .. caught_up)
 end
 
+-- Redis's clock, ms: when a business event was queued (the oldest-pending gauge).
+local clock
+local function now_ms()
+  if not clock then
+    local t = redis.call("TIME")
+    clock = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  end
+  return clock
+end
+
+-- {OUTPRUNE, hold hash, ts zset, before}: the held events older than before go.
+local function prune_held(op)
+  local gone = redis.call("ZRANGEBYSCORE", op[3], "-inf", "(" .. op[4])
+  for i = 1, #gone, 1000 do
+    local part = {unpack(gone, i, math.min(i + 999, #gone))}
+    redis.call("ZREM", op[3], unpack(part))
+    redis.call("HDEL", op[2], unpack(part))
+  end
+end
+
 for _, op in ipairs(batch.ops) do
   if op[1] == "DLADD" then
     -- {DLADD, letters hash, id counter, open set, record JSON}: a new dead letter, numbered here
@@ -174,6 +250,18 @@ for _, op in ipairs(batch.ops) do
     redis.call("SET", op[2], op[3])
   elseif op[1] == "COTIME" then
     set_time(op)
+  elseif op[1] == "OUTBOX" then
+    if redis.call("ZADD", op[2], "NX", "+inf", op[5]) == 1 then
+      local n = redis.call("INCR", op[4])
+      redis.call("XADD", op[3], n .. "-0", "id", op[5], "topic", op[6], "key", op[7],
+        "event", op[8], "at", now_ms())
+    end
+  elseif op[1] == "OUTHOLD" then
+    if redis.call("ZADD", op[3], "NX", op[6], op[5]) == 1 then
+      redis.call("HSET", op[2], op[5], redis.call("INCR", op[4]) .. " " .. op[7])
+    end
+  elseif op[1] == "OUTPRUNE" then
+    prune_held(op)
   else
     redis.call(unpack(op))
   end
