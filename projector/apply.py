@@ -29,6 +29,9 @@ events its rule names to each handler module's optional ``handle_business``, aft
     def handle_business(events: Sequence[Event], view: PgView) -> None:
         view.executemany("insert into history ... on conflict (business_id) do nothing", [...])
 
+(on Redis the view is the projection's :class:`RedisView`, as for ``handle_documents``: see
+``handlers/school_history_redis.py``)
+
 A business event is an :class:`Event` with a stable id derived from its correlation (the same
 in a replay or a rebuild: insert keyed on it, ``on conflict do nothing``), ``ts`` the latest
 part's time (epoch ms), ``stream`` the rule's or ``<correlation>:<key>``, and ``meta`` saying
