@@ -11,7 +11,6 @@ same ones on Redis with a backend of its own."""
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,12 +21,17 @@ import pytest
 from confluent_kafka import Producer
 
 from handlers.school_correlation import name_business_events
-from projector.cdc_scenario import Change, Transaction, redelivered, school_log
+from projector.cdc_scenario import (
+    Change,
+    Transaction,
+    business_oracle,
+    commit_ms,
+    redelivered,
+    school_log,
+    transaction_records,
+)
 from projector.config import Config, parse_config
 from projector.core.correlate import business_id
-from projector.core.decode import load_decoder
-from projector.core.event import Event
-from projector.core.message import RawMessage
 from projector.metrics import Metrics
 from projector.runner.daemon import Daemon
 from projector.runner.dead_letters import resolve
@@ -55,30 +59,7 @@ class Clock:
         return self.now
 
 
-def tx_ms(tx: Transaction) -> int:
-    """The transaction's commit time (``source.ts_ms``, the same on each of its changes)."""
-    payload = next(c.payload for c in tx.changes if c.payload is not None)
-    return int(payload["source"]["ts_ms"])
-
-
-def end_record(tx: Transaction) -> tuple[bytes, bytes]:
-    """The transaction topic's END record for ``tx``: its change counts per ``schema.table``
-    (tombstones left out), its id ``"<txId>:<lsn>"`` with an LSN past its last change."""
-    counts: dict[str, int] = {}
-    for c in tx.changes:
-        if c.payload is not None:
-            counts[f"public.{c.table}"] = counts.get(f"public.{c.table}", 0) + 1
-    tx_id = f"{tx.tx_id}:{max(c.lsn for c in tx.changes) + 8}"
-    value = {
-        "status": "END",
-        "id": tx_id,
-        "ts_ms": tx_ms(tx),
-        "event_count": sum(counts.values()),
-        "data_collections": [
-            {"data_collection": name, "event_count": n} for name, n in sorted(counts.items())
-        ],
-    }
-    return json.dumps({"id": tx_id}).encode(), json.dumps(value).encode()
+tx_ms = commit_ms  # the transaction's commit time (source.ts_ms), as the tests call it
 
 
 def change_message(topics: dict[str, str], change: Change) -> Message:
@@ -87,7 +68,8 @@ def change_message(topics: dict[str, str], change: Change) -> Message:
 
 
 def end_message(topics: dict[str, str], tx: Transaction) -> Message:
-    key, value = end_record(tx)
+    """The transaction topic's END record of ``tx`` (its change counts per table)."""
+    key, value = transaction_records(tx)[-1]
     return topics["transaction"], key, value
 
 
@@ -544,22 +526,8 @@ def test_two_instances_close_every_transaction_once(
 
 
 def expected_business(log: Sequence[Transaction]) -> list[tuple[str, str]]:
-    """(id, type) of every business event the rule names on each transaction's changes, as
-    the Debezium decoder gives them (ids as the core derives them)."""
-    decoder = load_decoder("debezium", {})
-    out: list[tuple[str, str]] = []
-    for tx in log:
-        parts: dict[str, list[Event]] = {}
-        for c in tx.changes:
-            key, value = c.wire(envelope=False)
-            event = decoder.decode(RawMessage(c.table, 0, 0, key, value))
-            if event is not None:
-                parts.setdefault(c.table, []).append(event)
-        ordered = {n: sorted(evs, key=lambda e: (e.ts or 0, e.id)) for n, evs in parts.items()}
-        first = business_id("school", str(tx.tx_id), (e.id for evs in parts.values() for e in evs))
-        named = name_business_events(ordered)
-        out += [(first if i == 0 else f"{first}.{i}", b.type) for i, b in enumerate(named)]
-    return out
+    """(id, type) of every business event the rule names on each transaction's changes."""
+    return business_oracle(log, "school", name_business_events)
 
 
 def test_rule_and_business_handler_failures_are_dead_letters_and_retry(
