@@ -50,7 +50,7 @@ def daemon_thread(config: Config, clock: Callable[[], float]) -> Iterator[dict[s
         assert not thread.is_alive(), "the daemon did not stop"
 
 
-def wait_until(check: Callable[[], Any], what: str, limit: float = 30) -> Any:
+def wait_until(check: Callable[[], Any], what: str, limit: float = 60) -> Any:
     """Poll a condition (bounded); returns its first truthy value."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:

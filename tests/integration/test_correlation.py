@@ -39,6 +39,7 @@ from projector.store.base import Store
 from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration import business_log as module
+from tests.integration.gaps_harness import wait_until
 from tests.integration.harness import config_dict, daemon_process, migrate_all, rows, write_config
 
 pytestmark = pytest.mark.integration
@@ -426,15 +427,6 @@ def store_gauges(store: Store, topics: dict[str, str], clock: Clock) -> dict[str
         store.close()
 
 
-def poll_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def process_config(services: Services, pg_dsn: str, tmp_path: Path, proj: dict[str, Any]) -> Path:
     data = config_dict(services, pg_dsn, [proj])
     path = write_config(tmp_path / "config.yaml", data)
@@ -467,8 +459,8 @@ def test_kill_9_while_a_window_is_open_then_restart_closes_it_once(
     send(backend.services, [*(change_message(topics, c) for c in first), end_message(topics, tx)])
     proc = daemon_process(path)
     try:
-        poll_until(lambda: backend.consumed() == 3, "the first parts to be read")
-        poll_until(lambda: backend.open_parts() == 1, "the open window to be stored")
+        wait_until(lambda: backend.consumed() == 3, "the first parts to be read")
+        wait_until(lambda: backend.open_parts() == 1, "the open window to be stored")
     finally:
         proc.kill()
         proc.wait(30)
@@ -481,9 +473,9 @@ def test_kill_9_while_a_window_is_open_then_restart_closes_it_once(
     assert backend.business_log() == [] and backend.open_parts() == 1
     proc = daemon_process(path)
     try:
-        poll_until(lambda: len(backend.business_log()) == 1, "the window to close")
+        wait_until(lambda: len(backend.business_log()) == 1, "the window to close")
         send(backend.services, [change_message(topics, c) for c in tx.changes])
-        poll_until(lambda: backend.consumed() == 7, "the re-deliveries to be read")
+        wait_until(lambda: backend.consumed() == 7, "the re-deliveries to be read")
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
@@ -509,12 +501,12 @@ def test_two_instances_close_every_transaction_once(
     path = backend.process_config(tmp_path, proj)
     procs = [daemon_process(path, log=tmp_path / f"instance{i}.log") for i in range(2)]
     try:
-        poll_until(lambda: backend.owners() == 2, "both instances to own partitions")
+        wait_until(lambda: backend.owners() == 2, "both instances to own partitions")
         messages = [change_message(topics, c) for tx in log for c in tx.changes]
         send(backend.services, [*messages, *(end_message(topics, tx) for tx in log)])
         expected = sorted(expected_business(log))
-        poll_until(lambda: len(backend.business_log()) >= len(expected), "every business event")
-        poll_until(lambda: backend.open_parts() == 0, "every window to close")
+        wait_until(lambda: len(backend.business_log()) >= len(expected), "every business event")
+        wait_until(lambda: backend.open_parts() == 0, "every window to close")
         assert backend.owners(writing=True) == 2  # both instances applied batches
     finally:
         for proc in procs:

@@ -6,7 +6,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from projector import scenarios
 from projector.config import parse_config
 from tests.conftest import Services
+from tests.integration.gaps_harness import wait_until
 from tests.integration.harness import (
     config_dict,
     daemon_process,
@@ -27,15 +27,6 @@ from tests.integration.harness import (
 from tests.integration.test_pipeline import account_rows
 
 pytestmark = pytest.mark.integration
-
-
-def poll_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("strategy", [None, "cooperative-sticky"])
@@ -62,12 +53,12 @@ def test_two_instances_share_the_partitions_and_serialise_on_shared_streams(
     migrate_all(parse_config(data, env={}))
     procs = [daemon_process(path, log=tmp_path / "instance0.log")]
     try:
-        poll_until(
+        wait_until(
             lambda: rows(pg_dsn, "select count(*) from projector.checkpoints") == [(4,)],
             "the first instance to own every partition",
         )
         procs.append(daemon_process(path, log=tmp_path / "instance1.log"))
-        poll_until(
+        wait_until(
             lambda: (
                 rows(pg_dsn, "select count(distinct owner), count(*) from projector.checkpoints")
                 == [(2, 4)]
@@ -80,7 +71,7 @@ def test_two_instances_share_the_partitions_and_serialise_on_shared_streams(
         even = [w for w in log if not w["seq"] % 2]
         total = publish(services.kafka, topic_a, scenarios.shuffle_within_windows(rng, odd, 100))
         total += publish(services.kafka, topic_b, scenarios.shuffle_within_windows(rng, even, 100))
-        poll_until(
+        wait_until(
             lambda: (
                 rows(pg_dsn, "select coalesce(sum(next_offset), 0) from projector.checkpoints")
                 == [(total,)]

@@ -29,6 +29,7 @@ from projector.store.base import OutboxMessage
 from projector.store.postgres import PostgresStore
 from projector.store.postgres_outbox import PgOutbox
 from tests.conftest import Services, unique
+from tests.integration.gaps_harness import wait_until
 from tests.integration.harness import (
     config_dict,
     daemon_process,
@@ -347,15 +348,6 @@ def _names() -> dict[str, str]:
     return {name: f"unused.{name}" for name in (*TABLES, "transaction", "outbox")}
 
 
-def poll_until(check: Callable[[], bool], what: str, limit: float = 60) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def published_count(pg_dsn: str) -> int:
     [(n,)] = rows(pg_dsn, "select count(*) from projector.outbox where status = 'published'")
     return int(n)
@@ -376,14 +368,14 @@ def test_one_publisher_at_a_time(
     try:
         for t in threads:
             t.start()
-        poll_until(lambda: published_count(pg_dsn) == 30, "the first 30 to be published")
-        poll_until(lambda: sum(p.holding for p in pubs) == 1, "one holder")
+        wait_until(lambda: published_count(pg_dsn) == 30, "the first 30 to be published")
+        wait_until(lambda: sum(p.holding for p in pubs) == 1, "one holder")
         holder, idle = (0, 1) if pubs[0].holding else (1, 0)
         assert _count(pubs[idle].metrics.outbox_published) == 0
         pubs[holder].halt.set()
         threads[holder].join(30)
         more = queue(pg_dsn, topic, 5, start=30)
-        poll_until(lambda: published_count(pg_dsn) == 35, "the next 5, by the other one")
+        wait_until(lambda: published_count(pg_dsn) == 35, "the next 5, by the other one")
         assert pubs[idle].holding
         assert _count(pubs[idle].metrics.outbox_published) == 5
     finally:
@@ -460,7 +452,7 @@ def test_a_crash_between_produce_and_mark_publishes_again_with_the_same_ids(
     closed = {i for i, _ in expected_business(log)}
     restarted = daemon_process(path)
     try:
-        poll_until(lambda: published_count(pg_dsn) == len(closed), "every row to be published")
+        wait_until(lambda: published_count(pg_dsn) == len(closed), "every row to be published")
     finally:
         restarted.terminate()
         assert restarted.wait(60) == 0  # SIGTERM: the publisher stops with the workers

@@ -36,6 +36,7 @@ from projector.store.redis import RedisStateCorrupt, RedisStore
 from projector.store.redis_outbox import RedisOutbox
 from projector.store.redis_rebuild import RedisRebuildStore
 from tests.conftest import Services
+from tests.integration.gaps_harness import wait_until
 from tests.integration.harness import daemon_process, migrate_all, write_config
 from tests.integration.test_correlation import (
     Clock,
@@ -51,7 +52,6 @@ from tests.integration.test_correlation import (
 from tests.integration.test_correlation_redis import RedisBackend
 from tests.integration.test_outbox import (
     _count,
-    poll_until,
     raw_messages,
     read_topic,
     topics,
@@ -435,14 +435,14 @@ def test_one_publisher_at_a_time_and_an_expired_lease_is_taken_over(
     try:
         for t in threads:
             t.start()
-        poll_until(lambda: published_count(client, redis_prefix) == 30, "the first 30")
-        poll_until(lambda: sum(p.holding for p in pubs) == 1, "one holder")
+        wait_until(lambda: published_count(client, redis_prefix) == 30, "the first 30")
+        wait_until(lambda: sum(p.holding for p in pubs) == 1, "one holder")
         holder, idle = (0, 1) if pubs[0].holding else (1, 0)
         assert _count(pubs[idle].metrics.outbox_published) == 0
         pubs[holder].halt.set()
         threads[holder].join(30)
         second = queue(services, redis_prefix, topic, 5, start=30)
-        poll_until(lambda: published_count(client, redis_prefix) == 35, "the next 5")
+        wait_until(lambda: published_count(client, redis_prefix) == 35, "the next 5")
         assert pubs[idle].holding
         assert _count(pubs[idle].metrics.outbox_published) == 5
     finally:
@@ -461,7 +461,7 @@ def test_one_publisher_at_a_time_and_an_expired_lease_is_taken_over(
     thread = threading.Thread(target=heir.run)
     thread.start()
     try:
-        poll_until(lambda: published_count(client, redis_prefix) == 37, "the lease taken over")
+        wait_until(lambda: published_count(client, redis_prefix) == 37, "the lease taken over")
         assert time.monotonic() - locked_at >= 0.9  # not before the dead one's lease expired
     finally:
         heir.halt.set()
@@ -540,7 +540,7 @@ def test_a_crash_between_produce_and_mark_publishes_again_with_the_same_ids(
     closed = {i for i, _ in expected_business(log)}
     restarted = daemon_process(path)
     try:
-        poll_until(
+        wait_until(
             lambda: published_count(client, backend.prefix) == len(closed),
             "every business event to be published",
         )
