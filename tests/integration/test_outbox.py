@@ -26,6 +26,7 @@ from projector.runner.batch import BatchResult
 from projector.runner.outbox import OutboxPublisher, producer_config
 from projector.runner.worker import build_applier, build_decoders
 from projector.store.base import OutboxMessage
+from projector.store.connect import open_store
 from projector.store.postgres import PostgresStore
 from projector.store.postgres_outbox import PgOutbox
 from tests.conftest import Services, unique
@@ -195,9 +196,9 @@ def raw_messages(
 
 class DirectBatches:
     """The projection's merge applier under ``name`` (the live name, or a rebuild's), applying
-    given messages as batches in this process."""
+    given messages as batches in this process, on the projection's store."""
 
-    def __init__(self, config: Config, pg_dsn: str, name: str, clock: Clock) -> None:
+    def __init__(self, config: Config, name: str, clock: Clock) -> None:
         live = config.projections[0]
         assert live.correlation is not None
         # As a rebuild applies it (runner/rebuild.py): its state under ``name``, its
@@ -205,7 +206,7 @@ class DirectBatches:
         correlation = live.correlation.model_copy(update={"name": live.name})
         update = {"name": name, "view_schema": live.schema_name, "correlation": correlation}
         shadow = live.model_copy(update=update)
-        self.store = PostgresStore(pg_dsn)
+        self.store = open_store(config, live)
         self.applier = build_applier(config, shadow, self.store, clock)
         self.decoders = build_decoders(live)
         self.name = name
@@ -230,7 +231,7 @@ def direct(
         name: str = "school", correlation: dict[str, Any] | None = None, **outbox: Any
     ) -> DirectBatches:
         config = make(services, pg_dsn, with_outbox(topics, correlation, **outbox))
-        batches = DirectBatches(config, pg_dsn, name, Clock(time.time()))
+        batches = DirectBatches(config, name, Clock(time.time()))
         made.append(batches)
         return batches
 

@@ -15,7 +15,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,11 @@ import pytest
 import redis
 
 from projector.cdc_scenario import school_log
-from projector.config import Config, OutboxConfig, parse_config
+from projector.config import OutboxConfig, parse_config
 from projector.core.correlate import ClosedWindow, Pending
 from projector.core.event import Event
-from projector.core.message import RawMessage
 from projector.metrics import Metrics
-from projector.runner.batch import BatchResult
 from projector.runner.outbox import OutboxPublisher, open_outbox, producer_config
-from projector.runner.worker import build_applier, build_decoders
 from projector.store.base import OutboxMessage
 from projector.store.redis import RedisStateCorrupt, RedisStore
 from projector.store.redis_outbox import RedisOutbox
@@ -51,6 +48,7 @@ from tests.integration.test_correlation import (
 )
 from tests.integration.test_correlation_redis import RedisBackend
 from tests.integration.test_outbox import (
+    DirectBatches,
     _count,
     raw_messages,
     read_topic,
@@ -166,33 +164,6 @@ def test_business_events_are_published_once_each_with_their_id_header(
 # -- batches applied in-process, without Kafka -------------------------------------------------
 
 
-class DirectBatches:
-    """The projection's merge applier on Redis under ``name`` (the live name, or a rebuild's),
-    applying given messages as batches in this process (as test_outbox's, with a Redis
-    store)."""
-
-    def __init__(self, config: Config, name: str, clock: Clock) -> None:
-        proj = config.projections[0]
-        assert proj.correlation is not None
-        correlation = proj.correlation.model_copy(update={"name": proj.name})
-        update = {"name": name, "view_schema": proj.schema_name, "correlation": correlation}
-        shadow = proj.model_copy(update=update)
-        rc = config.redis_config()
-        self.store = RedisStore(rc.url.get_secret_value(), rc.prefix)
-        self.applier = build_applier(config, shadow, self.store, clock)
-        self.decoders = build_decoders(proj)
-        self.name = name
-
-    def apply(self, messages: Sequence[RawMessage]) -> BatchResult:
-        partitions = sorted({(m.topic, m.partition) for m in messages})
-        claims = self.store.claim(self.name, partitions, "test")
-        epochs = {tp: c.epoch for tp, c in claims.items()}
-        return self.applier.apply(messages, self.decoders, epochs)
-
-    def close(self) -> None:
-        self.store.close()
-
-
 @pytest.fixture
 def direct(backend: RedisBackend, topics: dict[str, str]) -> Iterator[Callable[..., DirectBatches]]:
     made: list[DirectBatches] = []
@@ -259,6 +230,7 @@ def test_a_rebuilds_batches_hold_their_business_events(
     early, late = enrolments(school_log(random.Random(6), changes=300), 2)
     late = retimed(late, tx_ms(early) + 3_600_000)
     batches = direct(name="school#rebuild", correlation={"closed_retention": "1s"})
+    assert isinstance(batches.store, RedisStore)
     rebuild = RedisRebuildStore(batches.store, PROJECTION, PROJECTION)
     rebuild.start([])
     target = client.get(f"{backend.prefix}:s:school#rebuild:target")
