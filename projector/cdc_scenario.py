@@ -23,7 +23,11 @@ unenrol, delete a student (its enrolments first, then the student).
 
 ``oracle`` folds the messages in log order as plain dictionaries (create/update: the row is
 ``after``; delete: gone) and computes the views from that: it shares nothing with the decoder,
-the merge or the handler.
+the merge or the handler. ``transaction_records`` gives each transaction's BEGIN and END
+records for Debezium's transaction topic, and ``business_oracle`` the business events a
+correlation rule must name per transaction: it applies the rule to each transaction's changes
+as a whole, in commit order, so it shares the decoder and the rule with projector, but none of
+the windows, watermarks, storage or arrival order it is there to check.
 """
 
 from __future__ import annotations
