@@ -50,9 +50,6 @@ from projector.store.errors import TransientStoreError, is_transient
 log = logging.getLogger(__name__)
 
 PARTS_TYPE = "correlation.parts"  # a rule's dead letter: the window's parts, as one event
-# A rebuild's batches run under "<name>#rebuild" (store/postgres_rebuild.py, rebuild_name; the
-# Redis rebuild fences under the same name): their business events are held, not published.
-REBUILD_SUFFIX = "#rebuild"
 
 
 @dataclass
@@ -167,23 +164,24 @@ class CorrelationStep:
         return (len(pending) if self.handlers else 0), failed
 
     def _queue(self, tx: StoreBatch, events: Sequence[Event]) -> None:
-        """The applied business events' outbox rows, in the batch transaction; held aside
-        under the rebuild's name in a rebuild (its events were published by the live run)."""
+        """The applied business events' outbox rows, in the batch transaction (a rebuild's
+        batch holds them aside: the live run published them)."""
         box = self.outbox
         if box is None or not events:
             return
         messages = [
             OutboxMessage(e, box.topic, e.stream if box.key == "stream" else e.id) for e in events
         ]
-        tx.write_outbox(messages, held=tx.projection.endswith(REBUILD_SUFFIX))
+        tx.write_outbox(messages)
 
     def _prune_held(self, tx: StoreBatch, mark: int | None) -> None:
         """A rebuild's held events further than ``window + closed_retention`` behind the
-        watermark are forgotten: no correlation that old is still open live at the swap."""
-        if self.outbox is None or mark is None or not tx.projection.endswith(REBUILD_SUFFIX):
+        watermark are forgotten: no correlation that old is still open live at the swap (the
+        store knows a rebuild's batch by its name and does nothing for a live one)."""
+        if self.outbox is None or mark is None:
             return
         horizon = mark - self.rules.window - self.rules.closed_retention
-        tx.write_outbox([], held=True, prune_held_before=horizon)
+        tx.write_outbox([], prune_held_before=horizon)  # a live batch's store ignores it
 
     def rename(self, letter: Event) -> tuple[tuple[Event, ...], str | None]:
         """A failed rule's dead letter (its window's parts) named again by the rule, after a

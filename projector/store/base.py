@@ -24,6 +24,8 @@ from projector.core.sequencer import SequenceRules, StreamPosition
 from projector.store.errors import StoreError
 
 TopicPartition = tuple[str, int]
+# A rebuild keeps its own state under "<name>#rebuild" (fence, checkpoints, positions...).
+REBUILD = "#rebuild"
 Handler = Callable[[Sequence[Any], Any], None]
 
 
@@ -192,16 +194,14 @@ class StoreBatch(Protocol):
         """Store this batch's partitions' event-time progress (beside their fence)."""
 
     def write_outbox(
-        self,
-        messages: Sequence[OutboxMessage],
-        held: bool = False,
-        prune_held_before: int | None = None,
+        self, messages: Sequence[OutboxMessage], prune_held_before: int | None = None
     ) -> int:
-        """Queue business events to publish, in order, under this batch's projection; ``held``
-        (a rebuild's batch): kept aside for the swap instead, never published. An event
-        already there (same projection and id, in any status) keeps its row. With
-        ``prune_held_before`` (event time, ms), the held events older than that are forgotten
-        first. Returns how many rows were added."""
+        """Queue business events to publish, in order, under this batch's projection; a
+        rebuild's batch (its projection ends with ``REBUILD``) holds them aside for the swap
+        instead, never published. An event already there (same projection and id, in any
+        status) keeps its row. In a rebuild's batch, with ``prune_held_before`` (event time,
+        ms), the held events older than that are forgotten first. Returns how many rows were
+        added."""
 
     def lock_dead_letter(self, letter_id: int) -> DeadLetterRow | None: ...
 

@@ -29,6 +29,7 @@ from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules, StreamPosition
 from projector.store import postgres_outbox
 from projector.store.base import (
+    REBUILD,
     Claim,
     DeadLetterRow,
     Handler,
@@ -505,12 +506,10 @@ class PgBatch:
 
     # -- the outbox (docs/correlation.md, section 7): projector/store/postgres_outbox.py --------
     def write_outbox(
-        self,
-        messages: Sequence[OutboxMessage],
-        held: bool = False,
-        prune_held_before: int | None = None,
+        self, messages: Sequence[OutboxMessage], prune_held_before: int | None = None
     ) -> int:
-        if prune_held_before is not None:
+        held = self.projection.endswith(REBUILD)
+        if held and prune_held_before is not None:
             postgres_outbox.prune_held(self.conn, self._s, self.projection, prune_held_before)
         return postgres_outbox.write_outbox(self.conn, self._s, self.projection, messages, held)
 

@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from projector.store.base import LivePartition, NotCaughtUp, RebuildRunning, TopicPartition
+from projector.store.base import REBUILD, LivePartition, NotCaughtUp, RebuildRunning, TopicPartition
 from projector.store.migrate import ViewMigrations
 from projector.store.postgres import PostgresStore
 
@@ -40,7 +40,7 @@ _STATE_TABLES = ("positions", "holding", "gaps", "documents", "correlations")
 
 def rebuild_name(projection: str) -> str:
     """The name the rebuild's own state goes by in projector's tables."""
-    return f"{projection}#rebuild"
+    return f"{projection}{REBUILD}"
 
 
 def shadow_schema(view_schema: str) -> str:

@@ -61,6 +61,7 @@ from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules, StreamPosition
 from projector.store import redis_outbox
 from projector.store.base import (
+    REBUILD,
     Claim,
     DeadLetterRow,
     Handler,
@@ -95,9 +96,6 @@ class RedisWriteRejected(Exception):
 class RedisStateCorrupt(StoreError):
     """One of projector's own keys has a type projector never gives it: something else writes
     in its namespace. The projection stops rather than guess."""
-
-
-REBUILD = "#rebuild"  # a rebuild's projection name: "<name>#rebuild"
 
 
 def version_pointer(prefix: str, projection: str) -> str:
@@ -620,10 +618,7 @@ class RedisBatch:
             self._own.append(["COTIME", self.keys.times, _tp(topic, part), input_time_text(t)])
 
     def write_outbox(
-        self,
-        messages: Sequence[OutboxMessage],
-        held: bool = False,
-        prune_held_before: int | None = None,
+        self, messages: Sequence[OutboxMessage], prune_held_before: int | None = None
     ) -> int:
         """Queued by the script after its fence and type checks (``OUTBOX``: only an id not
         in ``outbox:ids`` is added to the queue); a rebuild's batch holds them at the version it
@@ -631,7 +626,7 @@ class RedisBatch:
         were handed to the script: which are new is only known when it runs."""
         k = self.keys
         owner = self.projection.removesuffix(REBUILD)
-        held = held or self.projection.endswith(REBUILD)
+        held = self.projection.endswith(REBUILD)
         self._own += redis_outbox.batch_ops(
             k.prefix, owner, k.base, messages, held, prune_held_before
         )

@@ -34,11 +34,16 @@ from typing import Any
 import redis
 
 from projector.store import redis_outbox
-from projector.store.base import LivePartition, NotCaughtUp, RebuildRunning, TopicPartition
+from projector.store.base import (
+    REBUILD,
+    LivePartition,
+    NotCaughtUp,
+    RebuildRunning,
+    TopicPartition,
+)
 from projector.store.errors import StoreError
 from projector.store.migrate import ViewMigrations
 from projector.store.redis import (
-    REBUILD,
     Keys,
     RedisStateCorrupt,
     RedisStore,
