@@ -37,6 +37,7 @@ class Context:
     gap_timeout: float
     batch_size: int
     consumer: dict[str, Any]  # extra librdkafka settings for projector's consumer
+    consumers: int  # the projection's ``consumers``: Kafka consumers in one daemon process
     profile: bool  # run the first process of each projector run under py-spy
     console: Console
     events_dsn: str = ""  # the replay responder's event store
@@ -70,6 +71,7 @@ def projector_config(
         "handlers": [HANDLERS[store]],
         "decoder": {**WIRE_DECODER, "data": "data"},
         "batch_max_messages": ctx.batch_size,
+        "consumers": ctx.consumers,
         "gap_timeout": f"{ctx.gap_timeout}s",
     }
     if replay is not None:

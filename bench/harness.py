@@ -56,6 +56,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra librdkafka setting for projector's consumer (to try one; repeatable)",
     )
+    p.add_argument(
+        "--consumers",
+        type=int,
+        default=1,
+        help="the projection's consumers (Kafka consumers in one daemon process)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the first process of each run")
     return p.parse_args(argv)
 
@@ -123,6 +129,7 @@ def _context(args: argparse.Namespace, console: Console) -> Context:
         gap_timeout=args.gap_timeout,
         batch_size=args.batch,
         consumer=dict(_setting(kv) for kv in args.consumer),
+        consumers=args.consumers,
         profile=args.profile,
         console=console,
     )

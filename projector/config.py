@@ -253,6 +253,9 @@ class ProjectionConfig(_Strict):
     max_seq_jump: int = Field(100_000, gt=0)
     batch_max_messages: int = Field(2000, gt=0, le=100_000)
     poll_timeout: Duration = 0.1
+    # Kafka consumers of this projection in one process (members of its group, each with its
+    # own store connection): one applies while another waits on the store.
+    consumers: int = Field(1, gt=0, le=16)
     gap_timeout: Duration = Field(30.0, gt=0)
     # After this long a gap is given up on, and on_give_up decides: hold (keep waiting, stay
     # visible), skip (step over it, record the range) or fail (stop the projection). Unset: never.

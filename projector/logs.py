@@ -1,6 +1,7 @@
 """Logging: human-readable by default, JSON lines on request. Each projection runs in its own
-thread (``projection-<name>``), so every line says which projection it is about; topic and
-partition are in the messages that concern one."""
+thread (``projection-<name>``, or ``projection-<name>@<member id>`` for its second and later
+``consumers``), so every line says which projection it is about; topic and partition are in
+the messages that concern one."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.threadName and record.threadName.startswith("projection-"):
-            out["projection"] = record.threadName.removeprefix("projection-")
+            out["projection"] = record.threadName.removeprefix("projection-").split("@")[0]
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

@@ -1,4 +1,5 @@
-"""``projector run``: one worker thread per projection, clean shutdown on SIGTERM/SIGINT.
+"""``projector run``: worker threads per projection (``consumers`` of them, one by default),
+clean shutdown on SIGTERM/SIGINT.
 
 SIGTERM lets each worker finish its batch, commit it, close its consumer (a static member does
 not leave the group) and return; the outbox publishers (one thread per projection with
@@ -63,28 +64,36 @@ class Daemon:
         self.instance = instance_id(config.kafka.instance_id, scope=config.kafka.group_prefix)
         instance = self.instance.value
         selected = [p for p in config.projections if not projections or p.name in projections]
+        self.projections = selected
         if any(p.correlation is not None for p in selected):
             policies = kafka_policies(config, timeout=5.0)  # brokers away: start anyway
             for proj in selected:  # a compacted correlation topic (docs/correlation.md, 8)
                 warn_if_compacted(proj, policies)
         self.workers = [
             ProjectionWorker(
-                config, p, instance, self.stop, clock, exit_when_caught_up, self.metrics
+                config,
+                p,
+                member_id(instance, n),
+                self.stop,
+                clock,
+                exit_when_caught_up,
+                self.metrics,
+                first=n == 0,
             )
             for p in selected
+            for n in range(p.consumers)
         ]
         # Stopped once the workers are: a burst run's publishers then publish what is left.
         self._halt_publishers = threading.Event()
         built = [
-            build_publisher(config, w.projection, self._halt_publishers, clock, self.metrics)
-            for w in self.workers
+            build_publisher(config, p, self._halt_publishers, clock, self.metrics) for p in selected
         ]
         self.publishers = [p for p in built if p is not None]
         for publisher in self.publishers:
             publisher.drain = exit_when_caught_up
         self._figures_stores = StoreSet(config)
         self.collector = StoreCollector(
-            [w.projection.name for w in self.workers],
+            [p.name for p in selected],
             self._figures_stores.figures,
             self._figures_stores.close,
             clock,
@@ -99,7 +108,7 @@ class Daemon:
         """Every poll loop went round within ``stall_after``."""
         limit = self.config.metrics.stall_after
         now = time.monotonic()
-        stalled = [w.projection.name for w in self.workers if now - w.heartbeat > limit]
+        stalled = sorted({w.projection.name for w in self.workers if now - w.heartbeat > limit})
         if stalled:
             return False, f"poll loop stalled for more than {limit:.0f}s: {', '.join(stalled)}"
         return True, "ok"
@@ -112,7 +121,7 @@ class Daemon:
         if max_age is not None:
             with self.collector.lock:
                 figures = self._figures_stores.figures(
-                    [w.projection.name for w in self.workers], self.clock()
+                    [p.name for p in self.projections], self.clock()
                 )
             reasons += [
                 (
@@ -135,7 +144,7 @@ class Daemon:
         previous = {s: signal.signal(s, self._on_signal) for s in signals}
         threads = [
             threading.Thread(
-                target=self._guarded, args=(w,), name=f"projection-{w.projection.name}"
+                target=self._guarded, args=(w,), name=f"projection-{w.projection.name}{w.suffix}"
             )
             for w in self.workers
         ]
@@ -200,6 +209,13 @@ class Daemon:
                 log.error("projection %s died: %r", worker.projection.name, sys.exc_info()[1])
                 self.failures.append(RuntimeError(f"projection {worker.projection.name} died"))
                 self.stop.set()
+
+
+def member_id(instance: str, n: int) -> str:
+    """The static group member id of a projection's ``n``-th consumer in this process: the
+    instance id for the first (as with one consumer), ``<instance>-c<n>`` for the others, so
+    each is as stable across restarts as the instance id."""
+    return instance if n == 0 else f"{instance}-c{n}"
 
 
 def _join(threads: list[threading.Thread]) -> None:

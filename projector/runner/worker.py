@@ -141,7 +141,10 @@ class ProjectionWorker:
         clock: Clock = time.time,
         exit_when_caught_up: bool = False,
         metrics: Metrics | None = None,
+        first: bool = True,
     ):
+        """``first``: the projection's first consumer in this process, which alone reports
+        the projection-wide correlation gauges (the others would report the same figures)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self.projection = projection
@@ -174,7 +177,9 @@ class ProjectionWorker:
         self._idle_every = min(IDLE_TICK_SECONDS, (idle_after or IDLE_TICK_SECONDS * 4) / 4)
         self.metrics.gap_timeout.labels(projection.name).set(projection.gap_timeout)
         self._figures_store: Store | None = None
-        if projection.correlation is not None:
+        # Shown in thread names and logs: which of the projection's consumers this is.
+        self.suffix = "" if first else f"@{instance}"
+        if projection.correlation is not None and first:
             self._watch_correlation(projection.correlation.lateness)
 
     def _watch_correlation(self, lateness: float) -> None:

@@ -117,3 +117,49 @@ def test_instance_ids_differ_on_one_host_and_survive_restart(tmp_path: Path) -> 
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_consumers_in_one_process_share_the_partitions_and_survive_kill_9(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Proves ``consumers: 2`` makes one process two members of the group: the partitions are
+    split between the member ids ``<instance>`` and ``<instance>-c1``, which serialise on the
+    streams both read (odd seqs on one topic, even on the other) as two instances do. A kill -9
+    in the middle of the run and a restart lose nothing and apply nothing twice: the view
+    equals the oracle. The restarted members are the same static members, so they take their
+    partitions back (the session timeout is not what ends the test)."""
+    topic_a, topic_b = new_topic(partitions=2), new_topic(partitions=2)
+    proj = projection(
+        "accounts", [topic_a, topic_b], ["handlers.accounts"], batch_max_messages=50, consumers=2
+    )
+    data = config_dict(services, pg_dsn, [proj], instance_id="box")
+    path = write_config(tmp_path / "config.yaml", data)
+    migrate_all(parse_config(data, env={}))
+    rng = random.Random(13)
+    log = scenarios.account_log(rng, accounts=400, events_per_account=25)
+    odd = [w for w in log if w["seq"] % 2]
+    even = [w for w in log if not w["seq"] % 2]
+    total = publish(services.kafka, topic_a, scenarios.shuffle_within_windows(rng, odd, 100))
+    total += publish(services.kafka, topic_b, scenarios.shuffle_within_windows(rng, even, 100))
+
+    def applied() -> int:
+        return int(
+            rows(pg_dsn, "select coalesce(sum(next_offset), 0) from projector.checkpoints")[0][0]
+        )
+
+    proc = daemon_process(path, log=tmp_path / "run.log")
+    try:
+        wait_until(lambda: applied() > 0, "the first batches")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert applied() < total, "the kill came too late to prove anything"
+        proc = daemon_process(path, log=tmp_path / "run.log")
+        wait_until(lambda: applied() == total, "the restarted process to catch up")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+    owners = rows(pg_dsn, "select distinct owner from projector.checkpoints order by owner")
+    assert owners == [("box",), ("box-c1",)]
+    assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
+    assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]

@@ -166,6 +166,7 @@ def test_example_config_parses_with_an_empty_environment() -> None:
     assert accounts.first_seq == 1
     assert accounts.max_seq_jump == 100_000
     assert accounts.batch_max_messages == 2000
+    assert accounts.consumers == 1
     assert accounts.poll_timeout == pytest.approx(0.1)
     assert accounts.gap_timeout == 30.0
 
@@ -304,6 +305,8 @@ def test_values_from_the_environment_are_not_interpolated_again() -> None:
         (lambda d: first(d).update(max_seq_jump=-1), "projections[0].max_seq_jump"),
         (lambda d: first(d).update(max_seq_jump=0), "projections[0].max_seq_jump"),
         (lambda d: first(d).update(batch_max_messages=0), "projections[0].batch_max_messages"),
+        (lambda d: first(d).update(consumers=0), "projections[0].consumers"),
+        (lambda d: first(d).update(consumers=17), "projections[0].consumers"),
         (lambda d: first(d).update(name="Bad-Name"), "projections[0].name"),
         (lambda d: first(d).update(mode="fastest"), "projections[0].mode"),
         (lambda d: first(d).update(topics=[]), "projections[0].topics"),
@@ -326,6 +329,8 @@ def test_values_from_the_environment_are_not_interpolated_again() -> None:
         "negative-max_seq_jump",
         "zero-max_seq_jump",
         "zero-batch",
+        "zero-consumers",
+        "too-many-consumers",
         "bad-name",
         "bad-mode",
         "no-topics",
