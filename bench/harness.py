@@ -2,7 +2,8 @@
 
 Per store (PostgreSQL, then Redis), on topics of their own: the reordered workload (late,
 duplicated, withheld and filled by replay) and the in-order one, through projector as a real
-process; for PostgreSQL also two processes in one consumer group; then the limits (a)
+process; one process with two ``consumers`` on the reordered workload; for PostgreSQL also two
+processes in one consumer group; then the limits (a)
 consume-only, (b) store-only, (c) naive. Then produce→view latency at half the single-process
 throughput of each store. Every run gets its own topics, database and Redis prefix, removed
 after it. Prints the tables; writes ``results.json``, ``bench.png`` and ``table.txt`` to
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from bench.report import SHORT
 from bench.services import ROOT, publish, resources, services, store_events
 from bench.workload import Delivery, generate
 
-PARTS = ("runs", "two", "baselines", "latency")
+PARTS = ("runs", "consumers", "two", "baselines", "latency")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -182,6 +184,10 @@ def _measure_store(
         if "runs" in parts:
             results.runs.append(run_projector(ctx, f"{short} reordered", store, mixed, reordered))
             results.runs.append(run_projector(ctx, f"{short} in-order", store, ordered, in_order))
+        if "consumers" in parts:
+            two_consumers = replace(ctx, consumers=2)
+            name = f"{short} reordered, 2 consumers"
+            results.runs.append(run_projector(two_consumers, name, store, mixed, reordered))
         if "two" in parts and store == "postgres":
             run = run_projector(
                 ctx, f"{short} two processes", store, published(reordered), reordered, 2
