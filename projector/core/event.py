@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from projector.core import json_codec
 
 
-@dataclass(frozen=True, slots=True)
-class SourceRef:
+class SourceRef(NamedTuple):
     """Where a message was read: Kafka's coordinates. Never part of an event's identity,
-    since a replayed event comes back at another offset."""
+    since a replayed event comes back at another offset. A named tuple, being made for every
+    message: it is built in half the time of a frozen dataclass."""
 
     topic: str
     partition: int

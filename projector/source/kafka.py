@@ -75,18 +75,21 @@ def consumer_config(
 
 
 def _raw(msg: Message) -> RawMessage:
+    # Once per message: positional arguments, and no work for the usual message without headers.
     ts_type, ts = msg.timestamp()
-    raw_headers = msg.headers() or []
-    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
-    headers = tuple((k, v.encode() if isinstance(v, str) else v) for k, v in pairs)
+    raw_headers = msg.headers()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    if raw_headers:
+        pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
+        headers = tuple((k, v.encode() if isinstance(v, str) else v) for k, v in pairs)
     return RawMessage(
-        topic=msg.topic() or "",
-        partition=msg.partition() or 0,
-        offset=msg.offset() or 0,
-        key=msg.key(),
-        value=msg.value(),
-        timestamp_ms=ts if ts_type != 0 else None,
-        headers=headers,
+        msg.topic() or "",
+        msg.partition() or 0,
+        msg.offset() or 0,
+        msg.key(),
+        msg.value(),
+        ts if ts_type != 0 else None,
+        headers,
     )
 
 
