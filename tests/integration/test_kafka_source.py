@@ -23,7 +23,12 @@ def test_messages_keep_key_value_timestamp_and_headers(
     order, a repeated name twice), and a record without headers gets an empty tuple."""
     topic = new_topic()
     producer = Producer({"bootstrap.servers": services.kafka})
-    headers = [("a", b"\x00raw"), ("b", "text é"), ("c", None), ("a", b"again")]
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("a", b"\x00raw"),
+        ("b", "text é"),
+        ("c", None),
+        ("a", b"again"),
+    ]
     producer.produce(
         topic, value=b'{"x":1}', key=b"k1", headers=headers, timestamp=1_700_000_000_000
     )
@@ -39,7 +44,12 @@ def test_messages_keep_key_value_timestamp_and_headers(
     source = KafkaSource(conf, [topic], on_assign, lambda tps: None)
     got: list[RawMessage] = []
     try:
-        wait_until(lambda: bool(got.extend(source.poll(10, 0.1)) or len(got) >= 2), "two messages")
+
+        def polled_both() -> bool:
+            got.extend(source.poll(10, 0.1))
+            return len(got) >= 2
+
+        wait_until(polled_both, "two messages")
     finally:
         source.close()
     assert claimed and (topic, 0) in claimed[0]
