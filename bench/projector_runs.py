@@ -5,6 +5,7 @@ answer afterwards."""
 
 from __future__ import annotations
 
+import re
 import resource
 import statistics
 import threading
@@ -111,7 +112,7 @@ def run_projector(
         config = _configure(ctx, res, name, store, topic)
         ends = end_offsets(ctx.svc.kafka, topic)
         sampler = Sampler(open_store(config, config.projections[0]), ends, topic).start()
-        slug = name.replace(" ", "-")
+        slug = _slug(name)
         results = [ctx.out / f"{slug}-{k}.json" for k in range(processes)]
         for path in results:
             path.unlink(missing_ok=True)
@@ -144,13 +145,18 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _slug(name: str) -> str:
+    """A run's name as a file name: "pg reordered, 2 consumers" -> "pg-reordered-2-consumers"."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
 def _configure(ctx: Context, res: Resources, name: str, store: str, topic: str) -> Config:
     requests, replayed = res.topic(1), res.topic(1)
     dsn = res.database() if store == "postgres" else None
     prefix = res.redis_prefix() if store == "redis" else None
     data = projector_config(ctx, store, topic, dsn=dsn, prefix=prefix, replay=(requests, replayed))
     res.group(f"{data['kafka']['group_prefix']}.{PROJECTION}")
-    config = prepare(data, ctx.out / f"{name.replace(' ', '-')}.yaml")
+    config = prepare(data, ctx.out / f"{_slug(name)}.yaml")
     schema, table = EVENT_STORE
     responder = ReplayResponder(
         ctx.svc.kafka,
