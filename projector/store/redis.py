@@ -1,15 +1,26 @@
 """Redis store: projector's own state and the projections' views, one Lua script per batch.
 
-A batch reads what it needs first, on one connection, under WATCH: the batch's stream hashes
-(position, parked events, gaps, merge state), the correlation records it touches or finds due,
-and whatever the handlers read (a correlation's input progress is read unwatched: a stale read
-only lowers its watermark). The runner plans as usual; the handlers' writes and projector's
-own changes are collected as plain commands. The commit is MULTI / EVALSHA / EXEC: the script
-checks the fence (each partition's epoch) and the type of every key it will touch before it
+A batch reads what it needs first, on one connection: under WATCH the version pointer, the
+correlation records it touches or finds due, and whatever the handlers read (a correlation's
+input progress is read unwatched: a stale read only lowers its watermark); the batch's stream
+hashes (position, parked events, gaps, merge state) are read unwatched, each with its version
+token (field ``v``, see below). The runner plans as usual; the handlers' writes and
+projector's own changes are collected as plain commands. The commit is MULTI / EVALSHA / EXEC:
+the script checks the fence (each partition's epoch), that every stream hash the batch read
+still holds the token it was read with, and the type of every key it will touch before it
 writes anything, since Redis never rolls a script back. EXEC fails if anything WATCHed changed
-meanwhile (another instance touched one of the streams or records): the batch is planned
-again from fresh reads. A retry always plans again, so a commit whose reply was lost is
-never applied twice (its streams show its events as applied).
+meanwhile, and the script answers "conflict" if a stream hash did (another instance touched
+one of the streams or records): either way the batch is planned again from fresh reads. A
+retry always plans again, so a commit whose reply was lost is never applied twice (its
+streams show its events as applied).
+
+Why tokens rather than WATCH for the stream hashes: a batch reads about one hash per event,
+and Redis 7.0's WATCH scans the connection's whole list of watched keys for every key it adds
+(quadratic: ~1 s of Redis time per 100k events). The token check is the same optimistic check
+(DESIGN: "reads happen before, under WATCH, and a conflict means re-plan and retry"), done by
+the batch script instead of by EXEC. Every write of a stream hash, by anyone, sets ``v`` to a
+token drawn for that write (a batch draws one per batch), never a counter: a hash deleted and
+written again can't come back to a token a reader saw (no ABA).
 
 Keys, under ``<prefix>:`` (no TTLs, but on a rebuild's swapped-out version and its pause, so
 only an ``allkeys-*`` policy could evict live ones):
@@ -18,7 +29,8 @@ only an ``allkeys-*`` policy could evict live ones):
   input progress per ``topic:partition`` (``"<high>,<0|1>"``: the highest event time read, ms,
   empty when none; caught up); ``s:<projection>:version``: the version written;
 - at that version, ``s:<projection>:<version>:st:<stream>``: a stream's hash: ``seq id hash
-  blocked`` (position), ``p:<seq>`` (a parked event), ``gaps`` (JSON), ``doc``/``doc_at``;
+  blocked`` (position), ``p:<seq>`` (a parked event), ``gaps`` (JSON), ``doc``/``doc_at``,
+  ``v`` (the version token of its last write);
 - ``s:<projection>:<version>:parked`` (count), ``gaps``/``gapdue``/``gapskipped`` (sorted sets
   of ``[stream, from_seq]`` by first seen / next request), ``gapheld`` (set), ``dl`` (dead
   letters by id), ``dlseq``, ``dlopen``, ``docs`` (merge documents by last change);
@@ -39,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import secrets
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -78,6 +91,13 @@ log = logging.getLogger(__name__)
 
 MAX_ARGS = 1000  # per recorded command: Lua's unpack() has a stack limit
 DUE_PER_BATCH = 1000  # correlation records a batch closes at most; the next batch takes more
+TOKEN = "v"  # a stream hash's field: the version token of its last write (module docstring)
+
+
+def new_token() -> str:
+    """A version token for one write of stream hashes (a batch, a gap timer round, a sweep):
+    random, so a hash deleted and written again never comes back to a token read before."""
+    return secrets.token_hex(8)
 
 
 def _watch(pipe: Pipeline, *keys: str) -> None:
@@ -217,13 +237,17 @@ _FIELDS_PER_READ = 5_000  # Lua's unpack() fails past about 8,000 values
 
 @dataclass
 class _Stream:
-    """One stream hash as read, and what the batch changes in it."""
+    """One stream hash as read (its version token apart), and what the batch changes in it."""
 
     key: str
     stored: dict[str, str]
     sets: dict[str, str] = field(default_factory=dict)
     dels: set[str] = field(default_factory=set)
     gaps: list[Gap] | None = None  # the stream's gap list once the batch changed it
+    token: str | None = field(init=False)  # ``v`` as read; None: no field, or no hash
+
+    def __post_init__(self) -> None:
+        self.token = self.stored.pop(TOKEN, None)
 
     def get(self, name: str) -> str | None:
         if name in self.sets:
@@ -351,6 +375,7 @@ class RedisBatch:
                 ["SET", reader_pointer(store.prefix, view_schema), version],
             ]
         self.keys = Keys(store.prefix, projection, str(version))
+        self.token = new_token()  # set in every stream hash this batch writes
         self._namespace = self.keys.views(view_schema)
         self._check_writes = check_writes
         self._streams: dict[str, _Stream] = {}
@@ -359,21 +384,29 @@ class RedisBatch:
         self._parked_delta = 0
         self._letters: dict[int, dict[str, Any]] = {}
 
-    # -- reads, under WATCH ---------------------------------------------------------------
-    def read(self, op: str, keys: Sequence[str], args: Sequence[str]) -> list[Any]:
+    # -- reads ----------------------------------------------------------------------------
+    def read(
+        self, op: str, keys: Sequence[str], args: Sequence[str], watch: bool = True
+    ) -> list[Any]:
+        """One read script call for ``keys``; WATCHed first unless ``watch`` is false (the
+        stream hashes: their version tokens are checked by the batch script instead)."""
         if not keys:
             return []
-        _watch(self._pipe, *keys)
+        if watch:
+            _watch(self._pipe, *keys)
         rows = self._store.scripts.call(self._pipe, "read", keys, op, *args)
         if op in ("get", "hget", "zscore", "exists"):
             return [r[0] for r in rows]
         return list(rows)
 
     def _load(self, streams: Iterable[str]) -> dict[str, _Stream]:
+        """The stream hashes, read once per batch, not WATCHed: each one's version token goes
+        to the batch script, which refuses the commit ("conflict") if it changed."""
         # Membership in the dict, not a set of it per call: writes call this once per stream.
         missing = sorted({s for s in streams if s not in self._streams})
         keys = [self.keys.stream(s) for s in missing]
-        for stream, key, flat in zip(missing, keys, self.read("stream", keys, []), strict=True):
+        rows = self.read("stream", keys, [], watch=False)
+        for stream, key, flat in zip(missing, keys, rows, strict=True):
             self._streams[stream] = _Stream(key, dict(zip(flat[::2], flat[1::2], strict=True)))
         return self._streams
 
@@ -438,8 +471,9 @@ class RedisBatch:
 
     def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:
         """The stream hashes were read without their parked events' values (see read.lua's
-        "stream"): those wanted are read now, in one round trip, under the same WATCH, a
-        stream's fields split in parts that Lua's ``unpack`` takes."""
+        "stream"): those wanted are read now, in one round trip, a stream's fields split in
+        parts that Lua's ``unpack`` takes. Not WATCHed: a hash changed since ``_load`` has
+        another version token, and the commit is refused."""
         loaded = self._load(wanted)
         parts = [
             (stream, names[i : i + _FIELDS_PER_READ])
@@ -448,7 +482,8 @@ class RedisBatch:
             for i in range(0, len(names), _FIELDS_PER_READ)
         ]
         args = [arg for _, names in parts for arg in (str(len(names)), *names)]
-        values = self.read("fields", [loaded[stream].key for stream, _ in parts], args)
+        keys = [loaded[stream].key for stream, _ in parts]
+        values = self.read("fields", keys, args, watch=False)
         parked: dict[str, dict[int, Event]] = {}
         for (stream, names), raws in zip(parts, values, strict=True):
             for name, raw in zip(names, raws, strict=True):
@@ -652,15 +687,17 @@ class RedisBatch:
 
     # -- the commit -----------------------------------------------------------------------
     def ops(self) -> list[Op]:
-        """Projector's own changes as commands, then the handlers' view writes."""
+        """Projector's own changes as commands, then the handlers' view writes. Every stream
+        hash written gets this batch's version token (``v``) in its first HSET."""
         k = self.keys
         own: list[Op] = []
         for stream, s in sorted(self._streams.items()):
             if s.gaps is not None:
                 own += self._gap_ops(stream, s)
-            if s.sets:
-                own += _chunks("HSET", s.key, [p for kv in sorted(s.sets.items()) for p in kv], 2)
             gone = sorted(n for n in s.dels if n in s.stored)
+            if s.sets or gone:
+                pairs = [TOKEN, self.token, *(p for kv in sorted(s.sets.items()) for p in kv)]
+                own += _chunks("HSET", s.key, pairs, 2)
             if gone:
                 own += _chunks("HDEL", s.key, gone, 1)
         if self._parked_delta:
@@ -690,18 +727,26 @@ class RedisBatch:
             s.delete("gaps")
         return ops
 
+    def versions(self) -> list[list[str]]:
+        """Every stream hash the batch read, written or not, with the version token it was
+        read with ("" for none): the batch script checks them before it writes anything."""
+        return [[s.key, s.token or ""] for _, s in sorted(self._streams.items())]
+
     def commit(self) -> None:
         ops = self.ops()
         if not ops and not self._fence:
             return
         own = len(ops) - len(self._views)
+        conflict = TransientStoreError(
+            "another instance changed what the batch read (a stream, a correlation record,"
+            " a view); planning it again"
+        )
         try:
-            verdict = self._store.apply(self._pipe, self._fence, ops)
+            verdict = self._store.apply(self._pipe, self._fence, ops, self.versions())
         except redis.exceptions.WatchError:
-            raise TransientStoreError(
-                "another instance changed what the batch read (a stream, a correlation record,"
-                " a view); planning it again"
-            ) from None
+            raise conflict from None
+        if verdict[0] == "conflict":  # a stream hash's token changed: as a WATCH conflict
+            raise conflict
         if verdict[0] == "fenced":
             raise Fenced([_untp(f) for f in verdict[1:]])
         if verdict[0] == "paused":
@@ -747,11 +792,20 @@ class RedisStore:
         fails is traced to its event."""
         self._check_writes = True
 
-    def apply(self, pipe: Pipeline, fence: list[list[str]], ops: list[Op]) -> list[Any]:
+    def apply(
+        self,
+        pipe: Pipeline,
+        fence: list[list[str]],
+        ops: list[Op],
+        versions: Sequence[Sequence[str]] = (),
+    ) -> list[Any]:
         """MULTI / EVALSHA batch / EXEC on ``pipe`` (WatchError if a WATCHed key changed);
-        the script's verdict. A NOSCRIPT loads the scripts again and the caller plans anew."""
+        the script's verdict ("conflict" if a stream hash of ``versions``, ``[key, token
+        read]``, holds another token now). A NOSCRIPT loads the scripts again and the caller
+        plans anew."""
         pipe.multi()
-        self.scripts.call(pipe, "batch", [], "commit", _dumps({"fence": fence, "ops": ops}))
+        batch = {"fence": fence, "ops": ops, "versions": versions}
+        self.scripts.call(pipe, "batch", [], "commit", _dumps(batch))
         try:
             verdict: list[Any] = pipe.execute()[0]
         except redis.exceptions.NoScriptError:
@@ -822,6 +876,8 @@ class RedisStore:
 
     # -- gaps -----------------------------------------------------------------------------
     def _gaps_of(self, pipe: Pipeline, k: Keys, streams: Sequence[str]) -> dict[str, list[Gap]]:
+        """The streams' gap lists, their hashes WATCHed: a batch that writes one of them
+        meanwhile makes this caller's EXEC fail (it tries again)."""
         keys = [k.stream(s) for s in streams]
         if not keys:
             return {}
@@ -835,9 +891,13 @@ class RedisStore:
     def _write_gap_changes(
         self, pipe: Pipeline, k: Keys, gaps: Mapping[str, list[Gap]], stale: Sequence[str]
     ) -> None:
+        # A new version token with the gaps: a batch that read one of these streams before
+        # finds it changed when it commits, and is planned again.
+        token = new_token()
         ops: list[Op] = []
         for stream, found in gaps.items():
-            ops.append(["HSET", k.stream(stream), "gaps", _dumps([_gap_json(g) for g in found])])
+            gap_list = _dumps([_gap_json(g) for g in found])
+            ops.append(["HSET", k.stream(stream), "gaps", gap_list, TOKEN, token])
             for g in found:
                 if g.state in ("open", "held"):
                     member = _member(stream, g.from_seq)
@@ -1024,7 +1084,7 @@ class RedisStore:
     def inspect_stream(self, projection: str, stream: str) -> StreamReport:
         k = self.keys(projection)
         stored = cast(dict[str, str], self.client.hgetall(k.stream(stream)))
-        s = _Stream(k.stream(stream), stored)
+        s = _Stream(k.stream(stream), stored)  # takes the version token out of stored
         position = None if "seq" not in stored else _position(stream, s, SequenceRules())
         parked = sorted(
             (int(n[2:]), Event.from_json(json_codec.loads(v)))
@@ -1062,25 +1122,40 @@ class RedisStore:
                 with self._watching() as pipe:
                     keys = [k.stream(s) for s in streams]
                     _watch(pipe, *keys)
-                    rows = self.scripts.call(pipe, "read", keys, "hmget", "doc", "doc_at")
+                    hashes = [
+                        dict(zip(flat[::2], flat[1::2], strict=True))
+                        for flat in self.scripts.call(pipe, "read", keys, "stream")
+                    ]
                     # Changed since they were listed (WATCH covers only what follows): not
                     # due; they stay in the index with their new time.
                     due = [
-                        (stream, key, raw)
-                        for stream, key, (raw, at) in zip(streams, keys, rows, strict=True)
-                        if at is None or float(at) < unchanged_since
+                        (stream, key, h)
+                        for stream, key, h in zip(streams, keys, hashes, strict=True)
+                        if h.get("doc_at") is None or float(h["doc_at"]) < unchanged_since
                     ]
                     ops: list[Op] = _chunks("ZREM", k.docs, [s for s, _, _ in due], 1)
                     removed = 0
-                    for _, key, raw in due:
+                    # Each write sets a new version token (``v``), so a batch that read the
+                    # stream before is refused and planned again; a hash left with nothing
+                    # but its token is deleted, as it was before tokens (a batch that read
+                    # token T finds none: refused too; one that read no hash at all, before
+                    # the document was written and then swept a retention later, finds none
+                    # again, and its plan is what a fresh read would give: no document).
+                    token = new_token()
+                    for _, key, h in due:
+                        raw = h.get("doc")
                         if raw is None:
                             continue
                         kept = purge(json_codec.loads(raw))
                         if kept is None:
-                            ops.append(["HDEL", key, "doc", "doc_at"])
+                            if set(h) <= {"doc", "doc_at", TOKEN}:
+                                ops.append(["DEL", key])
+                            else:
+                                ops.append(["HDEL", key, "doc", "doc_at"])
+                                ops.append(["HSET", key, TOKEN, token])
                             removed += 1
                         else:
-                            ops.append(["HSET", key, "doc", _dumps(kept)])
+                            ops.append(["HSET", key, "doc", _dumps(kept), TOKEN, token])
                     self._apply_own(pipe, ops)
                     return len(due), removed
             except redis.exceptions.WatchError:

@@ -221,10 +221,16 @@ class RedisRebuildStore:
                 yield chunk
 
     def _delete_version(self, version: int) -> None:
+        """Delete a version that no batch writes: the one a rebuild builds, with its lock held
+        and before its batches start, never the live one. So it writes stream hashes without
+        setting their version token (``v``, see :mod:`projector.store.redis`) safely; a
+        deleted hash reads as no token, which a batch that read one finds changed anyway."""
         for chunk in self._version_keys(version):
             self._client.unlink(*chunk)
 
     def _expire_version(self, version: int, ms: int) -> None:
+        """Only the swapped-out version: a live batch still planned on it fails its WATCH on
+        the version pointer, so it can't race with the expiry of its stream hashes."""
         for chunk in self._version_keys(version):
             with self._client.pipeline(transaction=False) as pipe:
                 for key in chunk:

@@ -29,9 +29,9 @@ pytestmark = pytest.mark.integration
 TOPIC = "t"
 
 
-def wire(stream: str, seq: int, offset: int, kind: str = "ADD") -> RawMessage:
+def wire(stream: str, seq: int, offset: int, kind: str = "ADD", partition: int = 0) -> RawMessage:
     value = {"stream": stream, "seq": seq, "ts": seq, "type": kind, "data": {"n": 1}}
-    return RawMessage(TOPIC, 0, offset, stream.encode(), json.dumps(value).encode())
+    return RawMessage(TOPIC, partition, offset, stream.encode(), json.dumps(value).encode())
 
 
 def counting(events: Sequence[Event], view: RedisView) -> None:
@@ -61,13 +61,18 @@ def make_store(services: Services, redis_prefix: str) -> Iterator[Callable[[], R
         s.close()
 
 
-def applier_for(services: Services, pg_dsn: str, store: RedisStore) -> Callable[..., Any]:
+def applier_for(
+    services: Services,
+    pg_dsn: str,
+    store: RedisStore,
+    handler: Callable[[Sequence[Event], RedisView], None] = counting,
+) -> Callable[..., Any]:
     config = make_config(services, pg_dsn, [projection("p", [TOPIC], ["handlers.customers"])])
     applier = BatchApplier(
         "p",
         "p",
         store,
-        [LoadedHandler("counting", counting, ())],
+        [LoadedHandler("counting", handler, ())],
         SequenceRules(),
         30.0,
         time.time,
@@ -78,6 +83,11 @@ def applier_for(services: Services, pg_dsn: str, store: RedisStore) -> Callable[
 
 def offsets(client: redis.Redis, prefix: str) -> dict[str, str]:
     found: dict[str, str] = client.hgetall(f"{prefix}:s:p:offsets")  # type: ignore[assignment]
+    return found
+
+
+def hash_of(client: redis.Redis, key: str) -> dict[str, str]:
+    found: dict[str, str] = client.hgetall(key)  # type: ignore[assignment]
     return found
 
 
@@ -237,9 +247,11 @@ def test_a_concurrent_change_of_a_read_stream_means_planning_again(
     client: redis.Redis,
     redis_prefix: str,
 ) -> None:
-    """Proves WATCH: a batch whose stream another instance changed after it was read commits
-    nothing (TransientStoreError: plan again), and the retry applies on top of the other's
-    write, so the stream's events are each applied once."""
+    """Proves the optimistic check: a batch whose stream another instance changed after it was
+    read commits nothing (TransientStoreError: plan again), and the retry applies on top of the
+    other's write, so the stream's events are each applied once. (Here the other's first batch
+    also creates the version pointer, so the pointer's WATCH fires too; the stream's token
+    alone is proved by the test after this one.)"""
     a, b = make_store(), make_store()
     apply_b = applier_for(services, pg_dsn, b)
     a.claim("p", [(TOPIC, 0), (TOPIC, 1)], "a")
@@ -255,6 +267,115 @@ def test_a_concurrent_change_of_a_read_stream_means_planning_again(
         tx.write_positions([position])
     assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "1"
     assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1"}
+
+
+def test_a_stream_written_between_read_and_commit_refuses_the_commit(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves the version token that replaced WATCH on the stream hashes: A reads stream s1
+    (at seq 1) and plans its seq 3 as parked behind a gap (and s2's seq 1 as applied); while
+    A's handler runs, B, another instance on another partition, applies s1's seq 2. Nothing
+    else A WATCHes changes (the version pointer exists already, A's handler reads nothing), so
+    only the token can tell. A's commit raises the transient "plan again" error and writes
+    nothing: its checkpoint, the views, s1's position, parked events and gaps are as B left
+    them. A's retry, a fresh batch, reads seq 2 and applies seq 3 at once: each event applied
+    once, nothing parked, no gap."""
+    a, b = make_store(), make_store()
+    apply_b = applier_for(services, pg_dsn, b)
+    interfere = [True]
+
+    def meddling(events: Sequence[Event], view: RedisView) -> None:
+        if interfere:
+            interfere.clear()
+            apply_b([wire("s1", 2, 0, partition=1)], {(TOPIC, 1): epoch_b})
+        counting(events, view)
+
+    apply_a = applier_for(services, pg_dsn, a, meddling)
+    epoch_a = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    epoch_b = b.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
+    interfere.clear()
+    apply_a([wire("s1", 1, 0)], {(TOPIC, 0): epoch_a})  # the version pointer, s1 at seq 1
+    interfere.append(True)
+    s1 = f"{redis_prefix}:s:p:1:st:s1"
+    epochs_before = client.hgetall(f"{redis_prefix}:s:p:epochs")
+
+    batch = [wire("s2", 1, 1), wire("s1", 3, 2)]
+    with pytest.raises(TransientStoreError, match="planning it again"):
+        apply_a(batch, {(TOPIC, 0): epoch_a})
+
+    assert not interfere  # B did write in between
+    assert client.hgetall(f"{redis_prefix}:s:p:epochs") == epochs_before
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1", f"{TOPIC}:1": "1"}
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "2"
+    assert client.get(f"{redis_prefix}:v:p:1:count:s2") is None
+    assert not client.exists(f"{redis_prefix}:s:p:1:st:s2")
+    stored = hash_of(client, s1)
+    assert stored["seq"] == "2" and "p:3" not in stored and "gaps" not in stored
+    assert client.get(f"{redis_prefix}:s:p:1:parked") in (None, "0")
+    assert client.zcard(f"{redis_prefix}:s:p:1:gaps") == 0
+
+    result = apply_a(batch, {(TOPIC, 0): epoch_a})
+
+    assert result.duplicates == 0
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "3"
+    assert client.get(f"{redis_prefix}:v:p:1:count:s2") == "1"
+    stored = hash_of(client, s1)
+    assert stored["seq"] == "3" and "gaps" not in stored
+    assert not [f for f in stored if f.startswith("p:")]
+    assert client.get(f"{redis_prefix}:s:p:1:parked") in (None, "0")
+    assert client.zcard(f"{redis_prefix}:s:p:1:gaps") == 0
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "3", f"{TOPIC}:1": "1"}
+
+
+@pytest.mark.parametrize("other", ["batch", "gap timer", "created"])
+def test_a_batch_that_only_reads_a_stream_still_sees_it_change(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+    other: str,
+) -> None:
+    """Proves a stream hash a batch only read (a duplicate: it writes no position there)
+    still has its version token checked at commit, whoever wrote it meanwhile: another
+    instance's batch, the gap timer (``request_gaps_now``, which writes only the hash's
+    ``gaps``), or a batch that created a stream the batch read as absent (token ""). The
+    commit raises the transient error and moves no checkpoint; the hash keeps the other
+    writer's token, and a batch's own writes carry that batch's token."""
+    a, b = make_store(), make_store()
+    apply_a, apply_b = applier_for(services, pg_dsn, a), applier_for(services, pg_dsn, b)
+    epoch_a = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    epoch_b = b.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
+    apply_a([wire("s1", 1, 0), wire("s1", 3, 1)], {(TOPIC, 0): epoch_a})  # s1: seq 1, gap 2
+    stream = "s9" if other == "created" else "s1"
+    key = f"{redis_prefix}:s:p:1:st:{stream}"
+    token_before = client.hget(key, "v")
+    assert (token_before is None) == (other == "created")
+
+    with pytest.raises(TransientStoreError, match="planning it again"), a.batch("p", "p") as tx:
+        tx.fence({(TOPIC, 0): 3}, {(TOPIC, 0): epoch_a})
+        position = tx.lock_positions([stream], SequenceRules())[stream]
+        assert position.last_seq == (0 if other == "created" else 1)
+        if other == "gap timer":
+            assert b.request_gaps_now("p", "s1", time.time()) == 1
+        else:
+            apply_b(
+                [wire(stream, 2 if stream == "s1" else 1, 0, partition=1)], {(TOPIC, 1): epoch_b}
+            )
+        assert tx.ops() == []  # only read: the batch writes nothing of its own there
+        assert tx.versions() == [[key, token_before or ""]]
+
+    token_after = client.hget(key, "v")
+    assert token_after and token_after != token_before
+    assert offsets(client, redis_prefix)[f"{TOPIC}:0"] == "2"
+    if other != "gap timer":  # a batch's writes carry that batch's token
+        with b.batch("p", "p") as probe:
+            probe.lock_positions(["s1"], SequenceRules())
+            assert probe.versions()[0][1] == client.hget(f"{redis_prefix}:s:p:1:st:s1", "v")
 
 
 def test_noscript_is_healed(

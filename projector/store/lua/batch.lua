@@ -2,7 +2,11 @@
 -- One batch of one projection, all or nothing (see projector/store/redis.py).
 -- ARGV[1]: "commit" (check, then write) or "check" (only check: a dry run of the writes).
 -- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset, starts, start, paused}...},
---                ops = {{COMMAND, key, arg...}...}, own = number of projector's own ops first}
+--                ops = {{COMMAND, key, arg...}...}, own = number of projector's own ops first,
+--                versions = {{stream hash, version token read ("" for none)}...}}
+-- versions: the stream hashes the batch read, not WATCHed; each write of one sets its field
+-- "v" to a new token, so one that holds another token now was written since the batch read
+-- it: the same optimistic check as WATCH, answered "conflict" before anything is written.
 -- A fence entry with an empty offset holds the partition without moving its checkpoint (a
 -- correlation's idle tick). Besides Redis commands, ops may be projector's own DLADD (a
 -- dead letter), COSET (SET of a correlation record: a string, checked like the rest) and
@@ -11,7 +15,8 @@
 -- topic, key, event} queues a business event unless its id is in ids; OUTHOLD {hold hash,
 -- ts zset, seq string, id, ts, message} holds a rebuild's aside unless held already; OUTPRUNE
 -- {hold hash, ts zset, before} forgets held ones older than before (event time, ms).
--- Returns {"ok"}, {"fenced", field...}, {"paused"} (a rebuild is swapping in: wait), or
+-- Returns {"ok"}, {"fenced", field...}, {"paused"} (a rebuild is swapping in: wait),
+-- {"conflict", key} (a stream hash changed since it was read: plan again), or
 -- {"badwrite", op index (1-based), reason}.
 -- Redis does not roll a script back when a command fails half-way, so everything that could
 -- fail is checked first: the fence, then each op against the type (and, for counters, the
@@ -28,6 +33,12 @@ if mode == "commit" then
     if redis.call("HGET", f[1], f[3]) ~= f[4] then lost[#lost + 1] = f[3] end
   end
   if #lost > 0 then return {"fenced", unpack(lost)} end
+  for _, v in ipairs(batch.versions or {}) do
+    -- pcall: a key that is no hash now has changed too (the fresh read reports it)
+    local now = redis.pcall("HGET", v[1], "v")
+    if now == false then now = "" end
+    if now ~= v[2] then return {"conflict", v[1]} end
+  end
 end
 
 local KIND = {
@@ -46,7 +57,12 @@ local MORE = {
 local LIMIT = 9.2e18 -- INCRBY past a signed 64-bit integer fails; stay clear of it
 local MAX_PARTS = 7000 -- unpack() fails past about 8,000 values: the caller splits commands
 local REMOVE = {HDEL = true, SREM = true, ZREM = true}
+local NONE = {"none", 0}
 
+-- What the checks know of keys, simulated in op order: types[key] (as TYPE answers), cleared
+-- [key] (deleted by an op), numbers[key or key .. "\0" .. field]: the value an op leaves
+-- there, either as written (a string, classified by class_of only if an increment meets it:
+-- most never are) or {class, number}.
 local types, cleared, numbers = {}, {}, {}
 
 local function type_of(key)
@@ -76,7 +92,11 @@ end
 local function number_at(key, field)
   local slot = field and (key .. "\0" .. field) or key
   local known = numbers[slot]
-  if known then return slot, known[1], known[2] end
+  if known then
+    if type(known) == "table" then return slot, known[1], known[2] end
+    local cls, value = class_of(known) -- as an op of this batch wrote it
+    return slot, cls, value
+  end
   local raw = false
   if not cleared[key] then
     if field then
@@ -171,7 +191,7 @@ local function check(op)
   local have = type_of(key)
   if cmd == "SET" then
     types[key] = "string"
-    numbers[key] = {class_of(op[3])}
+    numbers[key] = op[3]
     return nil
   end
   if have ~= "none" and have ~= want then
@@ -188,9 +208,9 @@ local function check(op)
   if cmd == "HINCRBY" then return add(key, op[3], op[4], true) end
   if cmd == "HINCRBYFLOAT" then return add(key, op[3], op[4], false) end
   if cmd == "HSET" then
-    for i = 3, #op - 1, 2 do numbers[key .. "\0" .. op[i]] = {class_of(op[i + 1])} end
+    for i = 3, #op - 1, 2 do numbers[key .. "\0" .. op[i]] = op[i + 1] end
   elseif cmd == "HDEL" then
-    for i = 3, #op do numbers[key .. "\0" .. op[i]] = {"none", 0} end
+    for i = 3, #op do numbers[key .. "\0" .. op[i]] = NONE end
   end
   return nil
 end

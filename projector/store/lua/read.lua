@@ -1,5 +1,6 @@
 #!lua flags=no-writes
--- Reads for one batch, one round trip for many keys (the caller WATCHes them first).
+-- Reads for one batch, one round trip for many keys (the caller WATCHes them first, but
+-- projector's own stream hashes: the batch script checks their version token, field v).
 -- ARGV[1]: get | hget | hmget | hgetall | smembers | zscore | exists; ARGV[2...]: its arguments.
 -- Two for projector's own stream hashes: "stream" is HGETALL with every parked event's value
 -- ("p:<seq>") left out, "" in its place (a batch loads only the parked events it can meet);
