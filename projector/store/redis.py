@@ -410,6 +410,12 @@ class RedisBatch:
             self._streams[stream] = _Stream(key, dict(zip(flat[::2], flat[1::2], strict=True)))
         return self._streams
 
+    def _stream(self, stream: str) -> _Stream:
+        """One stream's hash: as loaded already (the writes' case: the planning read it), else
+        read now."""
+        found = self._streams.get(stream)
+        return found if found is not None else self._load([stream])[stream]
+
     # -- the StoreBatch interface ---------------------------------------------------------
     def fence(
         self,
@@ -503,7 +509,7 @@ class RedisBatch:
         return out
 
     def mark_skipped(self, gap: Gap) -> None:
-        s = self._load([gap.stream])[gap.stream]
+        s = self._stream(gap.stream)
         s.gaps = [
             replace(g, state="skipped") if g.from_seq == gap.from_seq else g
             for g in s.current_gaps(gap.stream)
@@ -545,7 +551,7 @@ class RedisBatch:
 
     def write_positions(self, positions: Iterable[StreamPosition]) -> None:
         for p in positions:
-            s = self._load([p.stream])[p.stream]
+            s = self._stream(p.stream)
             s.set("seq", str(p.last_seq))
             for name, value in (("id", p.last_id), ("hash", p.last_hash)):
                 if value is None:
@@ -559,12 +565,12 @@ class RedisBatch:
 
     def park(self, events: Iterable[Event]) -> None:
         for e in events:
-            self._load([e.stream])[e.stream].set(f"p:{e.seq}", _dumps(e.to_json()))
+            self._stream(e.stream).set(f"p:{e.seq}", _dumps(e.to_json()))
             self._parked_delta += 1
 
     def unpark(self, keys: Iterable[tuple[str, int]]) -> None:
         for stream, seq in keys:
-            s = self._load([stream])[stream]
+            s = self._stream(stream)
             if f"p:{seq}" in s.stored:
                 s.delete(f"p:{seq}")
                 self._parked_delta -= 1
@@ -596,7 +602,7 @@ class RedisBatch:
 
     def write_documents(self, states: Mapping[str, dict[str, Any]], now: float) -> None:
         for stream, state in states.items():
-            s = self._load([stream])[stream]
+            s = self._stream(stream)
             s.set("doc", _dumps(state))
             s.set("doc_at", repr(now))
             self._own.append(["ZADD", self.keys.docs, repr(now), stream])

@@ -26,6 +26,8 @@ Op = list[str]  # [command, full key, arg...]: every part a string, as Redis rec
 
 
 def _text(value: str, what: str) -> str:
+    if value.isascii():  # nearly every key and value: nothing to check
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate, from a JSON escape such as \ud800
