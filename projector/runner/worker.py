@@ -9,12 +9,13 @@ the rest. Nothing sleeps in the loop except that backoff, which a stop request i
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tenacity import Retrying, retry_if_exception, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
 from projector.apply import LoadedHandler, load_handler, load_rule
 from projector.config import Config, ProjectionConfig, correlation_rules
@@ -35,7 +36,7 @@ from projector.runner.progress import PartitionProgress
 from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
 from projector.store.base import Store
 from projector.store.connect import open_store
-from projector.store.errors import Fenced, is_transient
+from projector.store.errors import Fenced, WriteConflict, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -373,9 +374,11 @@ class ProjectionWorker:
         self.stop.wait(seconds)  # a stop request cuts a backoff short
 
     def _retrying(self) -> Retrying:
-        def before_sleep(state: object) -> None:
-            outcome = getattr(state, "outcome", None)
-            exc = outcome.exception() if outcome is not None else None
+        def before_sleep(state: RetryCallState) -> None:
+            exc = _failure(state)
+            if isinstance(exc, WriteConflict):
+                log.info("projection %s: %s", self.projection.name, exc)
+                return
             log.warning(
                 "projection %s: transient store error, retrying: %s", self.projection.name, exc
             )
@@ -383,9 +386,27 @@ class ProjectionWorker:
 
         return Retrying(
             retry=retry_if_exception(is_transient),
-            wait=wait_exponential(multiplier=0.05, max=10),
+            wait=retry_wait,
             stop=lambda _state: self.stop.is_set(),
             sleep=self._wait,
             before_sleep=before_sleep,
             reraise=True,
         )
+
+
+_BACKOFF = wait_exponential(multiplier=0.05, max=10)
+
+
+def retry_wait(state: RetryCallState) -> float:
+    """How long before a batch is tried again: at once (up to 10 ms of jitter) after a write
+    conflict, which only says another writer was quicker; else exponentially longer, to 10 s,
+    for a store in trouble. Measured: with backoff, a batch of one of two consumers on Redis
+    holding a few replayed events of the other's busy streams lost 20 times in a row and
+    waited 36 s."""
+    if isinstance(_failure(state), WriteConflict):
+        return random.uniform(0.0, 0.01)
+    return _BACKOFF(state)
+
+
+def _failure(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome is not None else None

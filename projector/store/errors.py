@@ -15,6 +15,12 @@ class TransientStoreError(StoreError):
     """Retry the batch: a lost connection, a serialization failure, a deadlock."""
 
 
+class WriteConflict(TransientStoreError):
+    """Another writer changed what the batch read (Redis's optimistic check): plan it again at
+    once. Not a sign of trouble with the store, so no backoff and no new connection: waiting
+    only lets the other writer, which may be writing those streams on and on, win again."""
+
+
 class StoreUnavailable(TransientStoreError):
     """The store cannot be reached right now."""
 

@@ -84,7 +84,13 @@ from projector.store.base import (
     StreamReport,
     TopicPartition,
 )
-from projector.store.errors import Fenced, StoreError, StoreUnavailable, TransientStoreError
+from projector.store.errors import (
+    Fenced,
+    StoreError,
+    StoreUnavailable,
+    TransientStoreError,
+    WriteConflict,
+)
 from projector.store.redis_view import Op, RedisView
 
 log = logging.getLogger(__name__)
@@ -743,7 +749,7 @@ class RedisBatch:
         if not ops and not self._fence:
             return
         own = len(ops) - len(self._views)
-        conflict = TransientStoreError(
+        conflict = WriteConflict(
             "another instance changed what the batch read (a stream, a correlation record,"
             " a view); planning it again"
         )

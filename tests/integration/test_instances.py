@@ -29,6 +29,25 @@ from tests.integration.test_pipeline import account_rows
 pytestmark = pytest.mark.integration
 
 
+def publish_split(
+    services: Services,
+    topic_a: str,
+    topic_b: str,
+    rng: random.Random,
+    accounts: int,
+    events_per_account: int,
+) -> tuple[list[scenarios.Wire], int]:
+    """An account log whose streams are split over two topics (odd seqs on ``topic_a``, even
+    on ``topic_b``, each shuffled within windows), so whoever owns the two topics' partitions
+    must serialise on every stream; the log, and how many messages were published."""
+    log = scenarios.account_log(rng, accounts=accounts, events_per_account=events_per_account)
+    odd = [w for w in log if w["seq"] % 2]
+    even = [w for w in log if not w["seq"] % 2]
+    total = publish(services.kafka, topic_a, scenarios.shuffle_within_windows(rng, odd, 100))
+    total += publish(services.kafka, topic_b, scenarios.shuffle_within_windows(rng, even, 100))
+    return log, total
+
+
 @pytest.mark.parametrize("strategy", [None, "cooperative-sticky"])
 def test_two_instances_share_the_partitions_and_serialise_on_shared_streams(
     services: Services,
@@ -65,12 +84,7 @@ def test_two_instances_share_the_partitions_and_serialise_on_shared_streams(
             ),
             "both instances to own partitions",
         )
-        rng = random.Random(11)
-        log = scenarios.account_log(rng, accounts=200, events_per_account=30)
-        odd = [w for w in log if w["seq"] % 2]
-        even = [w for w in log if not w["seq"] % 2]
-        total = publish(services.kafka, topic_a, scenarios.shuffle_within_windows(rng, odd, 100))
-        total += publish(services.kafka, topic_b, scenarios.shuffle_within_windows(rng, even, 100))
+        log, total = publish_split(services, topic_a, topic_b, random.Random(11), 200, 30)
         wait_until(
             lambda: (
                 rows(pg_dsn, "select coalesce(sum(next_offset), 0) from projector.checkpoints")
@@ -135,12 +149,7 @@ def test_consumers_in_one_process_share_the_partitions_and_survive_kill_9(
     data = config_dict(services, pg_dsn, [proj], instance_id="box")
     path = write_config(tmp_path / "config.yaml", data)
     migrate_all(parse_config(data, env={}))
-    rng = random.Random(13)
-    log = scenarios.account_log(rng, accounts=400, events_per_account=25)
-    odd = [w for w in log if w["seq"] % 2]
-    even = [w for w in log if not w["seq"] % 2]
-    total = publish(services.kafka, topic_a, scenarios.shuffle_within_windows(rng, odd, 100))
-    total += publish(services.kafka, topic_b, scenarios.shuffle_within_windows(rng, even, 100))
+    log, total = publish_split(services, topic_a, topic_b, random.Random(13), 400, 25)
 
     def applied() -> int:
         return int(
