@@ -401,8 +401,8 @@ def retry_wait(state: RetryCallState) -> float:
     """How long before a batch is tried again: at once (up to 10 ms of jitter) after a write
     conflict, which only says another writer was quicker; else exponentially longer, to 10 s,
     for a store in trouble. Measured: with backoff, a batch of one of two consumers on Redis
-    holding a few replayed events of the other's busy streams lost 20 times in a row and
-    waited 36 s."""
+    holding a few replayed events of the other's busy streams lost more than ten times in a
+    row and waited 36 s."""
     if isinstance(_failure(state), WriteConflict):
         return random.uniform(0.0, 0.01)
     return _BACKOFF(state)
