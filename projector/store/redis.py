@@ -755,7 +755,12 @@ class RedisBatch:
         )
         try:
             verdict = self._store.apply(self._pipe, self._fence, ops, self.versions())
-        except redis.exceptions.WatchError:
+        except redis.exceptions.WatchError as exc:
+            if _connection_lost(exc):
+                raise TransientStoreError(
+                    f"the connection to Redis was lost at the commit ({exc}); whether it"
+                    " applied is read back when the batch is planned again"
+                ) from exc
             raise conflict from None
         if verdict[0] == "conflict":  # a stream hash's token changed: as a WATCH conflict
             raise conflict
@@ -769,6 +774,15 @@ class RedisBatch:
                 raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict[2]}")
             self._store.check_writes_once()
             raise TransientStoreError(f"a handler's write was rejected ({verdict[2]}); re-planning")
+
+
+def _connection_lost(exc: redis.exceptions.WatchError) -> bool:
+    """redis-py answers a connection lost while keys are WATCHed with a WatchError too (raised
+    while it handles the ConnectionError or TimeoutError): that is no write conflict, but a
+    store to reconnect to, with backoff."""
+    cause = exc.__cause__ or exc.__context__
+    lost = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    return isinstance(cause, lost) or "occurred while watching" in str(exc)
 
 
 class RedisStore:
