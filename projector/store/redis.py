@@ -408,7 +408,6 @@ class RedisBatch:
     def _load(self, streams: Iterable[str]) -> dict[str, _Stream]:
         """The stream hashes, read once per batch, not WATCHed: each one's version token goes
         to the batch script, which refuses the commit ("conflict") if it changed."""
-        # Membership in the dict, not a set of it per call: writes call this once per stream.
         missing = sorted({s for s in streams if s not in self._streams})
         keys = [self.keys.stream(s) for s in missing]
         rows = self.read("stream", keys, [], watch=False)

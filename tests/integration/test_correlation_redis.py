@@ -25,7 +25,7 @@ import redis
 
 from projector.core.correlate import ClosedWindow, InputTime, Pending
 from projector.store.base import Store
-from projector.store.errors import Fenced, TransientStoreError
+from projector.store.errors import Fenced, WriteConflict
 from projector.store.redis import RedisStateCorrupt, RedisStore
 from tests.conftest import Services
 from tests.integration.test_correlation import (
@@ -206,7 +206,7 @@ def test_a_record_written_after_this_batch_read_it_fails_the_commit_and_is_read_
     a, b = stores(), stores()
     with a.batch(PROJECTION, PROJECTION) as tx:
         tx.write_correlations([(record("k", 100), 150)], [])
-    with pytest.raises(TransientStoreError), a.batch(PROJECTION, PROJECTION) as first:
+    with pytest.raises(WriteConflict), a.batch(PROJECTION, PROJECTION) as first:
         assert set(first.lock_correlations([], 200)) == {"k"}
         with b.batch(PROJECTION, PROJECTION) as second:
             assert set(second.lock_correlations([], 200)) == {"k"}
@@ -216,7 +216,7 @@ def test_a_record_written_after_this_batch_read_it_fails_the_commit_and_is_read_
         assert again.lock_correlations([], 200) == {}
         assert again.lock_correlations(["k"], 200) == {"k": record("k", 100)}
 
-    with pytest.raises(TransientStoreError), a.batch(PROJECTION, PROJECTION) as first:
+    with pytest.raises(WriteConflict), a.batch(PROJECTION, PROJECTION) as first:
         assert first.lock_correlations(["new"], None) == {}
         with b.batch(PROJECTION, PROJECTION) as second:
             second.lock_correlations(["new"], None)

@@ -18,7 +18,7 @@ from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules
 from projector.runner.batch import BatchApplier
 from projector.runner.worker import build_decoders
-from projector.store.errors import Fenced, TransientStoreError
+from projector.store.errors import Fenced, TransientStoreError, WriteConflict
 from projector.store.redis import RedisStore
 from projector.store.redis_view import RedisView
 from tests.conftest import Services
@@ -248,7 +248,7 @@ def test_a_concurrent_change_of_a_read_stream_means_planning_again(
     redis_prefix: str,
 ) -> None:
     """Proves the optimistic check: a batch whose stream another instance changed after it was
-    read commits nothing (TransientStoreError: plan again), and the retry applies on top of the
+    read commits nothing (WriteConflict: plan again at once), and the retry applies on top of the
     other's write, so the stream's events are each applied once. (Here the other's first batch
     also creates the version pointer, so the pointer's WATCH fires too; the stream's token
     alone is proved by the test after this one.)"""
@@ -259,7 +259,7 @@ def test_a_concurrent_change_of_a_read_stream_means_planning_again(
     epoch = {tp: c.epoch for tp, c in epochs.items()}
     rules = SequenceRules()
 
-    with pytest.raises(TransientStoreError, match="planning it again"), b.batch("p", "p") as tx:
+    with pytest.raises(WriteConflict, match="planning it again"), b.batch("p", "p") as tx:
         tx.fence({(TOPIC, 1): 1}, epoch)
         position = tx.lock_positions(["s1"], rules)["s1"]
         assert position.last_seq == 0
@@ -304,7 +304,7 @@ def test_a_stream_written_between_read_and_commit_refuses_the_commit(
     epochs_before = client.hgetall(f"{redis_prefix}:s:p:epochs")
 
     batch = [wire("s2", 1, 1), wire("s1", 3, 2)]
-    with pytest.raises(TransientStoreError, match="planning it again"):
+    with pytest.raises(WriteConflict, match="planning it again"):
         apply_a(batch, {(TOPIC, 0): epoch_a})
 
     assert not interfere  # B did write in between
@@ -356,7 +356,7 @@ def test_a_batch_that_only_reads_a_stream_still_sees_it_change(
     token_before = client.hget(key, "v")
     assert (token_before is None) == (other == "created")
 
-    with pytest.raises(TransientStoreError, match="planning it again"), a.batch("p", "p") as tx:
+    with pytest.raises(WriteConflict, match="planning it again"), a.batch("p", "p") as tx:
         tx.fence({(TOPIC, 0): 3}, {(TOPIC, 0): epoch_a})
         position = tx.lock_positions([stream], SequenceRules())[stream]
         assert position.last_seq == (0 if other == "created" else 1)
