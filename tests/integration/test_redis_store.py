@@ -215,7 +215,8 @@ def test_the_script_finds_writes_redis_would_refuse(
 def test_writes_redis_accepts_pass_the_checks(
     make_store: Callable[[], RedisStore], client: redis.Redis, redis_prefix: str
 ) -> None:
-    """Proves no false alarm on the normal cases: a DEL then a new type, SET then INCRBY of a
+    """Proves no false alarm on the normal cases: a DEL then a new type, a DEL forgetting what
+    an earlier op wrote in a field, SET then INCRBY of a
     number, INCRBYFLOAT on an integer, counters on missing keys and fields, a removal from a
     missing key (which leaves no key), INCRBY after float increments that add up to a whole
     number (Redis prints it as an integer)."""
@@ -223,6 +224,9 @@ def test_writes_redis_accepts_pass_the_checks(
     p = f"{redis_prefix}:"
     client.set(p + "s", "x")
     ops = [
+        ["HSET", p + "h", "f", "abc"],
+        ["DEL", p + "h"],
+        ["HINCRBY", p + "h", "f", "1"],
         ["DEL", p + "s"],
         ["HSET", p + "s", "f", "1"],
         ["HINCRBY", p + "s", "f", "2"],

@@ -24,6 +24,12 @@
 local mode = ARGV[1]
 local batch = cjson.decode(ARGV[2])
 
+-- What the checks know of keys, simulated in op order: types[key] (as TYPE answers), cleared
+-- [key] (deleted by an op), and the value an op leaves in a string key (strings[key]) or a
+-- hash field (fields[key][field]): either as written (a string, classified by class_of only
+-- if an increment meets it: most never are) or {class, number}.
+local types, cleared, strings, fields = {}, {}, {}, {}
+
 if mode == "commit" then
   for _, f in ipairs(batch.fence) do
     if f[8] ~= "" and redis.call("EXISTS", f[8]) == 1 then return {"paused"} end
@@ -38,6 +44,8 @@ if mode == "commit" then
     local now = redis.pcall("HGET", v[1], "v")
     if now == false then now = "" end
     if now ~= v[2] then return {"conflict", v[1]} end
+    -- it holds the token read: a hash (one TYPE call less per stream; none holds no token)
+    if now ~= "" then types[v[1]] = "hash" end
   end
 end
 
@@ -59,11 +67,6 @@ local MAX_PARTS = 7000 -- unpack() fails past about 8,000 values: the caller spl
 local REMOVE = {HDEL = true, SREM = true, ZREM = true}
 local NONE = {"none", 0}
 
--- What the checks know of keys, simulated in op order: types[key] (as TYPE answers), cleared
--- [key] (deleted by an op), numbers[key or key .. "\0" .. field]: the value an op leaves
--- there, either as written (a string, classified by class_of only if an increment meets it:
--- most never are) or {class, number}.
-local types, cleared, numbers = {}, {}, {}
 
 local function type_of(key)
   local t = types[key]
@@ -89,13 +92,25 @@ local function class_of(raw)
   return "float", n
 end
 
+-- Where the value at key (a string key) or at its field lives in the simulation: the table
+-- and its index.
+local function slot_of(key, field)
+  if not field then return strings, key end
+  local t = fields[key]
+  if not t then
+    t = {}
+    fields[key] = t
+  end
+  return t, field
+end
+
 local function number_at(key, field)
-  local slot = field and (key .. "\0" .. field) or key
-  local known = numbers[slot]
+  local t, i = slot_of(key, field)
+  local known = t[i]
   if known then
-    if type(known) == "table" then return slot, known[1], known[2] end
+    if type(known) == "table" then return t, i, known[1], known[2] end
     local cls, value = class_of(known) -- as an op of this batch wrote it
-    return slot, cls, value
+    return t, i, cls, value
   end
   local raw = false
   if not cleared[key] then
@@ -106,28 +121,31 @@ local function number_at(key, field)
     end
   end
   local cls, value = class_of(raw)
-  return slot, cls, value
+  return t, i, cls, value
+end
+
+local function where(key, field)
+  return field and ("field " .. field .. " of " .. key) or key
 end
 
 local function add(key, field, amount_raw, integer)
-  local slot, cls, value = number_at(key, field)
+  local t, i, cls, value = number_at(key, field)
   local amount = tonumber(amount_raw)
-  local what = field and ("field " .. field .. " of " .. key) or key
   if integer and cls ~= "none" and cls ~= "int" then
-    return what .. " does not hold an integer"
+    return where(key, field) .. " does not hold an integer"
   end
-  if not integer and cls == "other" then return what .. " does not hold a number" end
+  if not integer and cls == "other" then return where(key, field) .. " does not hold a number" end
   local result = value + amount
   if integer and (result > LIMIT or result < -LIMIT) then
-    return "incrementing " .. what .. " would overflow a 64-bit integer"
+    return "incrementing " .. where(key, field) .. " would overflow a 64-bit integer"
   end
   if result ~= result or result == math.huge or result == -math.huge then
-    return "incrementing " .. what .. " would not give a finite number"
+    return "incrementing " .. where(key, field) .. " would not give a finite number"
   end
   -- Redis prints a float increment's result without trailing zeros: a whole one reads back
   -- as an integer.
   local whole = result == math.floor(result) and result < 1e17 and result > -1e17
-  numbers[slot] = {(integer or whole) and "int" or "float", result}
+  t[i] = {(integer or whole) and "int" or "float", result}
   return nil
 end
 
@@ -142,7 +160,7 @@ local function stream_behind(queue, seq)
   for i = 1, #info, 2 do
     if info[i] == "last-generated-id" then
       local last = tonumber(string.match(info[i + 1], "^(%d+)-"))
-      local _, cls, value = number_at(seq, nil)
+      local _, _, cls, value = number_at(seq, nil)
       if cls ~= "int" and cls ~= "none" then return nil end -- reported by the add() below
       if last and last > value then
         return seq .. " is behind the stream " .. queue .. " (" .. info[i + 1] .. ")"
@@ -180,10 +198,7 @@ local function check(op)
   local cmd, key = op[1], op[2]
   if #op > MAX_PARTS then return cmd .. " on " .. tostring(key) .. " has too many arguments" end
   if cmd == "DEL" then
-    types[key], cleared[key] = "none", true
-    for slot in pairs(numbers) do
-      if slot == key or string.sub(slot, 1, #key + 1) == key .. "\0" then numbers[slot] = nil end
-    end
+    types[key], cleared[key], strings[key], fields[key] = "none", true, nil, nil
     return nil
   end
   local want = KIND[cmd]
@@ -191,7 +206,7 @@ local function check(op)
   local have = type_of(key)
   if cmd == "SET" then
     types[key] = "string"
-    numbers[key] = op[3]
+    strings[key] = op[3]
     return nil
   end
   if have ~= "none" and have ~= want then
@@ -208,9 +223,11 @@ local function check(op)
   if cmd == "HINCRBY" then return add(key, op[3], op[4], true) end
   if cmd == "HINCRBYFLOAT" then return add(key, op[3], op[4], false) end
   if cmd == "HSET" then
-    for i = 3, #op - 1, 2 do numbers[key .. "\0" .. op[i]] = op[i + 1] end
+    local t = slot_of(key, true)
+    for i = 3, #op - 1, 2 do t[op[i]] = op[i + 1] end
   elseif cmd == "HDEL" then
-    for i = 3, #op do numbers[key .. "\0" .. op[i]] = NONE end
+    local t = slot_of(key, true)
+    for i = 3, #op do t[op[i]] = NONE end
   end
   return nil
 end
