@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -66,3 +67,48 @@ def test_messages_keep_key_value_timestamp_and_headers(
         RawMessage(topic, 0, 1, b"k2", None, got[1].timestamp_ms, ()),
     ]
     assert got[1].timestamp_ms is not None
+
+
+def test_a_joining_instance_gets_its_partitions_within_about_a_heartbeat(
+    services: Services, new_topic: Callable[..., str]
+) -> None:
+    """Proves a second consumer of a group gets its share of the partitions soon after it
+    joins, while the first keeps polling: the first learns of the rebalance from its next
+    heartbeat, which projector sends every second (librdkafka's default, 3 s, left the second
+    instance idle for up to 3 s; the bound here leaves room for a loaded machine)."""
+    topic = new_topic(partitions=2)
+    group = unique("g")
+    owned: dict[str, set[TopicPartition]] = {"a": set(), "b": set()}
+
+    def source(name: str) -> KafkaSource:
+        def assigned(tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+            owned[name] |= set(tps)
+            return {}
+
+        def revoked(tps: list[TopicPartition]) -> None:
+            owned[name] -= set(tps)
+
+        conf = consumer_config(services.kafka, group, unique(name), {})
+        assert conf["heartbeat.interval.ms"] <= 1000
+        return KafkaSource(conf, [topic], assigned, revoked)
+
+    a = source("a")
+    b: KafkaSource | None = None
+    try:
+        wait_until(lambda: a.poll(10, 0.05) is not None and len(owned["a"]) == 2, "a owns both")
+        b = source("b")
+        joined = time.monotonic()
+
+        def both_own_one() -> bool:
+            a.poll(10, 0.05)
+            assert b is not None
+            b.poll(10, 0.05)
+            return len(owned["a"]) == 1 and len(owned["b"]) == 1
+
+        wait_until(both_own_one, "a partition each")
+        waited = time.monotonic() - joined
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+    assert waited < 2.5, f"the joining instance waited {waited:.1f} s for its partition"
