@@ -3,13 +3,15 @@ decoders and tests need no broker."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from projector.core.event import SourceRef
 
 
-@dataclass(frozen=True, slots=True)
-class RawMessage:
+class RawMessage(NamedTuple):
+    """One consumed record. A named tuple: one is made per message, in less than half the
+    time of a frozen dataclass."""
+
     topic: str
     partition: int
     offset: int

@@ -19,7 +19,8 @@ it is rejected (counted and dead-lettered, never silently dropped).
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from projector.core.event import Event
 
@@ -30,9 +31,10 @@ class SequenceRules:
     max_seq_jump: int = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class StreamPosition:
-    """A stream's stored progress. ``last_seq`` is ``first_seq - 1`` before anything applied."""
+class StreamPosition(NamedTuple):
+    """A stream's stored progress. ``last_seq`` is ``first_seq - 1`` before anything applied.
+    A named tuple, like the plan below: a batch makes a few per stream, and a tuple is built
+    in less than half the time of a frozen dataclass."""
 
     stream: str
     last_seq: int
@@ -54,8 +56,7 @@ class Rejection:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class StreamPlan:
+class StreamPlan(NamedTuple):
     stream: str
     position: StreamPosition
     apply: tuple[Event, ...] = ()
@@ -133,8 +134,8 @@ class _Work:
                 self.parked_seqs.discard(nxt)
                 self.unpark.append(nxt)
             elif (skip := self.skipped_range(nxt)) is not None:
-                self.position = replace(
-                    self.position, last_seq=skip[1], last_id=None, last_hash=None
+                self.position = self.position._replace(
+                    last_seq=skip[1], last_id=None, last_hash=None
                 )
                 self.last_applied = None
             else:

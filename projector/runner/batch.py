@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from projector.apply import LoadedHandler
@@ -307,7 +307,7 @@ class BatchApplier:
                 pos, evs = state.positions[stream], arrived
                 letter = culprits.get(stream)
                 if letter is not None and letter.event is not None:
-                    pos = replace(pos, blocked_seq=letter.event.seq)
+                    pos = pos._replace(blocked_seq=letter.event.seq)
                     evs = [e for e in arrived if e is not letter.event]
                 plans[stream] = sequence_stream(
                     pos,

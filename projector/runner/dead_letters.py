@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from projector.config import Config
 from projector.core.decode import DecodeError, Decoder
@@ -36,7 +36,7 @@ class Outcome:
 
 def _unblock(seq: int | None) -> Callable[[StreamPosition], StreamPosition]:
     def change(pos: StreamPosition) -> StreamPosition:
-        return replace(pos, blocked_seq=None) if pos.blocked_seq == seq else pos
+        return pos._replace(blocked_seq=None) if pos.blocked_seq == seq else pos
 
     return change
 
@@ -45,8 +45,8 @@ def _skip_past(event: Event) -> Callable[[StreamPosition], StreamPosition]:
     def change(pos: StreamPosition) -> StreamPosition:
         if pos.blocked_seq != event.seq or event.seq is None:
             return pos
-        return replace(
-            pos, last_seq=event.seq, last_id=event.id, last_hash=event.hash, blocked_seq=None
+        return pos._replace(
+            last_seq=event.seq, last_id=event.id, last_hash=event.hash, blocked_seq=None
         )
 
     return change

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from projector.core.decode import DecodeError, GuardedDecoder, load_decoder
@@ -396,3 +396,116 @@ def test_arbitrary_json_only_raises_decode_error(value: Any) -> None:
     raw = json.dumps(value).encode()
     for options in ({}, {"seq": "seq", "ts": "at", "data": "d", "id": "id"}, {"stream": "0.0"}):
         _decode_or_reason(decoder(**options), msg(raw=raw))
+
+
+_ABSENT = object()
+_odd_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["", "7", "2024-01-02T03:04:05Z"])
+    | st.lists(st.integers(), max_size=2)
+)
+
+
+_usual_fields = st.fixed_dictionaries(
+    {
+        "game": st.text(min_size=1, max_size=4),
+        "seq": st.integers(min_value=0, max_value=2**63 - 1),
+        "at": st.integers(min_value=-(2**63) + 1, max_value=2**63 - 1),
+        "type": st.text(max_size=3),
+        "id": st.text(min_size=1, max_size=3),
+        "d": st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    }
+)
+_edges = {
+    "game": st.sampled_from(["", 7, True]),
+    "seq": st.sampled_from([-1, 2**63, True, 1.0, "7"]),
+    "at": st.sampled_from([-(2**63), 2**63, 1.5, "7", "2024-01-02T03:04:05Z"]),
+    "type": st.sampled_from([7, True, ["x"]]),
+    "id": st.sampled_from(["", 7, False]),
+    "d": st.sampled_from([[], "x", 1]),
+}
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> dict[str, Any]:
+    """A usual message (every field of its final type), with a few fields then made odd:
+    absent, null, just out of range or of another type, or anything at all."""
+    fields: dict[str, Any] = draw(_usual_fields)
+    for key in draw(st.sets(st.sampled_from(sorted(fields)), min_size=1, max_size=2)):
+        how = draw(st.sampled_from(("absent", "edge", "edge", "odd")))
+        fields[key] = (
+            _ABSENT if how == "absent" else draw(_edges[key] if how == "edge" else _odd_values)
+        )
+    return {k: v for k, v in fields.items() if v is not _ABSENT}
+
+
+_OPTION_SETS: list[dict[str, Any]] = [
+    {},
+    {"seq": "seq"},
+    {"seq": "seq", "ts": "at", "data": "d", "id": "id"},
+    {"seq": "seq", "ts": "at", "type": None, "stream_prefix": "g:"},
+    {"ts": "at", "data": "d"},
+]
+
+
+def _outcome(decode: Any, message: RawMessage) -> Event | str:
+    """The event decoded, or the dead letter's reason."""
+    try:
+        event = decode(message)
+    except DecodeError as exc:
+        return exc.reason
+    assert isinstance(event, Event)
+    return event
+
+
+@settings(max_examples=300)
+@given(
+    fields=_messages(),
+    options=st.sampled_from(_OPTION_SETS),
+)
+def test_the_short_path_decodes_as_the_reference_does(
+    fields: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """Proves the decoder's short path for top-level keys (taken when each field already has
+    its final type) gives exactly the Event the full decoder gives, or leaves the message
+    to it: on any mix of present, missing, null and wrongly typed fields, ``decode`` and the
+    reference ``_decode`` give equal events or the same dead-letter reason."""
+    dec = decoder(**options)
+    assert _outcome(dec.decode, msg(fields)) == _outcome(dec._decode, msg(fields))
+
+
+_USUAL = {"game": "g", "seq": 3, "at": 5, "type": "T", "id": "i", "d": {"a": 1}}
+_EDGES = {
+    "game": ["", 7, True, None],
+    "seq": [-1, 0, 2**63 - 1, 2**63, True, 1.0, "7", None],
+    "at": [-(2**63) + 1, -(2**63), 2**63 - 1, 2**63, 1.5, "7", "2024-01-02T03:04:05Z", None],
+    "type": [7, True, ["x"], None, ""],
+    "id": ["", 7, False, None],
+    "d": [[], "x", 1, None, {}],
+}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(k, v) for k, values in _EDGES.items() for v in [*values, _ABSENT]]
+)
+def test_the_short_path_agrees_at_each_fields_edges(key: str, value: Any) -> None:
+    """Proves, for each field at the edges of its type and range (and absent), that the
+    short path and the reference give the same outcome under every option set above: each
+    check of the short path is needed and none is too loose."""
+    fields = {k: v for k, v in {**_USUAL, key: value}.items() if v is not _ABSENT}
+    for options in _OPTION_SETS:
+        dec = decoder(**options)
+        assert _outcome(dec.decode, msg(fields)) == _outcome(dec._decode, msg(fields))
+
+
+def test_the_short_path_is_taken_for_the_usual_message() -> None:
+    """Proves the usual message (every field a top-level key, of its final type) is decoded
+    by the short path, so the property test above compares two paths and not one."""
+    dec = decoder(seq="seq", ts="at", data="payload")
+    assert dec._keys == ("game", "seq", "at", "type", "payload", None)
+    message = msg({**PLAY, "game": "5"})
+    assert message.value is not None
+    assert dec._decode_plain(message.value, message) == dec._decode(message)

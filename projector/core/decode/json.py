@@ -248,10 +248,51 @@ class JsonDecoder:
         self._type = _compile_optional("type", options.type)
         self._data = _compile_optional("data", options.data)
         self._id = _compile_optional("id", options.id)
+        self._keys = _top_level_keys(
+            self._stream, self._seq, self._ts, self._type, self._data, self._id
+        )
 
     def decode(self, message: RawMessage) -> Event:
         with reasons():
+            if self._keys is not None and message.value is not None:
+                event = self._decode_plain(message.value, message)
+                if event is not None:
+                    return event
             return self._decode(message)
+
+    def _decode_plain(self, raw: bytes, message: RawMessage) -> Event | None:
+        """The usual message in short, when every path is a key of the top-level object:
+        each field taken as it is when it already has its final type and range. ``None``
+        for anything else, which :meth:`_decode` (the reference) then decodes or refuses
+        with its reason, so both always agree."""
+        assert self._keys is not None
+        value = parse_json(raw, self._max)
+        if type(value) is not dict:
+            return None
+        get = value.get
+        k_stream, k_seq, k_ts, k_type, k_data, k_id = self._keys
+        stream: Any = get(k_stream)
+        seq = None if k_seq is None else get(k_seq)
+        ts = None if k_ts is None else get(k_ts)
+        type_: Any = "" if k_type is None else get(k_type)
+        data: Any = value if k_data is None else get(k_data)
+        id_: Any = None if k_id is None else get(k_id)
+        plain = (
+            type(stream) is str
+            and stream != ""
+            and (k_seq is None or (type(seq) is int and 0 <= seq <= _INT64_MAX))
+            and (k_ts is None or (type(ts) is int and -_INT64_MAX <= ts <= _INT64_MAX))
+            and type(type_) is str
+            and type(data) is dict
+            # no id path: stream/seq, or (no seq either) a content id the reference computes
+            and ((type(id_) is str and id_ != "") if k_id is not None else seq is not None)
+        )
+        if not plain:
+            return None
+        stream = self.options.stream_prefix + stream
+        if k_id is None:
+            id_ = f"{stream}/{seq}"
+        return Event(stream, seq, ts, type_, data, id_, message.source)
 
     def _decode(self, message: RawMessage) -> Event:
         if message.value is None:
@@ -281,6 +322,20 @@ class JsonDecoder:
         else:
             id_ = content_id(stream, type_, ts, data)
         return Event(stream, seq, ts, type_, data, id_, message.source)
+
+
+def _top_level_keys(*paths: FieldPath | None) -> tuple[str | None, ...] | None:
+    """Each path's key when every configured path is one key of the message's top-level
+    object (the usual configuration), else ``None``."""
+    keys: list[str | None] = []
+    for path in paths:
+        if path is None:
+            keys.append(None)
+        elif path.origin == "value" and len(path.parts) == 1:
+            keys.append(path.parts[0])
+        else:
+            return None
+    return tuple(keys)
 
 
 def _compile_optional(name: str, text: str | None) -> FieldPath | None:
