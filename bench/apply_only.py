@@ -18,15 +18,11 @@ import pstats
 import time
 from collections.abc import Sequence
 
-from bench.context import HANDLERS, PROJECTION, WIRE_DECODER
+from bench.context import batch_feeder, in_memory_config
 from bench.services import resources, services
 from bench.workload import generate
-from projector.config import parse_config
 from projector.core.message import RawMessage
 from projector.runner.daemon import collecting_less_often
-from projector.runner.worker import build_applier, build_decoders, load_handlers
-from projector.store.connect import open_store, view_migrations
-from projector.store.migrate import migrate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,29 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     svc = services()
     with resources(svc) as res:
-        dsn = res.database()
-        data = {
-            "kafka": {"bootstrap_servers": svc.kafka, "group_prefix": "apply-only"},
-            "postgres": {"dsn": dsn},
-            "redis": {"url": svc.redis_url, "prefix": res.redis_prefix()},
-            "metrics": {"enabled": False},
-            "projections": [
-                {
-                    "name": PROJECTION,
-                    "store": args.store,
-                    "view_schema": PROJECTION,
-                    "topics": ["apply-only"],
-                    "handlers": [HANDLERS[args.store]],
-                    "decoder": {**WIRE_DECODER, "data": "data"},
-                }
-            ],
-        }
-        config = parse_config(data, env={})
-        projection = config.projections[0]
-        assert config.postgres is not None
-        migrate(
-            dsn, config.postgres.schema_, view_migrations(projection, load_handlers(projection))
-        )
+        config = in_memory_config(svc, res, args.store, "apply-only")
         workload = generate(args.events, args.streams)
         delivery = workload.disordered(11) if args.delivery == "reordered" else workload.in_order()
         order = delivery.order
@@ -75,24 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             RawMessage("apply-only", 0, offset, workload.key(i), workload.payload(i))
             for offset, i in enumerate(order)
         ]
-        store = open_store(config, projection)
-        try:
-            claims = store.claim(PROJECTION, [("apply-only", 0)], "apply-only")
-            epochs = {tp: claim.epoch for tp, claim in claims.items()}
-            applier = build_applier(config, projection, store, time.time)
-            decoders = build_decoders(projection)
+        with batch_feeder(config, "apply-only") as (_, apply):
             profiler = cProfile.Profile() if args.profile else None
             wall, cpu = time.perf_counter(), time.process_time()
             with collecting_less_often():
                 if profiler is not None:
                     profiler.enable()
                 for start in range(0, len(messages), args.batch):
-                    applier.apply(messages[start : start + args.batch], decoders, epochs)
+                    apply(messages[start : start + args.batch])
                 if profiler is not None:
                     profiler.disable()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        finally:
-            store.close()
     print(
         f"{args.store}, {args.delivery}: {len(messages):,} messages in {wall:.2f} s: {len(messages) / wall:,.0f}/s;"
         f" {cpu:.2f} s of CPU: {len(messages) / cpu:,.0f} per CPU-second"

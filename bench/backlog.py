@@ -20,14 +20,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bench.context import HANDLERS, PROJECTION, WIRE_DECODER
+from bench.context import PROJECTION, batch_feeder, in_memory_config
 from bench.services import resources, services
-from projector.config import parse_config
 from projector.core.message import RawMessage
 from projector.runner.daemon import collecting_less_often
-from projector.runner.worker import build_applier, build_decoders, load_handlers
-from projector.store.connect import open_store, view_migrations
-from projector.store.migrate import migrate
 from projector.store.postgres import PgBatch
 from projector.store.redis import RedisBatch
 
@@ -43,50 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     svc = services()
     held = _timed(PgBatch if args.store == "postgres" else RedisBatch)
     with resources(svc) as res:
-        dsn = res.database()
-        data = {
-            "kafka": {"bootstrap_servers": svc.kafka, "group_prefix": "backlog"},
-            "postgres": {"dsn": dsn},
-            "redis": {"url": svc.redis_url, "prefix": res.redis_prefix()},
-            "metrics": {"enabled": False},
-            "projections": [
-                {
-                    "name": PROJECTION,
-                    "store": args.store,
-                    "view_schema": PROJECTION,
-                    "topics": ["backlog"],
-                    "handlers": [HANDLERS[args.store]],
-                    "decoder": {**WIRE_DECODER, "data": "data"},
-                    "max_parked": 10 * args.events,
-                }
-            ],
-        }
-        config = parse_config(data, env={})
-        projection = config.projections[0]
-        assert config.postgres is not None
-        migrate(
-            dsn, config.postgres.schema_, view_migrations(projection, load_handlers(projection))
-        )
+        config = in_memory_config(svc, res, args.store, "backlog", max_parked=10 * args.events)
         messages = _messages(args.events, args.hot, args.streams)
-        store = open_store(config, projection)
-        try:
-            claims = store.claim(PROJECTION, [("backlog", 0)], "backlog")
-            epochs = {tp: claim.epoch for tp, claim in claims.items()}
-            applier = build_applier(config, projection, store, time.time)
-            decoders = build_decoders(projection)
-            with collecting_less_often():
-                for n, start in enumerate(range(0, len(messages), 2000)):
-                    held["seconds"] = 0.0
-                    began = time.perf_counter()
-                    applier.apply(messages[start : start + 2000], decoders, epochs)
-                    took = time.perf_counter() - began
-                    if n % args.every == 0:
-                        print(
-                            f"{store.count_parked(PROJECTION):7,} parked: batch {took * 1000:6.1f}"
-                            f" ms, reading its parked seqs {held['seconds'] * 1000:5.1f} ms"
-                        )
-        finally:
-            store.close()
+        with batch_feeder(config, "backlog") as (store, apply), collecting_less_often():
+            for n, start in enumerate(range(0, len(messages), 2000)):
+                held["seconds"] = 0.0
+                began = time.perf_counter()
+                apply(messages[start : start + 2000])
+                took = time.perf_counter() - began
+                if n % args.every == 0:
+                    print(
+                        f"{store.count_parked(PROJECTION):7,} parked: batch {took * 1000:6.1f}"
+                        f" ms, reading its parked seqs {held['seconds'] * 1000:5.1f} ms"
+                    )
     return 0
 
 

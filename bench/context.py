@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,11 +16,14 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from bench.services import ROOT, Services, unique
+from bench.services import ROOT, Resources, Services, unique
 from bench.workload import Row, Workload
 from projector.config import Config, parse_config
-from projector.runner.worker import load_handlers
-from projector.store.connect import view_migrations
+from projector.core.message import RawMessage
+from projector.runner.batch import BatchResult
+from projector.runner.worker import build_applier, build_decoders, load_handlers
+from projector.store.base import Store
+from projector.store.connect import open_store, view_migrations
 from projector.store.migrate import migrate
 
 PROJECTION = "accounts"
@@ -52,6 +58,18 @@ class Context:
         self.console.log(text)
 
 
+def accounts_projection(store: str, topic: str) -> dict[str, Any]:
+    """The keys of the accounts projection that every run and tool shares."""
+    return {
+        "name": PROJECTION,
+        "store": store,
+        "view_schema": PROJECTION,
+        "topics": [topic],
+        "handlers": [HANDLERS[store]],
+        "decoder": {**WIRE_DECODER, "data": "data"},
+    }
+
+
 def projector_config(
     ctx: Context,
     store: str,
@@ -64,12 +82,7 @@ def projector_config(
     """The config of one run: one projection ``accounts`` on ``topic``; ``replay`` is
     (requests topic, replay topic) for the reference responder."""
     projection: dict[str, Any] = {
-        "name": PROJECTION,
-        "store": store,
-        "view_schema": PROJECTION,
-        "topics": [topic],
-        "handlers": [HANDLERS[store]],
-        "decoder": {**WIRE_DECODER, "data": "data"},
+        **accounts_projection(store, topic),
         "batch_max_messages": ctx.batch_size,
         "consumers": ctx.consumers,
         "gap_timeout": f"{ctx.gap_timeout}s",
@@ -142,3 +155,46 @@ def read_result(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data
+
+
+def in_memory_config(
+    svc: Services, res: Resources, store: str, topic: str, **projection: Any
+) -> Config:
+    """The accounts projection on ``topic`` in ``store`` (a fresh database or key prefix of
+    ``res``), its views migrated: for the tools that feed its batch applier from memory
+    (``apply_only``, ``backlog``). ``projection`` adds or overrides projection keys."""
+    dsn = res.database()
+    config = parse_config(
+        {
+            "kafka": {"bootstrap_servers": svc.kafka, "group_prefix": topic},
+            "postgres": {"dsn": dsn},
+            "redis": {"url": svc.redis_url, "prefix": res.redis_prefix()},
+            "metrics": {"enabled": False},
+            "projections": [{**accounts_projection(store, topic), **projection}],
+        },
+        env={},
+    )
+    assert config.postgres is not None
+    loaded = config.projections[0]
+    migrate(dsn, config.postgres.schema_, view_migrations(loaded, load_handlers(loaded)))
+    return config
+
+
+Apply = Callable[[Sequence[RawMessage]], BatchResult]
+
+
+@contextmanager
+def batch_feeder(config: Config, topic: str) -> Iterator[tuple[Store, Apply]]:
+    """The store, and a function applying a batch of messages (partition 0 of ``topic``,
+    claimed here) through the projection's batch applier, as ``projector run`` does after a
+    poll: for the tools that feed it from memory."""
+    projection = config.projections[0]
+    store = open_store(config, projection)
+    try:
+        claims = store.claim(PROJECTION, [(topic, 0)], topic)
+        epochs = {tp: claim.epoch for tp, claim in claims.items()}
+        applier = build_applier(config, projection, store, time.time)
+        decoders = build_decoders(projection)
+        yield store, lambda messages: applier.apply(messages, decoders, epochs)
+    finally:
+        store.close()
