@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from projector.core.event import Event
+from projector.core.seq_ranges import SeqRanges
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class _Work:
 
     position: StreamPosition
     parked: dict[int, Event]  # the parked events loaded: every one this batch can meet
-    parked_seqs: set[int]  # every seq in the holding table, loaded or not
+    parked_seqs: SeqRanges  # every seq in the holding table, loaded or not
     skipped: Sequence[tuple[int, int]] = ()
     new_parked: dict[int, Event] = field(default_factory=dict)
     apply: list[Event] = field(default_factory=list)
@@ -153,7 +154,7 @@ def sequence_stream(
     """Plan one stream's batch. ``parked_seqs`` are the seqs in the holding table (default:
     those of ``parked``), ``parked`` their events, of which only :func:`parked_needed` must
     be there; ``skipped`` the ranges given up on."""
-    held = set(parked) if parked_seqs is None else set(parked_seqs)
+    held = SeqRanges.of(parked if parked_seqs is None else parked_seqs)
     if not held and not skipped and position.blocked_seq is None:
         plan = _in_order(position, incoming)
         if plan is not None:
@@ -171,7 +172,7 @@ def sequence_stream(
         unpark=tuple(work.unpark),
         duplicates=work.duplicates,
         rejected=tuple(work.rejected),
-        gaps=missing_ranges(work.position, [*work.parked_seqs, *work.new_parked], skipped),
+        gaps=missing_ranges(work.position, _with(work.parked_seqs, work.new_parked), skipped),
     )
 
 
@@ -185,13 +186,13 @@ def parked_needed(
     arrives again (a duplicate or a conflict, told apart by the payload), and the run that
     may drain after the position through parked and arriving seqs. A stream that is blocked,
     or has skipped ranges to step over, needs all of them (rare, and cheap to be sure)."""
-    held = set(parked_seqs)
+    held = SeqRanges.of(parked_seqs)
     if not held:
         return set()
     if position.blocked_seq is not None or skipped:
-        return held
+        return set(held)
     arriving = set(incoming_seqs)
-    wanted = held & arriving
+    wanted = {seq for seq in arriving if seq in held}
     seq = position.last_seq + 1
     while seq in held or seq in arriving:
         if seq in held:
@@ -289,19 +290,29 @@ def missing_ranges(
     skipped: Sequence[tuple[int, int]] = (),
 ) -> tuple[tuple[int, int], ...]:
     """The contiguous missing ranges between the last applied seq and the highest parked one.
-    A blocked seq is not missing (its dead letter holds it), nor is a skipped range."""
-    present = set(parked_seqs)
+    A blocked seq is not missing (its dead letter holds it), nor is a skipped range. Walks
+    the parked seqs' ranges, so a backlog of consecutive seqs costs one step."""
+    present = SeqRanges.of(parked_seqs)
     if not present and position.blocked_seq is None:
         return ()
     if position.blocked_seq is not None:
         present.add(position.blocked_seq)
     ranges: list[tuple[int, int]] = []
     expected = position.last_seq + 1
-    for seq in sorted(s for s in present if s > position.last_seq):
-        if seq > expected:
-            ranges += _minus(expected, seq - 1, skipped)
-        expected = seq + 1
+    for lo, hi in present.ranges():
+        if hi < expected:
+            continue
+        if lo > expected:
+            ranges += _minus(expected, lo - 1, skipped)
+        expected = hi + 1
     return tuple(ranges)
+
+
+def _with(parked: SeqRanges, new: Iterable[int]) -> SeqRanges:
+    both = SeqRanges.of(parked)
+    for seq in new:
+        both.add(seq)
+    return both
 
 
 def _minus(lo: int, hi: int, skipped: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

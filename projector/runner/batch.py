@@ -124,7 +124,7 @@ class Loaded:
     in the store, which a plan's positions are compared with to know what to write."""
 
     positions: dict[str, StreamPosition]
-    parked_seqs: dict[str, set[int]]
+    parked_seqs: Mapping[str, Collection[int]]
     parked: dict[str, dict[int, Event]]  # the parked events the batch may meet
     skipped: dict[str, list[tuple[int, int]]]
     stored: dict[str, StreamPosition]

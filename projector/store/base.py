@@ -9,7 +9,7 @@ checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -108,8 +108,9 @@ class NotCaughtUp(Exception):
     """At the swap the rebuild was still behind the live projection; go on reading."""
 
 
-# Per stream: the seqs in the holding table, and the ranges skipped (by the skip policy).
-HeldSeqs = tuple[dict[str, set[int]], dict[str, list[tuple[int, int]]]]
+# Per stream: the seqs in the holding table (a set, or SeqRanges), and the ranges skipped (by
+# the skip policy).
+HeldSeqs = tuple[Mapping[str, Collection[int]], dict[str, list[tuple[int, int]]]]
 
 
 class StoreBatch(Protocol):
