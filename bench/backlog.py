@@ -1,7 +1,8 @@
 """``python -m bench.backlog``: what a batch costs as the holding table grows, without Kafka.
 
-A few "hot" streams lose their seq 2 and go on sending, so every later event of theirs parks
-(as in the fault suite's backlog test); the other streams apply normally. Their messages,
+A few "hot" streams lose their seq 2 (``--cause missing``, as in the fault suite's backlog
+test) or have it refused by the handler (``--cause poison``: a dead letter blocks the stream)
+and go on sending, so every later event of theirs parks; the other streams apply normally. Their messages,
 built in memory, go through the projection's batch applier into the real store in batches of
 2,000, as ``projector run`` applies them. Every ``--every`` batches it prints the parked
 count, the batch's time, and the part of it spent reading the batch's parked seqs
@@ -35,12 +36,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hot", type=int, default=20, help="streams that lose their seq 2")
     p.add_argument("--streams", type=int, default=2_000)
     p.add_argument("--every", type=int, default=10, help="print every N batches")
+    p.add_argument(
+        "--cause",
+        choices=("missing", "poison"),
+        default="missing",
+        help="seq 2 of the hot streams never comes, or comes with a negative amount",
+    )
     args = p.parse_args(argv)
     svc = services()
     held = _timed(PgBatch if args.store == "postgres" else RedisBatch)
     with resources(svc) as res:
         config = in_memory_config(svc, res, args.store, "backlog", max_parked=10 * args.events)
-        messages = _messages(args.events, args.hot, args.streams)
+        messages = _messages(args.events, args.hot, args.streams, args.cause == "poison")
         with batch_feeder(config, "backlog") as (store, apply), collecting_less_often():
             for n, start in enumerate(range(0, len(messages), 2000)):
                 held["seconds"] = 0.0
@@ -55,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _messages(count: int, hot: int, streams: int) -> list[RawMessage]:
+def _messages(count: int, hot: int, streams: int, poison: bool) -> list[RawMessage]:
     """Hot streams send about as many events as all the others together; seq 2 of each hot
-    stream never comes."""
+    stream never comes, or (``poison``) comes with an amount the handler refuses."""
     rng = random.Random(1)
     names = [f"account:{n}" for n in range(streams)]
     seqs: Counter[str] = Counter()
@@ -66,7 +73,8 @@ def _messages(count: int, hot: int, streams: int) -> list[RawMessage]:
         stream = rng.choice(names[:hot] if rng.random() < 0.45 else names[hot:])
         seqs[stream] += 1
         seq = seqs[stream]
-        if stream in names[:hot] and seq == 2:
+        bad = stream in names[:hot] and seq == 2
+        if bad and not poison:
             continue
         opened = seq == 1
         event = {
@@ -74,7 +82,7 @@ def _messages(count: int, hot: int, streams: int) -> list[RawMessage]:
             "seq": seq,
             "type": "OPENED" if opened else "DEPOSITED",
             "ts": seq,
-            "data": {"owner": "o"} if opened else {"amount": 1},
+            "data": {"owner": "o"} if opened else {"amount": -5 if bad else 1},
         }
         out.append(RawMessage("backlog", 0, len(out), stream.encode(), json.dumps(event).encode()))
     return out

@@ -184,19 +184,23 @@ def parked_needed(
 ) -> set[int]:
     """Which parked events :func:`sequence_stream` can meet in this batch: those whose seq
     arrives again (a duplicate or a conflict, told apart by the payload), and the run that
-    may drain after the position through parked and arriving seqs. A stream that is blocked,
-    or has skipped ranges to step over, needs all of them (rare, and cheap to be sure)."""
+    may drain after the position through parked and arriving seqs and skipped ranges, up to
+    a blocked seq. Never more: a stream blocked by a dead letter, with thousands parked
+    behind it, would otherwise load them all in every batch that touches it."""
     held = SeqRanges.of(parked_seqs)
     if not held:
         return set()
-    if position.blocked_seq is not None or skipped:
-        return set(held)
     arriving = set(incoming_seqs)
     wanted = {seq for seq in arriving if seq in held}
     seq = position.last_seq + 1
-    while seq in held or seq in arriving:
+    while seq != position.blocked_seq:
         if seq in held:
             wanted.add(seq)
+        elif (skip := next(((lo, hi) for lo, hi in skipped if lo <= seq <= hi), None)) is not None:
+            seq = skip[1] + 1
+            continue
+        elif seq not in arriving:
+            break
         seq += 1
     return wanted
 

@@ -273,19 +273,37 @@ def test_a_position_hashed_by_an_older_version_still_tells_duplicates_from_confl
     last=st.integers(min_value=0, max_value=10),
     parked=st.sets(st.integers(min_value=1, max_value=25), max_size=10),
     seqs=st.lists(st.integers(min_value=1, max_value=25), max_size=10),
-    blocked=st.sampled_from([None, 12]),
+    blocked=st.sampled_from([None, "next", 12]),
+    skipped=st.sampled_from([(), ((12, 13),), ((5, 6), (15, 17))]),
 )
 def test_a_batch_that_loads_only_the_parked_events_it_can_meet_plans_the_same(
-    last: int, parked: set[int], seqs: list[int], blocked: int | None
+    last: int,
+    parked: set[int],
+    seqs: list[int],
+    blocked: int | str | None,
+    skipped: tuple[tuple[int, int], ...],
 ) -> None:
     """Proves what lets a batch's cost not grow with a backlog of parked events: loading
     only :func:`parked_needed` (the parked seqs that arrive again, and the run that can
-    drain) gives the same plan as loading every parked event, duplicates, conflicts and
-    gaps included."""
-    position = StreamPosition("s", last, blocked_seq=blocked)
-    stored = {s: ev(s) for s in parked if s > last}
+    drain, across skipped ranges and up to a blocked seq) gives the same plan as loading
+    every parked event, duplicates, conflicts and gaps included; also on a stream blocked by
+    a dead letter (its next seq, or a later one) and on one with skipped ranges."""
+    blocked_seq = last + 1 if blocked == "next" else blocked
+    assert blocked_seq is None or isinstance(blocked_seq, int)
+    position = StreamPosition("s", last, blocked_seq=blocked_seq)
+    gone = {s for lo, hi in skipped for s in range(lo, hi + 1)} | {blocked_seq}
+    stored = {s: ev(s) for s in parked if s > last and s not in gone}
     incoming = [ev(s, payload="x" if s % 4 else "y") for s in seqs]
-    needed = parked_needed(position, stored, seqs)
+    needed = parked_needed(position, stored, seqs, skipped)
     subset = {s: e for s, e in stored.items() if s in needed}
-    everything = sequence_stream(position, stored, incoming, RULES)
-    assert sequence_stream(position, subset, incoming, RULES, (), stored) == everything
+    everything = sequence_stream(position, stored, incoming, RULES, skipped)
+    assert sequence_stream(position, subset, incoming, RULES, skipped, stored) == everything
+
+
+def test_a_blocked_stream_loads_only_what_arrives_again() -> None:
+    """Proves the case found by bench.backlog with poison events: a stream blocked at its next
+    seq (a dead letter) with 5,000 parked behind it needs, of those, only the parked seqs
+    that arrive again, even when the dead-lettered seq itself arrives again (the run stops
+    at it); it used to load them all, in every batch that touched it."""
+    position = StreamPosition("s", 1, blocked_seq=2)
+    assert parked_needed(position, range(3, 5003), [2, 4000, 6000]) == {4000}
