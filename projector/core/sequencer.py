@@ -120,9 +120,7 @@ class _Work:
         )
 
     def skipped_range(self, seq: int) -> tuple[int, int] | None:
-        if not self.skipped:
-            return None
-        return next(((lo, hi) for lo, hi in self.skipped if lo <= seq <= hi), None)
+        return _skipped_range(self.skipped, seq)
 
     def drain(self) -> None:
         # A blocked stream drains up to, never past, its dead-lettered seq.
@@ -196,7 +194,7 @@ def parked_needed(
     while seq != position.blocked_seq:
         if seq in held:
             wanted.add(seq)
-        elif (skip := next(((lo, hi) for lo, hi in skipped if lo <= seq <= hi), None)) is not None:
+        elif (skip := _skipped_range(skipped, seq)) is not None:
             seq = skip[1] + 1
             continue
         elif seq not in arriving:
@@ -310,6 +308,11 @@ def missing_ranges(
             ranges += _minus(expected, lo - 1, skipped)
         expected = hi + 1
     return tuple(ranges)
+
+
+def _skipped_range(skipped: Sequence[tuple[int, int]], seq: int) -> tuple[int, int] | None:
+    """The skipped range ``seq`` falls in, if any."""
+    return next(((lo, hi) for lo, hi in skipped if lo <= seq <= hi), None)
 
 
 def _with(parked: SeqRanges, new: Iterable[int]) -> SeqRanges:

@@ -232,10 +232,8 @@ class PgBatch:
             covered.setdefault(stream, []).append((from_seq, to_seq))
             if is_skipped:
                 skipped.setdefault(stream, []).append((from_seq, to_seq))
-        stored = {name: self._locked[name] for name in names}
-        candidates = sorted(
-            {*covered, *(n for n, p in stored.items() if p.blocked_seq is not None)}
-        )
+        blocked = (n for n in names if self._locked[n].blocked_seq is not None)
+        candidates = sorted({*covered, *blocked})
         if not candidates:
             return parked, skipped
         tops = self.conn.execute(
@@ -248,7 +246,7 @@ class PgBatch:
         for stream, top in tops:
             if top is None:
                 continue
-            position = stored[stream]
+            position = self._locked[stream]
             seqs = SeqRanges.span(position.last_seq + 1, top, covered.get(stream, ()))
             if position.blocked_seq is not None:
                 seqs.discard(position.blocked_seq)
