@@ -37,7 +37,7 @@ from projector.core.sequencer import (
 )
 from projector.faults import crash_point
 from projector.store.base import Handler, Store, StoreBatch, TopicPartition
-from projector.store.errors import TransientStoreError, is_transient
+from projector.store.errors import Fenced, TransientStoreError, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -193,17 +193,43 @@ def apply_consumed(
     decoders: Mapping[str, Decoder],
     epochs: Mapping[TopicPartition, int],
     positions: Mapping[TopicPartition, int] | None,
+    decoded: Decoded | None = None,
+    pipelined: bool = False,
 ) -> BatchResult:
     """Steps 1 and 2 (decode, fence with the new checkpoints) around the mode's own steps, in
     one transaction. ``positions`` are the consumer's positions right after the batch: past a
-    transaction's commit marker where one follows, so the checkpoint reaches the end."""
-    decoded = decode_all(messages, decoders)
+    transaction's commit marker where one follows, so the checkpoint reaches the end.
+    ``decoded``: the messages decoded already (by the caller, while the previous batch's
+    commit was in flight). ``pipelined``: the store may leave the commit in flight
+    (``Store.wait_commit``); a batch that fails so for any reason but a transient one or a
+    fence is run again at once without pipelining, where a handler error is traced to its
+    event."""
+    if decoded is None:
+        decoded = decode_all(messages, decoders)
+    if pipelined:
+        try:
+            return _apply_decoded(applier, messages, decoded, epochs, positions, True)
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, Fenced):
+                raise
+            log.info("batch failed pipelined (%s); running it again step by step", exc)
+    return _apply_decoded(applier, messages, decoded, epochs, positions, False)
+
+
+def _apply_decoded(
+    applier: EventsApplier,
+    messages: Sequence[RawMessage],
+    decoded: Decoded,
+    epochs: Mapping[TopicPartition, int],
+    positions: Mapping[TopicPartition, int] | None,
+    pipelined: bool,
+) -> BatchResult:
     result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
     starts, result.checkpoints = offset_spans(messages)
     for tp, position in (positions or {}).items():
         if tp in result.checkpoints:
             result.checkpoints[tp] = max(result.checkpoints[tp], position)
-    with applier.store.batch(applier.projection, applier.view_schema) as tx:
+    with applier.store.batch(applier.projection, applier.view_schema, pipelined) as tx:
         tx.fence(result.checkpoints, epochs, starts)
         applier.apply_events(tx, decoded.events, result)
         result.dead_letters[:0] = decoded.dead_letters
@@ -240,10 +266,13 @@ class BatchApplier:
         decoders: Mapping[str, Decoder],
         epochs: Mapping[TopicPartition, int],
         positions: Mapping[TopicPartition, int] | None = None,
+        decoded: Decoded | None = None,
+        pipelined: bool = False,
     ) -> BatchResult:
-        """Apply one consumed batch in one transaction (see the module docstring for the steps).
-        Raises ``Fenced`` if this instance no longer owns one of the batch's partitions."""
-        return apply_consumed(self, messages, decoders, epochs, positions)
+        """Apply one consumed batch in one transaction (see the module docstring for the steps;
+        :func:`apply_consumed` for ``decoded`` and ``pipelined``). Raises ``Fenced`` if this
+        instance no longer owns one of the batch's partitions."""
+        return apply_consumed(self, messages, decoders, epochs, positions, decoded, pipelined)
 
     def apply_events(
         self,
@@ -322,8 +351,8 @@ class BatchApplier:
                 tx.run_handlers(self.handlers, to_apply)
                 return plans, culprits
             except Exception as exc:
-                if is_transient(exc):
-                    raise
+                if is_transient(exc) or tx.pipelined:
+                    raise  # pipelined: no savepoint to find the culprit in; run step by step
                 letter = self._find_culprit(tx, to_apply, exc)
                 culprits[letter.stream or ""] = letter
 
@@ -348,6 +377,10 @@ class BatchApplier:
         culprits: Mapping[str, DeadLetter],
         result: BatchResult,
     ) -> None:
+        # Only streams that had or now have parked events can have gaps before or after.
+        touched = [s for s, p in plans.items() if p.park or p.gaps or state.parked_seqs.get(s)]
+        # Read before the first write: a pipelined batch then sends its writes unwaited.
+        old_gaps = tx.load_gaps(touched) if touched else {}
         before = state.stored
         tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
         unparked = [(s, seq) for s, p in plans.items() for seq in p.unpark]
@@ -358,7 +391,7 @@ class BatchApplier:
         tx.park(parked)
         if parked:
             crash_point("after-park")
-        self._write_gaps(tx, plans, state.parked_seqs, result)
+        self._write_gaps(tx, plans, touched, old_gaps, result)
         letters = [
             DeadLetter(r.kind, r.reason, event=r.event) for p in plans.values() for r in p.rejected
         ]
@@ -375,14 +408,12 @@ class BatchApplier:
         self,
         tx: StoreBatch,
         plans: Mapping[str, StreamPlan],
-        parked_before: Mapping[str, Collection[int]],
+        touched: Sequence[str],
+        old: Mapping[str, list[Gap]],
         result: BatchResult,
     ) -> None:
-        # Only streams that had or now have parked events can have gaps before or after.
-        touched = [s for s, p in plans.items() if p.park or p.gaps or parked_before.get(s)]
         if not touched:
             return
-        old = tx.load_gaps(touched)
         now = self.clock()
         new: list[Gap] = []
         for stream in touched:

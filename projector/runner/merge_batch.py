@@ -28,7 +28,7 @@ from projector.core.event import Event
 from projector.core.merge import DocState, MergeRules, merge_events, purge_tombstones
 from projector.core.message import RawMessage
 from projector.core.sequencer import StreamPosition, group_by_stream
-from projector.runner.batch import BatchResult, apply_consumed, first_failure
+from projector.runner.batch import BatchResult, Decoded, apply_consumed, first_failure
 from projector.runner.correlate_step import PARTS_TYPE, CorrelationOutcome, CorrelationStep
 from projector.store.base import Store, StoreBatch, TopicPartition
 from projector.store.errors import TransientStoreError, is_transient
@@ -71,14 +71,15 @@ class MergeApplier:
         epochs: Mapping[TopicPartition, int],
         positions: Mapping[TopicPartition, int] | None = None,
         caught_up: Collection[TopicPartition] = (),
+        decoded: Decoded | None = None,
     ) -> BatchResult:
         """Apply one consumed batch in one transaction; raises ``Fenced`` like the sequence
         applier when this instance no longer owns one of the batch's partitions.
         ``caught_up``: the batch's partitions whose end it reached (for the correlation's
-        idle watermark)."""
+        idle watermark); ``decoded``: the messages decoded already."""
         self._caught_up = frozenset(caught_up)
         self.correlated = None
-        return apply_consumed(self, messages, decoders, epochs, positions)
+        return apply_consumed(self, messages, decoders, epochs, positions, decoded)
 
     def idle_tick(
         self, epochs: Mapping[TopicPartition, int], caught_up: Collection[TopicPartition]

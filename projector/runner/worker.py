@@ -28,7 +28,7 @@ from projector.faults import crash_point
 from projector.metrics import Metrics
 from projector.replay.channels import open_channel
 from projector.runner.backpressure import BackPressure
-from projector.runner.batch import BatchApplier, BatchResult, Clock
+from projector.runner.batch import BatchApplier, BatchResult, Clock, Decoded, decode_all
 from projector.runner.correlate_step import CorrelationStep
 from projector.runner.gap_timer import GapTimer
 from projector.runner.merge_batch import MergeApplier
@@ -132,6 +132,22 @@ class WorkerStats:
         self.totals["dead_letters"] = self.totals.get("dead_letters", 0) + len(result.dead_letters)
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A batch applied but its commit not yet waited for: what landing it needs."""
+
+    messages: list[RawMessage]
+    result: BatchResult
+    positions: dict[TopicPartition, int]
+    epochs: dict[TopicPartition, int]  # as the batch was fenced with
+    started: float
+
+    def owned(self, message: RawMessage, epochs: Mapping[TopicPartition, int]) -> bool:
+        """Whether the message's partition is still owned under the batch's epoch."""
+        tp = (message.topic, message.partition)
+        return tp in epochs and epochs[tp] == self.epochs.get(tp)
+
+
 class ProjectionWorker:
     def __init__(
         self,
@@ -170,6 +186,7 @@ class ProjectionWorker:
         self.backpressure = BackPressure(projection, self.store, clock)
         self.progress = PartitionProgress()
         self.epochs: dict[TopicPartition, int] = {}
+        self._in_flight: InFlight | None = None  # the batch whose commit is in flight
         self.stats = WorkerStats()
         self.heartbeat = time.monotonic()  # real time: a stalled loop is a real-time matter
         self._next_sweep = 0.0
@@ -227,7 +244,19 @@ class ProjectionWorker:
                 self.metrics.last_loop.labels(self.projection.name).set_to_current_time()
                 if self._step(source):
                     break
+            self._land(source)
         finally:
+            if self._in_flight is not None:  # leaving on an error: wait for it all the same
+                self._in_flight = None
+                try:
+                    self.store.wait_commit()
+                except Exception as exc:
+                    log.warning(
+                        "projection %s: the last batch did not commit (%s); it is read again"
+                        " from the stored checkpoint at the next start",
+                        self.projection.name,
+                        exc,
+                    )
             source.close()
             if self.channel is not None:
                 self.channel.close()
@@ -243,17 +272,20 @@ class ProjectionWorker:
             )
 
     def _step(self, source: KafkaSource) -> bool:
-        """One poll and its batch; True when the worker should stop (caught up, burst mode)."""
-        messages = source.poll(self.projection.batch_max_messages, self.projection.poll_timeout)
+        """One poll and its batch; True when the worker should stop (caught up, burst mode).
+
+        The previous batch's commit may still be in flight (a pipelined PostgreSQL batch):
+        this batch is polled and decoded meanwhile, then the previous one lands (its Kafka
+        offsets, its metrics) before anything else touches the store."""
+        in_flight = self._in_flight is not None
+        # In flight, only what is there already: waiting for more on a quiet topic would
+        # delay the landing (Kafka offsets, metrics, readiness) by the poll's timeout.
+        polled, decoded = self._poll(source, 0.0 if in_flight else None)
+        self._land(source)
+        if in_flight and not polled:
+            polled, decoded = self._poll(source, None)
         # Messages of a partition revoked during this poll are not ours to apply.
-        messages = [m for m in messages if (m.topic, m.partition) in self.epochs]
-        if messages:
-            started = time.monotonic()
-            result = self._apply(source, messages)
-            if result is not None:
-                crash_point("after-commit")
-                source.commit(result.checkpoints)
-                self._record(messages, result, time.monotonic() - started)
+        messages = [m for m in polled if (m.topic, m.partition) in self.epochs]
         if not messages:
             self._idle_tick(source)
         if self.gap_timer is not None:
@@ -261,12 +293,23 @@ class ProjectionWorker:
         self._sweep_tombstones()
         self._retrying()(self.backpressure.update, source)
         self.metrics.backpressure.labels(self.projection.name).set(int(self.backpressure.active))
+        if messages:
+            self._apply(source, messages, decoded if len(messages) == len(polled) else None)
         idle = not messages
         if self.progress.refresh(source, force=idle and self.exit_when_caught_up):
             self.metrics.set_lag(self.projection.name, self.progress.lag, self.progress.ages())
         if not (idle and self.exit_when_caught_up and self.progress.assignment_seen):
             return False
         return all(n == 0 for n in self.progress.lag.values()) and not self._waiting_for_replays()
+
+    def _poll(
+        self, source: KafkaSource, timeout: float | None
+    ) -> tuple[list[RawMessage], Decoded | None]:
+        """A batch and its messages decoded (``timeout``: the projection's poll_timeout)."""
+        if timeout is None:
+            timeout = self.projection.poll_timeout
+        polled = source.poll(self.projection.batch_max_messages, timeout)
+        return polled, decode_all(polled, self.decoders) if polled else None
 
     def _idle_tick(self, source: KafkaSource) -> None:
         """A correlation's windows close by an idle watermark too: when a poll brought
@@ -338,27 +381,89 @@ class ProjectionWorker:
         """Open gaps a replay can still fill keep a burst run going."""
         return self.channel is not None and self.store.count_open_gaps(self.projection.name) > 0
 
-    def _apply(self, source: KafkaSource, messages: list[RawMessage]) -> BatchResult | None:
+    def _apply(
+        self, source: KafkaSource, messages: list[RawMessage], decoded: Decoded | None
+    ) -> None:
+        """Apply a batch, leaving its commit in flight where the store can (a sequence-mode
+        batch on PostgreSQL); :meth:`_land` finishes it."""
+        started = time.monotonic()
         positions = source.positions({(m.topic, m.partition) for m in messages})
+        epochs = dict(self.epochs)
+        pipelined = isinstance(self.applier, BatchApplier) and self.store.commits_in_flight
+        applied = self._applied(source, messages, decoded, positions, pipelined)
+        if applied is not None:
+            self._in_flight = InFlight(*applied, positions, epochs, started)
+            if not pipelined:
+                self._land(source)
+
+    def _applied(
+        self,
+        source: KafkaSource,
+        messages: list[RawMessage],
+        decoded: Decoded | None,
+        positions: dict[TopicPartition, int],
+        pipelined: bool,
+    ) -> tuple[list[RawMessage], BatchResult] | None:
+        """The batch applied (its commit in flight if ``pipelined``), transient errors retried,
+        the partitions of a fence dropped: the messages applied and what they did."""
         caught_up = self._caught_up(source)
         while messages:
             try:
                 if isinstance(self.applier, MergeApplier):
-                    return self._retrying()(
+                    result = self._retrying()(
                         self.applier.apply,
                         messages,
                         self.decoders,
                         dict(self.epochs),
                         positions,
                         caught_up,
+                        decoded,
                     )
-                return self._retrying()(
-                    self.applier.apply, messages, self.decoders, dict(self.epochs), positions
-                )
+                else:
+                    result = self._retrying()(
+                        self.applier.apply,
+                        messages,
+                        self.decoders,
+                        dict(self.epochs),
+                        positions,
+                        decoded,
+                        pipelined,
+                    )
+                return messages, result
             except Fenced as fenced:
                 lost = self._drop(source, fenced)
                 messages = [m for m in messages if (m.topic, m.partition) not in lost]
+                decoded = None
         return None
+
+    def _land(self, source: KafkaSource) -> None:
+        """Wait for the commit of the batch in flight, then commit its offsets to Kafka and
+        record it. A commit that failed (a lost connection, a handler's write refused by the
+        database) is applied again at once, step by step, where a handler error becomes a
+        dead letter, but only for the partitions still owned under the same epoch: one
+        claimed again since (in a rebalance during the poll) is read again from its stored
+        checkpoint anyway."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return
+        messages, result = flight.messages, flight.result
+        try:
+            self.store.wait_commit()
+        except Exception as exc:
+            log.warning(
+                "projection %s: the batch's commit failed (%s); applying it again",
+                self.projection.name,
+                exc,
+            )
+            messages = [m for m in messages if flight.owned(m, self.epochs)]
+            applied = self._applied(source, messages, None, flight.positions, False)
+            if applied is None:
+                return
+            messages, result = applied
+        crash_point("after-commit")
+        owned = [m for m in messages if flight.owned(m, self.epochs)]
+        source.commit({tp: n for tp, n in result.checkpoints.items() if tp in self.epochs})
+        self._record(owned, result, time.monotonic() - flight.started)
 
     def _drop(self, source: KafkaSource, fenced: Fenced) -> set[TopicPartition]:
         """Partitions another instance owns now: forget their epochs and stop reading them

@@ -119,6 +119,9 @@ class StoreBatch(Protocol):
     handlers → write."""
 
     projection: str
+    # The handlers' writes are sent without waiting and with no savepoint (a pipelined
+    # PostgreSQL batch): a handler error cannot be traced to its event in this batch.
+    pipelined: bool
 
     def fence(
         self,
@@ -214,6 +217,9 @@ class StoreBatch(Protocol):
 class Store(Protocol):
     """A store connection of one worker or command."""
 
+    # Whether a pipelined batch may leave its commit in flight (see ``batch``).
+    commits_in_flight: bool
+
     def close(self) -> None: ...
 
     def claim(
@@ -222,7 +228,15 @@ class Store(Protocol):
         """Take a new epoch per partition (fencing out the previous owner); with the stored
         checkpoint to seek to."""
 
-    def batch(self, projection: str, view_schema: str) -> AbstractContextManager[StoreBatch]: ...
+    def batch(
+        self, projection: str, view_schema: str, pipelined: bool = False
+    ) -> AbstractContextManager[StoreBatch]:
+        """A batch, applied when the block exits normally. ``pipelined``: a store may leave the
+        commit in flight at the exit (PostgreSQL does); :meth:`wait_commit` waits for it."""
+
+    def wait_commit(self) -> None:
+        """Wait for a batch's commit left in flight, raising what it failed with (nothing to
+        wait for: returns at once)."""
 
     def checkpoints(self, projection: str) -> dict[TopicPartition, int | None]: ...
 

@@ -366,6 +366,7 @@ class RedisBatch:
         check_writes: bool,
     ) -> None:
         self.projection = projection
+        self.pipelined = False
         self._store = store
         self._pipe = pipe
         pointer = version_pointer(store.prefix, projection)
@@ -787,6 +788,8 @@ def _connection_lost(exc: redis.exceptions.WatchError) -> bool:
 class RedisStore:
     """One client per projection worker or command (see :class:`projector.store.base.Store`)."""
 
+    commits_in_flight = False
+
     def __init__(
         self,
         url: str,
@@ -860,8 +863,11 @@ class RedisStore:
             raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
 
     @contextmanager
-    def batch(self, projection: str, view_schema: str) -> Iterator[RedisBatch]:
-        """A batch; applied by one script when the block exits normally."""
+    def batch(
+        self, projection: str, view_schema: str, pipelined: bool = False
+    ) -> Iterator[RedisBatch]:
+        """A batch; applied by one script when the block exits normally (``pipelined`` or
+        not: the script's reply is waited for)."""
         with self._watching() as pipe:
             checked, self._check_writes = self._check_writes, False
             tx = RedisBatch(self, pipe, projection, view_schema, checked)
@@ -872,6 +878,9 @@ class RedisStore:
                 if checked:
                     self._check_writes = True  # keep checking until that batch goes through
                 raise
+
+    def wait_commit(self) -> None:
+        """Nothing to wait for: a batch's script has answered when its block exits."""
 
     def claim(
         self, projection: str, partitions: Iterable[TopicPartition], owner: str

@@ -1,0 +1,209 @@
+"""A sequence-mode batch on PostgreSQL sends its handlers' writes, its own writes and its
+COMMIT without waiting for them, and the daemon decodes its next batch meanwhile: the commit
+is in flight when the batch's block exits, and lands (``wait_commit``) before anything else
+uses the connection. What can go wrong in flight: the database refuses a handler's write at
+the COMMIT, the connection dies, another call needs the connection first."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+
+from projector import scenarios
+from projector.core.decode import Decoder
+from projector.core.message import RawMessage
+from projector.runner.batch import BatchApplier
+from projector.runner.worker import build_applier, build_decoders
+from projector.store.errors import is_transient
+from projector.store.postgres import PostgresStore
+from tests.conftest import Services
+from tests.integration.harness import (
+    make_config,
+    migrate_all,
+    projection,
+    publish,
+    rows,
+    run_until_caught_up,
+)
+from tests.integration.test_pipeline import account_rows
+
+pytestmark = pytest.mark.integration
+
+TP = ("t", 0)
+
+
+def wire(stream: str, seq: int, offset: int, **data: object) -> RawMessage:
+    kind = "OPENED" if seq == 1 else "DEPOSITED"
+    body = {"owner": "o"} if seq == 1 else {"amount": 100, **data}
+    value = {"stream": stream, "seq": seq, "ts": seq, "type": kind, "data": body}
+    return RawMessage(TP[0], TP[1], offset, stream.encode(), json.dumps(value).encode())
+
+
+@dataclass
+class Setup:
+    store: PostgresStore
+    applier: BatchApplier
+    decoders: dict[str, Decoder]
+    epochs: dict[tuple[str, int], int]
+
+    def apply(self, messages: list[RawMessage], pipelined: bool = True) -> None:
+        self.applier.apply(messages, self.decoders, self.epochs, pipelined=pipelined)
+
+
+@pytest.fixture
+def setup(services: Services, pg_dsn: str) -> Iterator[Setup]:
+    """The accounts projection (with deposit tags) on one partition, claimed, and account:1
+    opened and committed."""
+    config = make_config(
+        services, pg_dsn, [projection("accounts", ["t"], ["tests.integration.deferred_fk_handler"])]
+    )
+    migrate_all(config)
+    store = PostgresStore(pg_dsn)
+    applier = build_applier(config, config.projections[0], store, time.time)
+    assert isinstance(applier, BatchApplier)
+    epochs = {TP: store.claim("accounts", [TP], "x")[TP].epoch}
+    s = Setup(store, applier, build_decoders(config.projections[0]), epochs)
+    s.apply([wire("account:1", 1, 0)], pipelined=False)
+    yield s
+    store.close()
+
+
+def balance_and_checkpoint(pg_dsn: str) -> tuple[object, object]:
+    [(balance,)] = rows(pg_dsn, "select balance from accounts.accounts where id = '1'")
+    [(checkpoint,)] = rows(pg_dsn, "select next_offset from projector.checkpoints")
+    return balance, checkpoint
+
+
+@pytest.fixture
+def row_locked(pg_dsn: str) -> Iterator[psycopg.Connection]:
+    """Another transaction holding account 1's view row: a batch's write of it waits in the
+    database until this connection rolls back."""
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("select 1 from accounts.accounts where id = '1' for update")
+        yield conn
+
+
+def apply_in_thread(setup: Setup, messages: list[RawMessage]) -> threading.Thread:
+    worker = threading.Thread(target=setup.apply, args=(messages,), daemon=True)
+    worker.start()
+    worker.join(10)
+    return worker
+
+
+def test_the_block_exits_with_the_commit_in_flight_and_wait_commit_lands_it(
+    setup: Setup, pg_dsn: str, row_locked: psycopg.Connection
+) -> None:
+    """Proves the commit is left in flight: with account 1's row locked by another
+    transaction, so that the batch's upsert waits in the database, applying the batch still
+    returns (it waited on nothing sent after the handlers' read), and the batch is not
+    committed yet; once the lock goes, ``wait_commit`` returns and the deposit and the
+    checkpoint are there."""
+    worker = apply_in_thread(setup, [wire("account:1", 2, 1)])
+    assert not worker.is_alive(), "applying a pipelined batch waited for its writes"
+    assert balance_and_checkpoint(pg_dsn) == (0, 1)
+
+    row_locked.rollback()
+    setup.store.wait_commit()
+
+    assert balance_and_checkpoint(pg_dsn) == (100, 2)
+
+
+def test_a_connection_lost_with_the_commit_in_flight_raises_a_transient_error(
+    setup: Setup, pg_dsn: str, row_locked: psycopg.Connection
+) -> None:
+    """Proves a commit in flight on a connection that dies is reported, as a transient error
+    (the worker applies the batch again), and that nothing of the batch committed: the same
+    batch applied again afterwards deposits once."""
+    pid = setup.store.conn.info.backend_pid
+    worker = apply_in_thread(setup, [wire("account:1", 2, 1)])
+    assert not worker.is_alive()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(%s)", (pid,))
+    row_locked.rollback()
+
+    with pytest.raises(psycopg.Error) as raised:
+        setup.store.wait_commit()
+    assert is_transient(raised.value)
+    assert balance_and_checkpoint(pg_dsn) == (0, 1)
+
+    setup.apply([wire("account:1", 2, 1)])
+    setup.store.wait_commit()
+    assert balance_and_checkpoint(pg_dsn) == (100, 2)
+
+
+def test_another_call_waits_for_the_commit_in_flight_and_leaves_its_error_to_wait_commit(
+    setup: Setup, pg_dsn: str
+) -> None:
+    """Proves the connection is never used under a commit in flight (a rebalance's claim
+    comes in the middle of a poll): another call waits for it, and sees what it did; a
+    commit the database refused (a deferred foreign key, checked at the COMMIT) is raised by
+    the next ``wait_commit``, once, and the store works on afterwards."""
+    setup.apply([wire("account:1", 2, 1, tag="ok")])
+    assert setup.store.checkpoints("accounts") == {TP: 2}
+    setup.store.wait_commit()
+
+    setup.apply([wire("account:1", 3, 2, tag="unknown")])
+    assert setup.store.checkpoints("accounts") == {TP: 2}
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        setup.store.wait_commit()
+    setup.store.wait_commit()  # reported once
+
+    setup.apply([wire("account:1", 3, 2, tag="ok")])
+    setup.store.wait_commit()
+    assert balance_and_checkpoint(pg_dsn) == (200, 3)
+
+
+def test_a_write_refused_at_the_commit_becomes_a_dead_letter(
+    services: Services,
+    pg_dsn: str,
+    new_topic: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Proves the daemon's answer to a handler's write that the database refuses only at the
+    COMMIT (a deferred foreign key), when the batch is long out of the handler: the batch's
+    commit fails where it lands, the batch is applied again step by step, the refused event
+    becomes a dead letter naming the constraint, its stream halts there, and every other
+    stream equals the oracle."""
+    rng = random.Random(3)
+    log = scenarios.account_log(rng, accounts=40, events_per_account=6)
+    for w in log:
+        if w["type"] == "DEPOSITED":
+            w["data"]["tag"] = "ok"
+    victim = next(w for w in log if w["stream"] == "account:7" and w["type"] == "DEPOSITED")
+    victim["data"]["tag"] = "unknown"
+    topic = new_topic(partitions=1)
+    publish(services.kafka, topic, log)
+    config = make_config(
+        services,
+        pg_dsn,
+        [projection("accounts", [topic], ["tests.integration.deferred_fk_handler"])],
+    )
+    migrate_all(config)
+
+    with caplog.at_level(logging.WARNING, logger="projector.runner.worker"):
+        assert run_until_caught_up(config) == 0
+
+    assert "the batch's commit failed" in caplog.text
+    letters = rows(pg_dsn, "select kind, stream, seq, reason from projector.dead_letters")
+    assert [(k, s, q) for k, s, q, _ in letters] == [("handler", "account:7", victim["seq"])]
+    assert "deposit_tags" in letters[0][3]
+    expected = scenarios.accounts_oracle(log)
+    views = account_rows(pg_dsn)
+    assert {k: v for k, v in views.items() if k != "7"} == {
+        k: v for k, v in expected.items() if k != "7"
+    }
+    assert views["7"]["last_seq"] == victim["seq"] - 1
+    [(tags,)] = rows(pg_dsn, "select count(*) from accounts.deposit_tags")
+    before_victim = [w for w in log if w["stream"] == "account:7" and w["seq"] < victim["seq"]]
+    applied_deposits = [
+        w for w in log if w["type"] == "DEPOSITED" and w["stream"] != "account:7"
+    ] + [w for w in before_victim if w["type"] == "DEPOSITED"]
+    assert tags == len(applied_deposits)
