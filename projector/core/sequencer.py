@@ -152,11 +152,13 @@ def sequence_stream(
     """Plan one stream's batch. ``parked_seqs`` are the seqs in the holding table (default:
     those of ``parked``), ``parked`` their events, of which only :func:`parked_needed` must
     be there; ``skipped`` the ranges given up on."""
-    held = SeqRanges.of(parked if parked_seqs is None else parked_seqs)
-    if not held and not skipped and position.blocked_seq is None:
+    known = parked if parked_seqs is None else parked_seqs
+    # Most streams of a batch have nothing parked: no set of ranges is built for them.
+    if not known and not skipped and position.blocked_seq is None:
         plan = _in_order(position, incoming)
         if plan is not None:
             return plan
+    held = SeqRanges.of(known)
     work = _Work(position=position, parked=dict(parked), parked_seqs=held, skipped=skipped)
     _release_dead_lettered(work)
     work.drain()  # parked successors of a just-retried or skipped event
