@@ -450,20 +450,38 @@ class ProjectionWorker:
         try:
             self.store.wait_commit()
         except Exception as exc:
-            log.warning(
-                "projection %s: the batch's commit failed (%s); applying it again",
-                self.projection.name,
-                exc,
-            )
-            messages = [m for m in messages if flight.owned(m, self.epochs)]
-            applied = self._applied(source, messages, None, flight.positions, False)
-            if applied is None:
-                return
-            messages, result = applied
+            if self._committed_after_all(flight):
+                log.warning(
+                    "projection %s: the batch's commit was not answered (%s), but the store"
+                    " holds it",
+                    self.projection.name,
+                    exc,
+                )
+            else:
+                log.warning(
+                    "projection %s: the batch's commit failed (%s); applying it again",
+                    self.projection.name,
+                    exc,
+                )
+                messages = [m for m in messages if flight.owned(m, self.epochs)]
+                applied = self._applied(source, messages, None, flight.positions, False)
+                if applied is None:
+                    return
+                messages, result = applied
         crash_point("after-commit")
         owned = [m for m in messages if flight.owned(m, self.epochs)]
         source.commit({tp: n for tp, n in result.checkpoints.items() if tp in self.epochs})
         self._record(owned, result, time.monotonic() - flight.started)
+
+    def _committed_after_all(self, flight: InFlight) -> bool:
+        """Whether a batch whose commit went unanswered (a connection lost after the server
+        committed) is in the store all the same: its checkpoints are there. Only a batch's
+        commit moves a checkpoint, and only forward; so the daemon counts the batch once
+        instead of applying it again and counting its events as duplicates."""
+        stored = self._retrying()(self.store.checkpoints, self.projection.name)
+        return all(
+            (stored.get(tp) or -1) >= offset for tp, offset in flight.result.checkpoints.items()
+        )
 
     def _drop(self, source: KafkaSource, fenced: Fenced) -> set[TopicPartition]:
         """Partitions another instance owns now: forget their epochs and stop reading them

@@ -40,7 +40,7 @@ from projector.store.base import (
     StreamReport,
     TopicPartition,
 )
-from projector.store.errors import Fenced, StoreUnavailable
+from projector.store.errors import Fenced, StoreUnavailable, TransientStoreError
 
 log = logging.getLogger(__name__)
 
@@ -616,7 +616,8 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_in_transaction_timeout
         self._conn: psycopg.Connection[TupleRow] | None = None
-        self._in_flight: ExitStack | None = None  # the pipeline of a batch's COMMIT in flight
+        # A batch's COMMIT in flight: its pipeline, and the cursor that will hold its answer.
+        self._in_flight: tuple[ExitStack, psycopg.Cursor[TupleRow]] | None = None
         self._late_error: Exception | None = None  # what it failed with, for wait_commit
 
     @property
@@ -630,11 +631,18 @@ class PostgresStore:
         return self._conn
 
     def _settle(self) -> None:
-        pipeline, self._in_flight = self._in_flight, None
-        if pipeline is None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
             return
+        pipeline, commit = in_flight
         try:
             pipeline.close()  # leaves pipeline mode: every result read, the first error raised
+            if commit.statusmessage != "COMMIT":
+                # Never taken for done unless the server said so (a connection that closes
+                # may end the pipeline with no error and no answer).
+                raise TransientStoreError(
+                    f"the batch's COMMIT was answered {commit.statusmessage!r}, not COMMIT"
+                )
         except Exception as exc:
             self._late_error = exc
             self.close()  # its transaction's state is unknown: a fresh connection after
@@ -757,16 +765,21 @@ class PostgresStore:
                 yield PgBatch(self.conn, self.schema, projection, view_schema)
             return
         conn = self.conn
-        conn.execute("begin")
+        conn.execute("BEGIN", prepare=False)
         tx = PgBatch(conn, self.schema, projection, view_schema, pipelined=True)
         try:
             yield tx
             tx._sending()
-            conn.execute("commit")
+            commit = conn.execute("COMMIT", prepare=False)
+            # The server answers at once instead of at the next Sync (when the batch lands):
+            # the answer is on its way, or in, should the connection drop meanwhile.
+            conn.pgconn.send_flush_request()
+            conn.pgconn.flush()
         except BaseException:
             self._abandon(tx)
             raise
-        self._in_flight = tx.pipeline
+        assert tx.pipeline is not None
+        self._in_flight = (tx.pipeline, commit)
 
     def _abandon(self, tx: PgBatch) -> None:
         """Roll a pipelined batch back after an error in its block."""
@@ -776,7 +789,7 @@ class PostgresStore:
         except Exception:
             pass  # a statement sent failed: the rollback below says the rest
         try:
-            tx.conn.execute("rollback")
+            tx.conn.execute("ROLLBACK")
         except psycopg.Error:
             self.close()
 

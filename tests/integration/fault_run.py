@@ -33,6 +33,17 @@ Row = dict[str, Any]
 
 ASSIGNED = re.compile(r"projector\.source\.kafka: assigned (?!nothing)")
 TRANSIENT = "transient store error, retrying"
+# A batch whose commit was in flight (PostgreSQL) and failed: found in the store after all,
+# or applied again.
+LANDED_UNANSWERED = "the batch's commit was not answered"
+LANDED_FAILED = "the batch's commit failed"
+
+
+def recoveries(text: str) -> int:
+    """How many store failures the daemon's log shows it met and recovered from."""
+    return sum(text.count(m) for m in (TRANSIENT, LANDED_UNANSWERED, LANDED_FAILED))
+
+
 STOPPED = re.compile(r"projection (\w+) stopped after (\d+) batches: (\{.*\})")
 
 

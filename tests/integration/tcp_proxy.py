@@ -4,7 +4,9 @@ answer reaches the client. Armed (``arm()``), the next client packet that contai
 (PostgreSQL: the bytes ``COMMIT``, a simple query or a Parse inside a pipeline; Redis: an
 ``EXEC``, sent by redis-py with its MULTI and queued commands) is forwarded to the server; the
 proxy then reads the server's answer itself (PostgreSQL: up to the COMMIT's CommandComplete or
-an error; Redis: up to the EXEC's reply), drops it, and closes both sockets. The server has
+an error; Redis: up to the EXEC's reply), still passing on what the client sends meanwhile (a
+pipelining client asks for the answer in a message of its own), drops the answer, and closes
+both sockets. The server has
 committed (or not: the cut records what it answered); the client only sees its connection
 close, so the outcome is unknown to it.
 
@@ -23,6 +25,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 REPLY_TIMEOUT = 30.0  # seconds to wait for the server's answer to an intercepted commit
@@ -39,15 +42,37 @@ class Cut:
     outcome: str
 
 
-def _recv(sock: socket.socket, deadline: float) -> bytes:
-    sock.settimeout(max(0.1, deadline - time.monotonic()))
-    try:
-        return sock.recv(65536)
-    except OSError:
+Recv = Callable[[float], bytes]  # the server's next bytes, before a deadline (b"": none)
+
+
+def _answer_reader(server: socket.socket, client: socket.socket) -> Recv:
+    """Reads the server's answer while the client's next messages still reach the server (a
+    pipelining client asks for the answer in a message of its own after the commit): only
+    what the server sends is lost."""
+
+    def recv(deadline: float) -> bytes:
+        with selectors.DefaultSelector() as selector:
+            selector.register(server, selectors.EVENT_READ)
+            selector.register(client, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=max(0.05, deadline - time.monotonic())):
+                    sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    if sock is server:
+                        return data
+                    if data:
+                        server.sendall(data)
+                    else:
+                        selector.unregister(client)  # the client hung up; wait on the server
         return b""
 
+    return recv
 
-def _redis_outcome(sock: socket.socket) -> str:
+
+def _redis_outcome(recv: Recv) -> str:
     """Read RESP replies (MULTI's +OK, each +QUEUED) up to the EXEC's: an array (it ran),
     a null array (aborted: a WATCHed key changed) or an error."""
     buf = b""
@@ -61,14 +86,14 @@ def _redis_outcome(sock: socket.socket) -> str:
                 return "EXEC"
             if line.startswith(b"-"):
                 return "error"
-        chunk = _recv(sock, deadline)
+        chunk = recv(deadline)
         if not chunk:
             return "no answer"
         buf += chunk
     return "no answer"
 
 
-def _postgres_outcome(sock: socket.socket) -> str:
+def _postgres_outcome(recv: Recv) -> str:
     """Read backend messages until the COMMIT's CommandComplete or an ErrorResponse (or the
     deadline); the tag of the first COMMIT/ROLLBACK completion, ``error`` or ``no answer``."""
     buf = b""
@@ -86,7 +111,7 @@ def _postgres_outcome(sock: socket.socket) -> str:
                     return tag
             elif kind == b"E":
                 return "error"
-        chunk = _recv(sock, deadline)
+        chunk = recv(deadline)
         if not chunk:
             return "no answer"
         buf += chunk
@@ -178,7 +203,7 @@ class TcpProxy:
                         marked = marked or self.marker is None or self.marker in data
                         if self.commit in data:
                             if marked and self._take_arm():
-                                self._cut(server, data)
+                                self._cut(server, client, data)
                                 return
                             marked = (
                                 self.marker is not None
@@ -189,11 +214,11 @@ class TcpProxy:
                     except OSError:
                         return
 
-    def _cut(self, server: socket.socket, data: bytes) -> None:
+    def _cut(self, server: socket.socket, client: socket.socket, data: bytes) -> None:
         """Forward the commit, swallow the answer; the caller closes both sockets."""
         try:
             server.sendall(data)
-            outcome = self._outcome(server)
+            outcome = self._outcome(_answer_reader(server, client))
         except OSError:
             outcome = "no answer"
         with self._lock:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from projector import scenarios
 from projector.core.decode import Decoder
@@ -33,6 +34,7 @@ from tests.integration.harness import (
     rows,
     run_until_caught_up,
 )
+from tests.integration.tcp_proxy import TcpProxy
 from tests.integration.test_pipeline import account_rows
 
 pytestmark = pytest.mark.integration
@@ -137,6 +139,30 @@ def test_a_connection_lost_with_the_commit_in_flight_raises_a_transient_error(
     setup.apply([wire("account:1", 2, 1)])
     setup.store.wait_commit()
     assert balance_and_checkpoint(pg_dsn) == (100, 2)
+
+
+def test_a_commit_whose_answer_is_lost_is_never_taken_for_done(setup: Setup, pg_dsn: str) -> None:
+    """Proves a COMMIT in flight whose answer never reaches the daemon is reported at
+    ``wait_commit`` even though the server committed: a TCP proxy lets the COMMIT through,
+    takes the server's answer (the batch asks for it at once, not at the landing) and
+    closes the connection. The deposit is in the store; the daemon is told the outcome is
+    unknown (a transient error), never that it is done."""
+    upstream = conninfo_to_dict(pg_dsn)
+    proxy = TcpProxy(str(upstream.get("host") or "127.0.0.1"), int(str(upstream["port"])))
+    try:
+        setup.store.close()
+        upstream.update(host="127.0.0.1", port=str(proxy.port))
+        setup.store.dsn = make_conninfo(**upstream)  # type: ignore[arg-type]
+        proxy.arm()
+        setup.apply([wire("account:1", 2, 1)])
+        with pytest.raises(Exception) as raised:
+            setup.store.wait_commit()
+        assert is_transient(raised.value)
+        assert [c.outcome for c in proxy.cuts] == ["COMMIT"]
+        assert balance_and_checkpoint(pg_dsn) == (100, 2)
+    finally:
+        setup.store.close()
+        proxy.close()
 
 
 def test_another_call_waits_for_the_commit_in_flight_and_leaves_its_error_to_wait_commit(
