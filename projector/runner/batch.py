@@ -128,6 +128,10 @@ class Loaded:
     parked: dict[str, dict[int, Event]]  # the parked events the batch may meet
     skipped: dict[str, list[tuple[int, int]]]
     stored: dict[str, StreamPosition]
+    # The stored gaps of the streams whose gaps the batch rewrites, read once they are known
+    # (after planning) and before the handlers run: a pipelined batch then reads nothing
+    # after its first write.
+    gaps: dict[str, list[Gap]] = field(default_factory=dict)
 
 
 Item = TypeVar("Item")
@@ -236,6 +240,12 @@ def _apply_decoded(
         tx.dead_letter(decoded.dead_letters)
         crash_point("before-commit")
     return result
+
+
+def _gaps_touched(plans: Mapping[str, StreamPlan], state: Loaded) -> list[str]:
+    """The streams whose gap records a batch rewrites: only streams that had or now have
+    parked events can have gaps before or after."""
+    return [s for s, p in plans.items() if p.park or p.gaps or state.parked_seqs.get(s)]
 
 
 class BatchApplier:
@@ -347,6 +357,10 @@ class BatchApplier:
                     state.parked_seqs.get(stream, ()),
                 )
             to_apply = [e for plan in plans.values() for e in plan.apply]
+            unread = [s for s in _gaps_touched(plans, state) if s not in state.gaps]
+            if unread:
+                found = tx.load_gaps(unread)
+                state.gaps.update({s: found.get(s, []) for s in unread})
             try:
                 tx.run_handlers(self.handlers, to_apply)
                 return plans, culprits
@@ -377,10 +391,7 @@ class BatchApplier:
         culprits: Mapping[str, DeadLetter],
         result: BatchResult,
     ) -> None:
-        # Only streams that had or now have parked events can have gaps before or after.
-        touched = [s for s, p in plans.items() if p.park or p.gaps or state.parked_seqs.get(s)]
-        # Read before the first write: a pipelined batch then sends its writes unwaited.
-        old_gaps = tx.load_gaps(touched) if touched else {}
+        touched = _gaps_touched(plans, state)
         before = state.stored
         tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
         unparked = [(s, seq) for s, p in plans.items() for seq in p.unpark]
@@ -391,7 +402,7 @@ class BatchApplier:
         tx.park(parked)
         if parked:
             crash_point("after-park")
-        self._write_gaps(tx, plans, touched, old_gaps, result)
+        self._write_gaps(tx, plans, touched, state.gaps, result)
         letters = [
             DeadLetter(r.kind, r.reason, event=r.event) for p in plans.values() for r in p.rejected
         ]
