@@ -12,8 +12,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
@@ -406,29 +407,16 @@ class ProjectionWorker:
     ) -> tuple[list[RawMessage], BatchResult] | None:
         """The batch applied (its commit in flight if ``pipelined``), transient errors retried,
         the partitions of a fence dropped: the messages applied and what they did."""
-        caught_up = self._caught_up(source)
+        apply: Callable[..., BatchResult] = (
+            partial(self.applier.apply, caught_up=self._caught_up(source))
+            if isinstance(self.applier, MergeApplier)
+            else partial(self.applier.apply, pipelined=pipelined)
+        )
         while messages:
             try:
-                if isinstance(self.applier, MergeApplier):
-                    result = self._retrying()(
-                        self.applier.apply,
-                        messages,
-                        self.decoders,
-                        dict(self.epochs),
-                        positions,
-                        caught_up,
-                        decoded,
-                    )
-                else:
-                    result = self._retrying()(
-                        self.applier.apply,
-                        messages,
-                        self.decoders,
-                        dict(self.epochs),
-                        positions,
-                        decoded,
-                        pipelined,
-                    )
+                result = self._retrying()(
+                    apply, messages, self.decoders, dict(self.epochs), positions, decoded=decoded
+                )
                 return messages, result
             except Fenced as fenced:
                 lost = self._drop(source, fenced)
