@@ -677,7 +677,9 @@ class PostgresStore:
         return conn
 
     def close(self) -> None:
-        self._in_flight = None  # closing rolls it back if it has not committed yet
+        if self._in_flight is not None:  # closed unanswered: it may or may not have committed
+            self._in_flight = None
+            self._late_error = TransientStoreError("the store was closed with a commit in flight")
         if self._conn is not None:
             self._conn.close()
             self._conn = None

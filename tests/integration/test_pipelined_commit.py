@@ -165,6 +165,20 @@ def test_a_commit_whose_answer_is_lost_is_never_taken_for_done(setup: Setup, pg_
         proxy.close()
 
 
+def test_a_store_closed_with_a_commit_in_flight_reports_it_unknown(
+    setup: Setup, pg_dsn: str
+) -> None:
+    """Proves closing the store does not make a commit in flight look done: the next
+    ``wait_commit`` raises a transient error (whether it committed is for the reader of the
+    stored checkpoints to tell)."""
+    setup.apply([wire("account:1", 2, 1)])
+    setup.store.close()
+    with pytest.raises(Exception) as raised:
+        setup.store.wait_commit()
+    assert is_transient(raised.value)
+    setup.store.wait_commit()  # reported once
+
+
 def test_another_call_waits_for_the_commit_in_flight_and_leaves_its_error_to_wait_commit(
     setup: Setup, pg_dsn: str
 ) -> None:
