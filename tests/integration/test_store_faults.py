@@ -208,7 +208,9 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(
     checkpoint at its partition's end; the daemon log shows the retries."""
     server = redis_servers.start(*AOF, "--appendfsync", "always")
     rng = random.Random(37)
-    log, delivered = shop_log(rng, customers=800, games=50)
+    # Long enough that the daemon (~20k events/s here, in batches of 40) is still reading at
+    # each outage: 7k events once ran out between a progress poll and the kill.
+    log, delivered = shop_log(rng, customers=2400, games=150)
     total = len(delivered)
     topic = new_topic(partitions=4)
     publish(services.kafka, topic, delivered)
