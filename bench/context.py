@@ -20,7 +20,7 @@ from bench.services import ROOT, Resources, Services, unique
 from bench.workload import Row, Workload
 from projector.config import Config, parse_config
 from projector.core.message import RawMessage
-from projector.runner.batch import BatchResult
+from projector.runner.batch import BatchApplier, BatchResult, decode_all
 from projector.runner.worker import build_applier, build_decoders, load_handlers
 from projector.store.base import Store
 from projector.store.connect import open_store, view_migrations
@@ -187,14 +187,25 @@ Apply = Callable[[Sequence[RawMessage]], BatchResult]
 def batch_feeder(config: Config, topic: str) -> Iterator[tuple[Store, Apply]]:
     """The store, and a function applying a batch of messages (partition 0 of ``topic``,
     claimed here) through the projection's batch applier, as ``projector run`` does after a
-    poll: for the tools that feed it from memory."""
+    poll: the batch is decoded while the previous one's commit is in flight (where the store
+    leaves it so), then applied, its own commit left in flight. For the tools that feed it
+    from memory."""
     projection = config.projections[0]
     store = open_store(config, projection)
     try:
         claims = store.claim(PROJECTION, [(topic, 0)], topic)
         epochs = {tp: claim.epoch for tp, claim in claims.items()}
         applier = build_applier(config, projection, store, time.time)
+        assert isinstance(applier, BatchApplier)
         decoders = build_decoders(projection)
-        yield store, lambda messages: applier.apply(messages, decoders, epochs)
+        pipelined = store.commits_in_flight
+
+        def apply(messages: Sequence[RawMessage]) -> BatchResult:
+            decoded = decode_all(messages, decoders)
+            store.wait_commit()
+            return applier.apply(messages, decoders, epochs, None, decoded, pipelined)
+
+        yield store, apply
+        store.wait_commit()
     finally:
         store.close()
