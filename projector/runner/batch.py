@@ -312,8 +312,8 @@ class BatchApplier:
         }
         parked = tx.load_parked({s: w for s, w in wanted.items() if w})
         state = Loaded(positions, seqs, parked, skipped, stored)
-        plans, culprits = self._plan_and_run(tx, incoming, state)
-        self._write(tx, plans, state, culprits, result)
+        plans, touched, culprits = self._plan_and_run(tx, incoming, state)
+        self._write(tx, plans, touched, state, culprits, result)
 
     def skip_gap(self, tx: StoreBatch, gap: Gap, result: BatchResult) -> list[tuple[int, int]]:
         """Give up on a gap (policy skip, or by hand): record what is still missing of it as
@@ -338,7 +338,9 @@ class BatchApplier:
         tx: StoreBatch,
         incoming: Mapping[str, list[Event]],
         state: Loaded,
-    ) -> tuple[dict[str, StreamPlan], dict[str, DeadLetter]]:
+    ) -> tuple[dict[str, StreamPlan], list[str], dict[str, DeadLetter]]:
+        """The streams' plans, with the handlers run on what they apply; the streams whose
+        gaps the plans rewrite; the dead letters of handler errors."""
         culprits: dict[str, DeadLetter] = {}
         while True:
             plans = {}
@@ -357,13 +359,14 @@ class BatchApplier:
                     state.parked_seqs.get(stream, ()),
                 )
             to_apply = [e for plan in plans.values() for e in plan.apply]
-            unread = [s for s in _gaps_touched(plans, state) if s not in state.gaps]
+            touched = _gaps_touched(plans, state)
+            unread = [s for s in touched if s not in state.gaps]
             if unread:
                 found = tx.load_gaps(unread)
                 state.gaps.update({s: found.get(s, []) for s in unread})
             try:
                 tx.run_handlers(self.handlers, to_apply)
-                return plans, culprits
+                return plans, touched, culprits
             except Exception as exc:
                 if is_transient(exc) or tx.pipelined:
                     raise  # pipelined: no savepoint to find the culprit in; run step by step
@@ -387,11 +390,11 @@ class BatchApplier:
         self,
         tx: StoreBatch,
         plans: Mapping[str, StreamPlan],
+        touched: Sequence[str],
         state: Loaded,
         culprits: Mapping[str, DeadLetter],
         result: BatchResult,
     ) -> None:
-        touched = _gaps_touched(plans, state)
         before = state.stored
         tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
         unparked = [(s, seq) for s, p in plans.items() for seq in p.unpark]

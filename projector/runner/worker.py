@@ -458,7 +458,8 @@ class ProjectionWorker:
                 messages, result = applied
         crash_point("after-commit")
         owned = [m for m in messages if flight.owned(m, self.epochs)]
-        source.commit({tp: n for tp, n in result.checkpoints.items() if tp in self.epochs})
+        tps = {(m.topic, m.partition) for m in owned}
+        source.commit({tp: n for tp, n in result.checkpoints.items() if tp in tps})
         self._record(owned, result, time.monotonic() - flight.started)
 
     def _committed_after_all(self, flight: InFlight) -> bool:
