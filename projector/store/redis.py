@@ -4,7 +4,8 @@ A batch reads what it needs first, on one connection: under WATCH the version po
 correlation records it touches or finds due, and whatever the handlers read (a correlation's
 input progress is read unwatched: a stale read only lowers its watermark); the batch's stream
 hashes (position, parked events, gaps, merge state) are read unwatched, each with its version
-token (field ``v``, see below). The runner plans as usual; the handlers' writes and
+token (field ``v``, see below), or taken from the store's cache of the hashes it last read or
+wrote (:class:`StreamCache`: the token check below makes a stale entry a conflict). The runner plans as usual; the handlers' writes and
 projector's own changes are collected as plain commands. The commit is MULTI / EVALSHA / EXEC:
 the script checks the fence (each partition's epoch), that every stream hash the batch read
 still holds the token it was read with, and the type of every key it will touch before it
@@ -53,6 +54,7 @@ import base64
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -239,6 +241,45 @@ def _chunks(command: str, key: str, args: Sequence[str], width: int) -> list[Op]
 
 
 _FIELDS_PER_READ = 5_000  # Lua's unpack() fails past about 8,000 values
+# Stream hashes a store keeps as it last read or wrote them: ~1 KB each at most (a parked
+# event's value is not kept), so ~50 MB at worst, and a workload of 10k streams all fits.
+CACHED_STREAMS = 50_000
+
+
+class StreamCache:
+    """The stream hashes this client last read or wrote, each with its version token, so
+    that a batch on a hot stream reads nothing. A cached hash is only a guess: the batch
+    script checks every hash the batch planned on against the token it was planned with
+    (conflict: planned again from fresh reads, the cache emptied). So a stale entry costs a
+    re-plan, never a wrong write. Least recently used first out."""
+
+    def __init__(self, size: int = CACHED_STREAMS) -> None:
+        self.size = size
+        self._hashes: OrderedDict[str, dict[str, str]] = OrderedDict()
+
+    def get(self, key: str) -> dict[str, str] | None:
+        """A copy of the hash as last seen (its token in field ``v``), or None."""
+        found = self._hashes.get(key)
+        if found is None:
+            return None
+        self._hashes.move_to_end(key)
+        return dict(found)
+
+    def put(self, key: str, fields: dict[str, str]) -> None:
+        self._hashes[key] = fields
+        self._hashes.move_to_end(key)
+        if len(self._hashes) > self.size:
+            self._hashes.popitem(last=False)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._hashes.pop(key, None)
+
+    def clear(self) -> None:
+        self._hashes.clear()
+
+    def __len__(self) -> int:
+        return len(self._hashes)
 
 
 @dataclass
@@ -274,6 +315,18 @@ class _Stream:
 
     def current_gaps(self, stream: str) -> list[Gap]:
         return list(self.gaps) if self.gaps is not None else self.stored_gaps(stream)
+
+    def written(self) -> bool:
+        """Whether the batch writes this hash (and so sets its token: see ``ops``)."""
+        return bool(self.sets) or any(n in self.stored for n in self.dels)
+
+    def after(self, token: str) -> dict[str, str]:
+        """The hash as it stands once the batch that wrote ``token`` committed, as a read
+        returns it (a parked event's value left out)."""
+        fields = {n: v for n, v in self.stored.items() if n not in self.dels}
+        fields.update((n, "" if n.startswith("p:") else v) for n, v in self.sets.items())
+        fields[TOKEN] = token
+        return fields
 
 
 def _position(stream: str, s: _Stream, rules: SequenceRules) -> StreamPosition:
@@ -407,12 +460,21 @@ class RedisBatch:
         return list(rows)
 
     def _load(self, streams: Iterable[str]) -> dict[str, _Stream]:
-        """The stream hashes, read once per batch, not WATCHed: each one's version token goes
-        to the batch script, which refuses the commit ("conflict") if it changed."""
-        missing = sorted({s for s in streams if s not in self._streams})
-        keys = [self.keys.stream(s) for s in missing]
-        rows = self.read("stream", keys, [], watch=False)
-        for stream, key, flat in zip(missing, keys, rows, strict=True):
+        """The stream hashes, once per batch, not WATCHed: as the store's cache holds them,
+        else read. Each one's version token goes to the batch script, which refuses the
+        commit ("conflict") if it changed."""
+        cache = self._store.streams
+        unread: list[tuple[str, str]] = []
+        for stream in {s for s in streams if s not in self._streams}:
+            key = self.keys.stream(stream)
+            cached = cache.get(key)
+            if cached is None:
+                unread.append((stream, key))
+            else:
+                self._streams[stream] = _Stream(key, cached)
+        unread.sort()
+        rows = self.read("stream", [key for _, key in unread], [], watch=False)
+        for (stream, key), flat in zip(unread, rows, strict=True):
             self._streams[stream] = _Stream(key, dict(zip(flat[::2], flat[1::2], strict=True)))
         return self._streams
 
@@ -739,6 +801,20 @@ class RedisBatch:
             s.delete("gaps")
         return ops
 
+    def _remember(self, committed: bool) -> None:
+        """Keep the batch's stream hashes in the store's cache as they stand now: as written
+        if it committed, as read if it wrote none. A batch refused for any reason empties the
+        cache: whatever it found changed is read afresh."""
+        cache = self._store.streams
+        if not committed:
+            cache.clear()
+            return
+        for s in self._streams.values():
+            if s.written():
+                cache.put(s.key, s.after(self.token))
+            else:
+                cache.put(s.key, s.after(s.token or ""))
+
     def versions(self) -> list[list[str]]:
         """Every stream hash the batch read, written or not, with the version token it was
         read with ("" for none): the batch script checks them before it writes anything."""
@@ -756,12 +832,17 @@ class RedisBatch:
         try:
             verdict = self._store.apply(self._pipe, self._fence, ops, self.versions())
         except redis.exceptions.WatchError as exc:
+            self._store.streams.clear()
             if _connection_lost(exc):
                 raise TransientStoreError(
                     f"the connection to Redis was lost at the commit ({exc}); whether it"
                     " applied is read back when the batch is planned again"
                 ) from exc
             raise conflict from None
+        except BaseException:
+            self._store.streams.clear()  # applied or not: not known
+            raise
+        self._remember(verdict[0] == "ok")
         if verdict[0] == "conflict":  # a stream hash's token changed: as a WATCH conflict
             raise conflict
         if verdict[0] == "fenced":
@@ -810,9 +891,11 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
         )
         self.scripts = _Scripts(self.client)
+        self.streams = StreamCache()
         self._check_writes = False
 
     def close(self) -> None:
+        self.streams.clear()
         self.client.close()
 
     def check_writes_once(self) -> None:
@@ -845,6 +928,9 @@ class RedisStore:
         """Projector's own changes outside a batch (gap schedule, purge, sweep)."""
         if not ops:
             return
+        # They may write stream hashes (with a token of their own): the cache would only
+        # make the next batch on those streams conflict.
+        self.streams.forget(op[1] for op in ops)
         verdict = self.apply(pipe, [], ops)
         if verdict[0] != "ok":
             raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict}")

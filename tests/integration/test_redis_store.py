@@ -382,6 +382,101 @@ def test_a_batch_that_only_reads_a_stream_still_sees_it_change(
             assert probe.versions()[0][1] == client.hget(f"{redis_prefix}:s:p:1:st:s1", "v")
 
 
+def reads_of(store: RedisStore) -> list[str]:
+    """Records the read script's calls on ``store`` (their op: "stream" for stream hashes)."""
+    calls: list[str] = []
+    call = store.scripts.call
+
+    def spy(runner: Any, name: str, keys: Sequence[str], *args: str) -> Any:
+        if name == "read":
+            calls.append(args[0])
+        return call(runner, name, keys, *args)
+
+    store.scripts.call = spy  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_stream_the_store_wrote_is_planned_on_without_reading_it_again(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves the stream cache saves the read: a batch on streams the store's previous batch
+    wrote reads no stream hash, and still applies each event once (seq 2 after seq 1 is
+    applied, a repeated seq 1 is a duplicate), exactly as with a fresh read."""
+    a = make_store()
+    apply_a = applier_for(services, pg_dsn, a)
+    epoch = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    apply_a([wire("s1", 1, 0), wire("s2", 1, 1)], {(TOPIC, 0): epoch})
+    reads = reads_of(a)
+
+    result = apply_a([wire("s1", 2, 2), wire("s2", 1, 3)], {(TOPIC, 0): epoch})
+
+    assert "stream" not in reads
+    assert (result.applied, result.duplicates) == (1, 1)
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "2"
+    assert client.get(f"{redis_prefix}:v:p:1:count:s2") == "1"
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "4"}
+
+
+def test_a_cached_stream_another_instance_changed_is_planned_again_from_a_fresh_read(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves a stale cache entry never writes: A caches s1 at seq 1; B, another instance,
+    applies s1's seq 2 (a replay on another partition). A, handed seq 2 and 3, plans on its
+    cache (seq 2 would be applied a second time): the batch script finds s1's token changed
+    and refuses the commit (WriteConflict), writing nothing. A's retry reads s1 afresh: seq 2
+    is a duplicate, seq 3 applied, each event counted once."""
+    a, b = make_store(), make_store()
+    apply_a, apply_b = applier_for(services, pg_dsn, a), applier_for(services, pg_dsn, b)
+    epoch_a = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    epoch_b = b.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
+    apply_a([wire("s1", 1, 0)], {(TOPIC, 0): epoch_a})
+    apply_b([wire("s1", 2, 0, partition=1)], {(TOPIC, 1): epoch_b})
+    batch = [wire("s1", 2, 1), wire("s1", 3, 2)]
+
+    with pytest.raises(WriteConflict, match="planning it again"):
+        apply_a(batch, {(TOPIC, 0): epoch_a})
+
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "2"
+    assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1", f"{TOPIC}:1": "1"}
+    assert len(a.streams) == 0
+    result = apply_a(batch, {(TOPIC, 0): epoch_a})
+    assert (result.applied, result.duplicates) == (1, 1)
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "3"
+    assert hash_of(client, f"{redis_prefix}:s:p:1:st:s1")["seq"] == "3"
+
+
+def test_the_stores_own_gap_writes_do_not_leave_a_stale_cache(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves the store forgets the stream hashes its own gap timer rewrites (with a token
+    of their own): the next batch on that stream reads it afresh and commits at the first
+    try, instead of planning on the cache and being refused."""
+    a = make_store()
+    apply_a = applier_for(services, pg_dsn, a)
+    epoch = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    apply_a([wire("s1", 1, 0), wire("s1", 3, 1)], {(TOPIC, 0): epoch})  # gap 2
+    assert a.request_gaps_now("p", "s1", time.time()) == 1
+    reads = reads_of(a)
+
+    result = apply_a([wire("s1", 2, 2)], {(TOPIC, 0): epoch})
+
+    assert "stream" in reads
+    assert result.applied == 2
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "3"
+
+
 def test_noscript_is_healed(
     services: Services,
     pg_dsn: str,
