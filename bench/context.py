@@ -187,9 +187,9 @@ Apply = Callable[[Sequence[RawMessage]], BatchResult]
 def batch_feeder(config: Config, topic: str) -> Iterator[tuple[Store, Apply]]:
     """The store, and a function applying a batch of messages (partition 0 of ``topic``,
     claimed here) through the projection's batch applier, as ``projector run`` does after a
-    poll: the batch is decoded while the previous one's commit is in flight (where the store
-    leaves it so), then applied, its own commit left in flight. For the tools that feed it
-    from memory."""
+    poll: the batch is decoded (and, on a store that plans ahead, planned) while the previous
+    one's commit is in flight, then applied, its own commit left in flight. For the tools that
+    feed it from memory."""
     projection = config.projections[0]
     store = open_store(config, projection)
     try:
@@ -202,8 +202,13 @@ def batch_feeder(config: Config, topic: str) -> Iterator[tuple[Store, Apply]]:
 
         def apply(messages: Sequence[RawMessage]) -> BatchResult:
             decoded = decode_all(messages, decoders)
-            store.wait_commit()
-            return applier.apply(messages, decoders, epochs, None, decoded, pipelined)
+            if not store.plans_ahead:
+                store.wait_commit()
+            result = applier.apply(messages, decoders, epochs, None, decoded, pipelined)
+            if store.plans_ahead:  # planned while the previous one ran: that one lands first
+                store.wait_commit()
+                store.send_commit()
+            return result
 
         yield store, apply
         store.wait_commit()

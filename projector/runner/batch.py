@@ -205,19 +205,22 @@ def apply_consumed(
     transaction's commit marker where one follows, so the checkpoint reaches the end.
     ``decoded``: the messages decoded already (by the caller, while the previous batch's
     commit was in flight). ``pipelined``: the store may leave the commit in flight
-    (``Store.wait_commit``); a batch that fails so for any reason but a transient one or a
-    fence is run again at once without pipelining, where a handler error is traced to its
-    event."""
+    (``Store.wait_commit``) or prepared (``Store.send_commit``). On PostgreSQL, a batch that
+    fails so for any reason but a transient one or a fence is run again at once without
+    pipelining, where a handler error is traced to its event. A store that plans ahead (Redis)
+    traces handler errors in the pipelined batch itself, and must not commit a second batch
+    before the previous one has landed: its batch runs once."""
     if decoded is None:
         decoded = decode_all(messages, decoders)
-    if pipelined:
+    if pipelined and not applier.store.plans_ahead:
         try:
             return _apply_decoded(applier, messages, decoded, epochs, positions, True)
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, Fenced):
                 raise
             log.info("batch failed pipelined (%s); running it again step by step", exc)
-    return _apply_decoded(applier, messages, decoded, epochs, positions, False)
+        pipelined = False
+    return _apply_decoded(applier, messages, decoded, epochs, positions, pipelined)
 
 
 def _apply_decoded(

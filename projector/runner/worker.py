@@ -275,13 +275,16 @@ class ProjectionWorker:
     def _step(self, source: KafkaSource) -> bool:
         """One poll and its batch; True when the worker should stop (caught up, burst mode).
 
-        The previous batch's commit may still be in flight (a pipelined PostgreSQL batch):
-        this batch is polled and decoded meanwhile, then the previous one lands (its Kafka
-        offsets, its metrics) before anything else touches the store."""
+        The previous batch's commit may still be in flight (a pipelined batch): this batch is
+        polled and decoded meanwhile, and on a store that plans ahead (Redis) planned too.
+        Then the previous one lands (its Kafka offsets, its metrics) before this one's commit
+        is sent, and before anything else touches the store."""
         in_flight = self._in_flight is not None
         # In flight, only what is there already: waiting for more on a quiet topic would
         # delay the landing (Kafka offsets, metrics, readiness) by the poll's timeout.
         polled, decoded = self._poll(source, 0.0 if in_flight else None)
+        ahead = in_flight and bool(polled) and self._pipelined and self.store.plans_ahead
+        prepared = self._prepare(source, polled, decoded) if ahead else None
         self._land(source)
         if in_flight and not polled:
             polled, decoded = self._poll(source, None)
@@ -294,7 +297,9 @@ class ProjectionWorker:
         self._sweep_tombstones()
         self._retrying()(self.backpressure.update, source)
         self.metrics.backpressure.labels(self.projection.name).set(int(self.backpressure.active))
-        if messages:
+        if prepared is not None:
+            self._send(source, prepared)
+        elif messages and not ahead:
             self._apply(source, messages, decoded if len(messages) == len(polled) else None)
         idle = not messages
         if self.progress.refresh(source, force=idle and self.exit_when_caught_up):
@@ -382,20 +387,41 @@ class ProjectionWorker:
         """Open gaps a replay can still fill keep a burst run going."""
         return self.channel is not None and self.store.count_open_gaps(self.projection.name) > 0
 
+    @property
+    def _pipelined(self) -> bool:
+        """Whether batches leave their commit in flight: sequence mode, on a store that can."""
+        return isinstance(self.applier, BatchApplier) and self.store.commits_in_flight
+
     def _apply(
         self, source: KafkaSource, messages: list[RawMessage], decoded: Decoded | None
     ) -> None:
         """Apply a batch, leaving its commit in flight where the store can (a sequence-mode
-        batch on PostgreSQL); :meth:`_land` finishes it."""
+        batch); :meth:`_land` finishes it."""
+        flight = self._prepare(source, messages, decoded)
+        if flight is not None:
+            self._send(source, flight)
+
+    def _prepare(
+        self, source: KafkaSource, polled: list[RawMessage], decoded: Decoded | None
+    ) -> InFlight | None:
+        """The batch applied up to its commit: sent already (PostgreSQL) or prepared (a
+        store that plans ahead), or, not pipelined, committed."""
         started = time.monotonic()
+        messages = [m for m in polled if (m.topic, m.partition) in self.epochs]
+        if len(messages) != len(polled):
+            decoded = None
         positions = source.positions({(m.topic, m.partition) for m in messages})
         epochs = dict(self.epochs)
-        pipelined = isinstance(self.applier, BatchApplier) and self.store.commits_in_flight
-        applied = self._applied(source, messages, decoded, positions, pipelined)
-        if applied is not None:
-            self._in_flight = InFlight(*applied, positions, epochs, started)
-            if not pipelined:
-                self._land(source)
+        applied = self._applied(source, messages, decoded, positions, self._pipelined)
+        return None if applied is None else InFlight(*applied, positions, epochs, started)
+
+    def _send(self, source: KafkaSource, flight: InFlight) -> None:
+        """Send the batch's commit if only prepared, and leave it in flight (landed at once
+        when the batch was not pipelined)."""
+        self.store.send_commit()
+        self._in_flight = flight
+        if not self._pipelined:
+            self._land(source)
 
     def _applied(
         self,

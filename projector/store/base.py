@@ -219,6 +219,10 @@ class Store(Protocol):
 
     # Whether a pipelined batch may leave its commit in flight (see ``batch``).
     commits_in_flight: bool
+    # Whether a pipelined batch's block ends with its commit prepared, not sent (Redis): the
+    # next batch can then be planned before this one is sent, and while the previous one's
+    # commit is in flight, since planning needs no answer from the store.
+    plans_ahead: bool
 
     def close(self) -> None: ...
 
@@ -232,7 +236,12 @@ class Store(Protocol):
         self, projection: str, view_schema: str, pipelined: bool = False
     ) -> AbstractContextManager[StoreBatch]:
         """A batch, applied when the block exits normally. ``pipelined``: a store may leave the
-        commit in flight at the exit (PostgreSQL does); :meth:`wait_commit` waits for it."""
+        commit in flight at the exit (PostgreSQL does), or only prepare it (``plans_ahead``:
+        Redis); :meth:`send_commit` sends a prepared one, :meth:`wait_commit` waits for it."""
+
+    def send_commit(self) -> None:
+        """Send the commit the last pipelined batch prepared (``plans_ahead``), leaving it in
+        flight; nothing to send (a store that sends at the block's exit): returns at once."""
 
     def wait_commit(self) -> None:
         """Wait for a batch's commit left in flight, raising what it failed with (nothing to

@@ -603,6 +603,7 @@ class PostgresStore:
     """One connection (autocommit, explicit transaction blocks) per projection worker."""
 
     commits_in_flight = True
+    plans_ahead = False  # a batch is planned on rows it reads, locked, once the previous landed
 
     def __init__(
         self,
@@ -646,6 +647,9 @@ class PostgresStore:
         except Exception as exc:
             self._late_error = exc
             self.close()  # its transaction's state is unknown: a fresh connection after
+
+    def send_commit(self) -> None:
+        """Nothing to send: a pipelined batch's COMMIT went out at the block's exit."""
 
     def wait_commit(self) -> None:
         """Wait for the COMMIT of a pipelined batch (see :meth:`batch`); raise what the batch

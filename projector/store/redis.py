@@ -65,6 +65,7 @@ from typing import Any, cast
 import redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.connection import Connection
 from redis.retry import Retry
 
 from projector.core import json_codec
@@ -241,21 +242,24 @@ def _chunks(command: str, key: str, args: Sequence[str], width: int) -> list[Op]
 
 
 _FIELDS_PER_READ = 5_000  # Lua's unpack() fails past about 8,000 values
-# Stream hashes a store keeps as it last read or wrote them: ~1 KB each at most (a parked
-# event's value is not kept), so ~50 MB at worst, and a workload of 10k streams all fits.
+# What a store's cache of stream hashes holds at most: a hash counts 1, and 1 more per
+# parked event value it holds (~300 bytes each): some 20-30 MB at worst. A workload of 10k
+# streams with 10k parked events fits.
 CACHED_STREAMS = 50_000
 
 
 class StreamCache:
     """The stream hashes this client last read or wrote, each with its version token, so
-    that a batch on a hot stream reads nothing. A cached hash is only a guess: the batch
-    script checks every hash the batch planned on against the token it was planned with
-    (conflict: planned again from fresh reads, the cache emptied). So a stale entry costs a
-    re-plan, never a wrong write. Least recently used first out."""
+    that a batch on a hot stream reads nothing (nor the events it parked there). A cached
+    hash is only a guess: the batch script checks every hash the batch planned on against
+    the token it was planned with (conflict: planned again from fresh reads, the cache
+    emptied). So a stale entry costs a re-plan, never a wrong write. Least recently used
+    first out."""
 
     def __init__(self, size: int = CACHED_STREAMS) -> None:
         self.size = size
-        self._hashes: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._hashes: OrderedDict[str, tuple[dict[str, str], int]] = OrderedDict()
+        self._weight = 0
 
     def get(self, key: str) -> dict[str, str] | None:
         """A copy of the hash as last seen (its token in field ``v``), or None."""
@@ -263,20 +267,28 @@ class StreamCache:
         if found is None:
             return None
         self._hashes.move_to_end(key)
-        return dict(found)
+        return dict(found[0])
 
     def put(self, key: str, fields: dict[str, str]) -> None:
-        self._hashes[key] = fields
-        self._hashes.move_to_end(key)
-        if len(self._hashes) > self.size:
-            self._hashes.popitem(last=False)
+        weight = 1 + sum(1 for n, v in fields.items() if v and n.startswith("p:"))
+        old = self._hashes.pop(key, None)
+        if old is not None:
+            self._weight -= old[1]
+        self._hashes[key] = (fields, weight)
+        self._weight += weight
+        while self._weight > self.size:
+            _, (_, gone) = self._hashes.popitem(last=False)
+            self._weight -= gone
 
     def forget(self, keys: Iterable[str]) -> None:
         for key in keys:
-            self._hashes.pop(key, None)
+            old = self._hashes.pop(key, None)
+            if old is not None:
+                self._weight -= old[1]
 
     def clear(self) -> None:
         self._hashes.clear()
+        self._weight = 0
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -321,10 +333,10 @@ class _Stream:
         return bool(self.sets) or any(n in self.stored for n in self.dels)
 
     def after(self, token: str) -> dict[str, str]:
-        """The hash as it stands once the batch that wrote ``token`` committed, as a read
-        returns it (a parked event's value left out)."""
+        """The hash as it stands once the batch that wrote ``token`` committed (the values
+        of the events it parked included; a read leaves them out)."""
         fields = {n: v for n, v in self.stored.items() if n not in self.dels}
-        fields.update((n, "" if n.startswith("p:") else v) for n, v in self.sets.items())
+        fields.update(self.sets)
         fields[TOKEN] = token
         return fields
 
@@ -394,6 +406,11 @@ class _Scripts:
         for name, text in self.source.items():
             self.sha[name] = str(self.client.script_load(text))
 
+    def sha_of(self, name: str) -> str:
+        if not self.sha:
+            self.load()
+        return self.sha[name]
+
     def call(
         self, runner: redis.Redis | Pipeline, name: str, keys: Sequence[str], *args: str
     ) -> Any:
@@ -413,7 +430,6 @@ class RedisBatch:
     def __init__(
         self,
         store: RedisStore,
-        pipe: Pipeline,
         projection: str,
         view_schema: str,
         check_writes: bool,
@@ -421,17 +437,22 @@ class RedisBatch:
         self.projection = projection
         self.pipelined = False
         self._store = store
-        self._pipe = pipe
-        pointer = version_pointer(store.prefix, projection)
-        _watch(pipe, pointer)  # a swap meanwhile means planning again, at the new version
-        version = pipe.get(pointer)
+        self._opened: Pipeline | None = None
+        self._pointer = version_pointer(store.prefix, projection)
+        # The version as this store last saw it, else read: the batch script checks it still
+        # is the pointer's (a rebuild swapped meanwhile: planned again, at the new version).
+        version = store.seen_versions.get(projection)
+        self._version_seen = version is not None
+        if version is None:
+            version = cast(str | None, self._pipe.get(self._pointer))
+        self._version_read = version or ""
         self._own: list[Op] = []
         if version is None:
             if projection.endswith(REBUILD):
                 raise RedisStateCorrupt(f"{projection} has no version to build: start it again")
             version = "1"  # the first batch ever: version 1, for writers and readers
             self._own += [
-                ["SET", pointer, version],
+                ["SET", self._pointer, version],
                 ["SET", reader_pointer(store.prefix, view_schema), version],
             ]
         self.keys = Keys(store.prefix, projection, str(version))
@@ -443,6 +464,33 @@ class RedisBatch:
         self._views: list[Op] = []
         self._parked_delta = 0
         self._letters: dict[int, dict[str, Any]] = {}
+        self._payload: str | None = None  # the commit's, once prepared
+        self._own_ops = 0  # how many of the commit's ops are projector's own, the views' after
+
+    @property
+    def _pipe(self) -> Pipeline:
+        """The batch's connection for reads, opened at its first read (a batch planned from
+        the store's caches opens none): the commit in flight is waited for first, and the
+        version pointer WATCHed (which also makes the reads run at once) and checked."""
+        if self._opened is None:
+            pipe = self._opened = self._store.pipeline()
+            _watch(pipe, self._pointer)
+            # Planned at the version last seen: reading another version's keys would mislead
+            # the handlers until the commit is refused.
+            if self._version_seen and (pipe.get(self._pointer) or "") != self._version_read:
+                self._store.forget_all()
+                raise _conflict()
+        return self._opened
+
+    def release(self) -> None:
+        """Give the batch's connection back (EXEC, or a refused EXEC, ended its WATCHes)."""
+        if self._opened is not None:
+            self._opened.reset()
+            self._opened = None
+
+    def connection(self) -> Connection | None:
+        """The connection whose WATCHes the commit must go out on, if the batch has one."""
+        return None if self._opened is None else self._opened.connection
 
     # -- reads ----------------------------------------------------------------------------
     def read(
@@ -544,27 +592,38 @@ class RedisBatch:
         return parked, skipped
 
     def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:
-        """The stream hashes were read without their parked events' values (see read.lua's
-        "stream"): those wanted are read now, in one round trip, a stream's fields split in
-        parts that Lua's ``unpack`` takes. Not WATCHed: a hash changed since ``_load`` has
-        another version token, and the commit is refused."""
+        """The parked events wanted. Their values are not in a hash as read (see read.lua's
+        "stream"), but are in one this store parked them into (cached); the others are read
+        now, in one round trip, a stream's fields split in parts that Lua's ``unpack`` takes.
+        Not WATCHed: a hash changed since ``_load`` has another version token, and the commit
+        is refused; one whose parked event is gone already is a conflict at once."""
         loaded = self._load(wanted)
-        parts = [
-            (stream, names[i : i + _FIELDS_PER_READ])
-            for stream, seqs in sorted(wanted.items())
-            for names in [[f"p:{seq}" for seq in sorted(seqs)]]
-            for i in range(0, len(names), _FIELDS_PER_READ)
-        ]
-        args = [arg for _, names in parts for arg in (str(len(names)), *names)]
-        keys = [loaded[stream].key for stream, _ in parts]
-        values = self.read("fields", keys, args, watch=False)
         parked: dict[str, dict[int, Event]] = {}
-        for (stream, names), raws in zip(parts, values, strict=True):
+        unread: list[tuple[str, list[str]]] = []
+        for stream, seqs in sorted(wanted.items()):
+            s, names = loaded[stream], []
+            for seq in sorted(seqs):
+                name = f"p:{seq}"
+                value = s.sets.get(name) or s.stored.get(name)
+                if value:
+                    parked.setdefault(stream, {})[seq] = Event.from_json(json_codec.loads(value))
+                elif name in s.stored:
+                    names.append(name)
+            unread += [
+                (stream, names[i : i + _FIELDS_PER_READ])
+                for i in range(0, len(names), _FIELDS_PER_READ)
+            ]
+        args = [arg for _, names in unread for arg in (str(len(names)), *names)]
+        keys = [loaded[stream].key for stream, _ in unread]
+        values = self.read("fields", keys, args, watch=False)
+        for (stream, names), raws in zip(unread, values, strict=True):
             for name, raw in zip(names, raws, strict=True):
-                value = loaded[stream].sets.get(name, raw)
-                if value is not None:
-                    event = Event.from_json(json_codec.loads(value))
-                    parked.setdefault(stream, {})[int(name[2:])] = event
+                if raw is None:  # drained by another writer since the hash was read
+                    self._store.forget_all()
+                    raise _conflict()
+                parked.setdefault(stream, {})[int(name[2:])] = Event.from_json(
+                    json_codec.loads(raw)
+                )
         return parked
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
@@ -801,75 +860,102 @@ class RedisBatch:
             s.delete("gaps")
         return ops
 
-    def _remember(self, committed: bool) -> None:
-        """Keep the batch's stream hashes in the store's cache as they stand now: as written
-        if it committed, as read if it wrote none. A batch refused for any reason empties the
-        cache: whatever it found changed is read afresh."""
-        cache = self._store.streams
-        if not committed:
-            cache.clear()
-            return
-        for s in self._streams.values():
-            if s.written():
-                cache.put(s.key, s.after(self.token))
-            else:
-                cache.put(s.key, s.after(s.token or ""))
-
     def versions(self) -> list[list[str]]:
         """Every stream hash the batch read, written or not, with the version token it was
         read with ("" for none): the batch script checks them before it writes anything."""
         return [[s.key, s.token or ""] for _, s in sorted(self._streams.items())]
 
-    def commit(self) -> None:
+    def prepare(self) -> bool:
+        """Build the commit (the batch script's argument); False when there is nothing to
+        commit. The store's caches take the batch's writes as done: the next batch may be
+        planned on them before this one's answer (a stale entry is a conflict then)."""
         ops = self.ops()
         if not ops and not self._fence:
+            return False
+        self._own_ops = len(ops) - len(self._views)
+        pointer = [self._pointer, self._version_read]
+        batch = {"fence": self._fence, "ops": ops, "versions": self.versions(), "pointer": pointer}
+        self._payload = _dumps(batch)
+        self._remember()
+        return True
+
+    @property
+    def payload(self) -> str:
+        assert self._payload is not None, "prepare() first"
+        return self._payload
+
+    def _remember(self) -> None:
+        """Keep the batch's stream hashes in the store's cache as they stand once it commits
+        (as read where it writes none), and its version."""
+        cache = self._store.streams
+        self._store.seen_versions[self.projection] = self.keys.version
+        for s in self._streams.values():
+            cache.put(s.key, s.after(self.token if s.written() else s.token or ""))
+
+    def verdict(self, reply: list[Any]) -> None:
+        """Raise what the batch script's answer means, if it is not "ok"."""
+        if reply[0] == "ok":
             return
-        own = len(ops) - len(self._views)
-        conflict = WriteConflict(
-            "another instance changed what the batch read (a stream, a correlation record,"
-            " a view); planning it again"
-        )
-        try:
-            verdict = self._store.apply(self._pipe, self._fence, ops, self.versions())
-        except redis.exceptions.WatchError as exc:
-            self._store.streams.clear()
-            if _connection_lost(exc):
-                raise TransientStoreError(
-                    f"the connection to Redis was lost at the commit ({exc}); whether it"
-                    " applied is read back when the batch is planned again"
-                ) from exc
-            raise conflict from None
-        except BaseException:
-            self._store.streams.clear()  # applied or not: not known
-            raise
-        self._remember(verdict[0] == "ok")
-        if verdict[0] == "conflict":  # a stream hash's token changed: as a WATCH conflict
-            raise conflict
-        if verdict[0] == "fenced":
-            raise Fenced([_untp(f) for f in verdict[1:]])
-        if verdict[0] == "paused":
+        if reply[0] == "conflict":  # a stream hash's token, or the version, changed
+            raise _conflict()
+        if reply[0] == "fenced":
+            raise Fenced([_untp(f) for f in reply[1:]])
+        if reply[0] == "paused":
             raise TransientStoreError("a rebuild is swapping in; the batch waits for it")
-        if verdict[0] == "badwrite":
-            index = int(verdict[1])
-            if index <= own:
-                raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict[2]}")
+        if reply[0] == "badwrite":
+            index = int(reply[1])
+            if index <= self._own_ops:
+                raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {reply[2]}")
             self._store.check_writes_once()
-            raise TransientStoreError(f"a handler's write was rejected ({verdict[2]}); re-planning")
+            raise TransientStoreError(f"a handler's write was rejected ({reply[2]}); re-planning")
+        raise RedisStateCorrupt(f"the batch script answered {reply!r}")
 
 
-def _connection_lost(exc: redis.exceptions.WatchError) -> bool:
-    """redis-py answers a connection lost while keys are WATCHed with a WatchError too (raised
-    while it handles the ConnectionError or TimeoutError): that is no write conflict, but a
-    store to reconnect to, with backoff."""
-    cause = exc.__cause__ or exc.__context__
-    lost = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-    return isinstance(cause, lost) or "occurred while watching" in str(exc)
+def _conflict() -> WriteConflict:
+    return WriteConflict(
+        "another instance changed what the batch read (a stream, a correlation record,"
+        " a view); planning it again"
+    )
+
+
+def _disconnect(conn: Connection) -> None:
+    conn.disconnect()  # type: ignore[no-untyped-call]
+
+
+def _read_exec(conn: Connection) -> list[Any]:
+    """The batch script's answer, from the replies to MULTI, EVALSHA and EXEC sent on
+    ``conn``: WriteConflict when a WATCHed key changed (EXEC answers nil)."""
+    queued: list[redis.exceptions.ResponseError] = []
+    for _ in range(2):
+        try:
+            conn.read_response()
+        except redis.exceptions.ResponseError as exc:  # not queued: EXEC aborts below
+            queued.append(exc)
+    try:
+        reply = conn.read_response()
+    except redis.exceptions.ExecAbortError:
+        if queued:
+            raise queued[-1] from None
+        raise
+    if reply is None:
+        raise _conflict()
+    answer = reply[0]
+    if isinstance(answer, Exception):
+        raise answer
+    return cast(list[Any], answer)
 
 
 class RedisStore:
-    """One client per projection worker or command (see :class:`projector.store.base.Store`)."""
+    """One client per projection worker or command (see :class:`projector.store.base.Store`).
 
-    commits_in_flight = False
+    A pipelined batch's block ends with its commit prepared (:meth:`RedisBatch.prepare`);
+    :meth:`send_commit` sends it (MULTI / EVALSHA / EXEC) and leaves it in flight, and
+    :meth:`wait_commit` reads its answer. Planned from the store's caches, the next batch
+    reads nothing, so it is planned while this one runs in Redis. Anything else that uses the
+    client first waits for the commit in flight (its error kept for ``wait_commit``)."""
+
+    commits_in_flight = True
+    plans_ahead = True
 
     def __init__(
         self,
@@ -882,7 +968,7 @@ class RedisStore:
         self.now = clock or time.time
         # No retries inside the client: a retried EXEC whose first reply was lost would
         # apply a batch twice. The runner retries by planning the batch again.
-        self.client: redis.Redis = redis.Redis.from_url(
+        self._client: redis.Redis = redis.Redis.from_url(
             url,
             decode_responses=True,
             socket_connect_timeout=connect_timeout,
@@ -890,13 +976,46 @@ class RedisStore:
             socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
         )
-        self.scripts = _Scripts(self.client)
+        self.scripts = _Scripts(self._client)
         self.streams = StreamCache()
+        self.seen_versions: dict[str, str] = {}  # projection: its version, as last seen
         self._check_writes = False
+        self._prepared: RedisBatch | None = None  # a pipelined batch's commit, not sent
+        self._sent: tuple[RedisBatch, Connection] | None = None  # sent, its answer unread
+        self._late_error: Exception | None = None  # what the commit in flight failed with
+
+    @property
+    def client(self) -> redis.Redis:
+        """The client, once the commit in flight (if any) has answered."""
+        self._settle()
+        return self._client
+
+    def pipeline(self) -> Pipeline:
+        """A transaction pipeline, once the commit in flight (if any) has answered."""
+        return self.client.pipeline(transaction=True)
 
     def close(self) -> None:
+        """Close the client. A commit still in flight is not waited for: its connection is
+        dropped, and ``wait_commit`` raises a transient error (whether it applied is read
+        back from the stored checkpoints); a prepared one is never sent, and raises so too."""
+        if self._sent is not None:
+            tx, conn = self._sent
+            self._sent = None
+            _disconnect(conn)
+            self._lost(tx, conn, "the store was closed with the commit in flight")
+        if self._prepared is not None:
+            self._prepared.release()
+            self._prepared = None
+            if self._late_error is None:  # the worker takes it for in flight: never landed
+                self._late_error = TransientStoreError(
+                    "the store was closed before the batch's commit was sent; it is applied again"
+                )
+        self.forget_all()
+        self._client.close()
+
+    def forget_all(self) -> None:
         self.streams.clear()
-        self.client.close()
+        self.seen_versions.clear()
 
     def check_writes_once(self) -> None:
         """The next batch checks each handler's writes as they are made, so that the one that
@@ -952,21 +1071,107 @@ class RedisStore:
     def batch(
         self, projection: str, view_schema: str, pipelined: bool = False
     ) -> Iterator[RedisBatch]:
-        """A batch; applied by one script when the block exits normally (``pipelined`` or
-        not: the script's reply is waited for)."""
-        with self._watching() as pipe:
-            checked, self._check_writes = self._check_writes, False
-            tx = RedisBatch(self, pipe, projection, view_schema, checked)
-            try:
-                yield tx
-                tx.commit()
-            except TransientStoreError:
-                if checked:
-                    self._check_writes = True  # keep checking until that batch goes through
-                raise
+        """A batch, applied by one script when the block exits normally: its answer waited
+        for, or, ``pipelined``, the commit prepared for :meth:`send_commit`."""
+        checked, self._check_writes = self._check_writes, False
+        try:
+            tx = RedisBatch(self, projection, view_schema, checked)
+        except redis.exceptions.ConnectionError as exc:
+            raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+        handed = False
+        try:
+            yield tx
+            if tx.prepare():
+                handed = True
+                if pipelined:
+                    self._prepared = tx
+                else:
+                    self._send(tx)
+                    self.wait_commit()
+        except TransientStoreError:
+            if checked:
+                self._check_writes = True  # keep checking until that batch goes through
+            raise
+        except redis.exceptions.ConnectionError as exc:
+            raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+        finally:
+            if not handed:
+                tx.release()
+
+    def send_commit(self) -> None:
+        """Send the commit the last pipelined batch prepared, and leave it in flight."""
+        tx, self._prepared = self._prepared, None
+        if tx is not None:
+            self._send(tx)
+
+    def _send(self, tx: RedisBatch) -> None:
+        """MULTI / EVALSHA / EXEC, the answer not read: on the batch's own connection if it
+        has one (its WATCHes hold there), else on one from the pool, kept until answered."""
+        self._settle()  # one commit in flight at a time, answered in order
+        sha = self.scripts.sha_of("batch")
+        conn = tx.connection() or self._client.connection_pool.get_connection()
+        self._sent = (tx, conn)
+        try:
+            commands = [("MULTI",), ("EVALSHA", sha, 0, "commit", tx.payload), ("EXEC",)]
+            conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self._sent = None
+            _disconnect(conn)
+            self._lost(tx, conn, f"the connection to Redis was lost sending the commit ({exc})")
+
+    def _settle(self) -> None:
+        """Read the answer of the commit in flight; what it failed with is kept for
+        ``wait_commit``. A batch refused for any reason empties the caches: whatever it
+        planned on is read afresh."""
+        if self._sent is None:
+            return
+        tx, conn = self._sent
+        self._sent = None
+        try:
+            reply = _read_exec(conn)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            _disconnect(conn)
+            self._lost(tx, conn, f"the connection to Redis was lost at the commit ({exc})")
+            return
+        except redis.exceptions.NoScriptError:
+            self._failed(tx, conn, TransientStoreError("Redis lost projector's scripts"))
+            self.scripts.load()
+            return
+        except Exception as exc:
+            self._failed(tx, conn, exc)
+            return
+        try:
+            tx.verdict(reply)
+        except Exception as exc:
+            self._failed(tx, conn, exc)
+            return
+        self._release(tx, conn)
+
+    def _lost(self, tx: RedisBatch, conn: Connection, what: str) -> None:
+        error = TransientStoreError(
+            f"{what}; whether it applied is read back from the stored checkpoints"
+        )
+        self._failed(tx, conn, error)
+
+    def _failed(self, tx: RedisBatch, conn: Connection, exc: Exception) -> None:
+        self.forget_all()
+        if self._late_error is None:
+            self._late_error = exc
+        self._release(tx, conn)
+
+    def _release(self, tx: RedisBatch, conn: Connection) -> None:
+        if tx.connection() is conn:
+            tx.release()
+        else:
+            self._client.connection_pool.release(conn)
 
     def wait_commit(self) -> None:
-        """Nothing to wait for: a batch's script has answered when its block exits."""
+        """Wait for the commit in flight, raising what it failed with (a refusal of the
+        batch script, a lost connection); at once when there is none."""
+        self._settle()
+        error, self._late_error = self._late_error, None
+        if error is not None:
+            raise error
 
     def claim(
         self, projection: str, partitions: Iterable[TopicPartition], owner: str

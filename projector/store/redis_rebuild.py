@@ -279,6 +279,7 @@ class RedisRebuildStore:
             }
             self._hand_over_outbox(token)
             verdict = self._swap(keys=keys, args=args)
+            self.store.forget_all()  # what it last saw of either version is history now
         finally:
             if self._client.get(self._paused) == token:
                 self._client.delete(self._paused)

@@ -78,7 +78,7 @@ def applier_for(
         time.time,
     )
     decoders = build_decoders(config.projections[0])
-    return lambda msgs, epochs: applier.apply(msgs, decoders, epochs)
+    return lambda msgs, epochs, **kw: applier.apply(msgs, decoders, epochs, **kw)
 
 
 def offsets(client: redis.Redis, prefix: str) -> dict[str, str]:
@@ -475,6 +475,53 @@ def test_the_stores_own_gap_writes_do_not_leave_a_stale_cache(
     assert "stream" in reads
     assert result.applied == 2
     assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "3"
+
+
+def test_an_event_the_store_parked_is_drained_without_reading_it(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    client: redis.Redis,
+    redis_prefix: str,
+) -> None:
+    """Proves the cache keeps the events a store parked: the batch that fills the gap drains
+    them reading nothing from Redis, and applies them once, in order."""
+    a = make_store()
+    apply_a = applier_for(services, pg_dsn, a)
+    epoch = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    apply_a([wire("s1", 1, 0), wire("s1", 3, 1)], {(TOPIC, 0): epoch})
+    reads = reads_of(a)
+
+    result = apply_a([wire("s1", 2, 2)], {(TOPIC, 0): epoch})
+
+    assert reads == []
+    assert result.applied == 2
+    assert client.get(f"{redis_prefix}:v:p:1:count:s1") == "3"
+    assert not [f for f in hash_of(client, f"{redis_prefix}:s:p:1:st:s1") if f.startswith("p:")]
+
+
+def test_a_parked_event_drained_by_another_instance_since_the_read_is_a_conflict(
+    services: Services,
+    pg_dsn: str,
+    make_store: Callable[[], RedisStore],
+    redis_prefix: str,
+) -> None:
+    """Proves a batch whose stream hash says an event is parked, but whose value is gone
+    when the batch loads it (another instance drained it in between), is planned again from
+    fresh reads (WriteConflict, the cache emptied), instead of planning on a parked event
+    it cannot load."""
+    a, b, c = make_store(), make_store(), make_store()
+    apply_a, apply_b = applier_for(services, pg_dsn, a), applier_for(services, pg_dsn, b)
+    epoch_a = a.claim("p", [(TOPIC, 0)], "a")[(TOPIC, 0)].epoch
+    epoch_b = b.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
+    apply_a([wire("s1", 1, 0), wire("s1", 3, 1)], {(TOPIC, 0): epoch_a})
+
+    with pytest.raises(WriteConflict), c.batch("p", "p") as tx:
+        parked, _ = tx.held_seqs(["s1"])
+        assert parked == {"s1": {3}}
+        apply_b([wire("s1", 2, 0, partition=1)], {(TOPIC, 1): epoch_b})  # drains seq 3
+        tx.load_parked({"s1": [3]})
+    assert len(c.streams) == 0
 
 
 def test_noscript_is_healed(

@@ -1,15 +1,12 @@
-"""How long the poll loop waits before trying a batch again (projector.runner.worker), and
-which Redis errors count as a write conflict."""
+"""How long the poll loop waits before trying a batch again (projector.runner.worker)."""
 
 from __future__ import annotations
 
 import pytest
-import redis
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from projector.runner.worker import retry_wait
 from projector.store.errors import TransientStoreError, WriteConflict, is_transient
-from projector.store.redis import _connection_lost
 
 
 def waits_before_success(failures: list[Exception]) -> list[float]:
@@ -46,19 +43,3 @@ def test_other_transient_errors_back_off_exponentially() -> None:
     """Proves a store in trouble (a lost connection, a deadlock) is given growing pauses."""
     sleeps = waits_before_success([TransientStoreError("connection lost")] * 4)
     assert sleeps == pytest.approx([0.05, 0.1, 0.2, 0.4])
-
-
-def test_a_connection_lost_at_the_commit_is_not_taken_for_a_write_conflict() -> None:
-    """Proves the Redis store tells redis-py's two WatchErrors apart: the one it raises for a
-    connection lost while keys are watched (then the store reconnects, with backoff, and the
-    outcome of the commit is read back), and a real conflict (plan again at once)."""
-    try:
-        try:
-            raise redis.exceptions.ConnectionError("Connection closed by server.")
-        except redis.exceptions.ConnectionError as error:
-            raise redis.exceptions.WatchError(
-                f"A {type(error).__name__} occurred while watching one or more keys"
-            ) from None
-    except redis.exceptions.WatchError as lost:
-        assert _connection_lost(lost)
-    assert not _connection_lost(redis.exceptions.WatchError("Watched variable changed."))

@@ -3,7 +3,8 @@
 -- ARGV[1]: "commit" (check, then write) or "check" (only check: a dry run of the writes).
 -- ARGV[2]: JSON {fence = {{epochs, offsets, field, epoch, offset, starts, start, paused}...},
 --                ops = {{COMMAND, key, arg...}...}, own = number of projector's own ops first,
---                versions = {{stream hash, version token read ("" for none)}...}}
+--                versions = {{stream hash, version token read ("" for none)}...},
+--                pointer = {version pointer, version planned at}: a batch's, checked like versions}
 -- versions: the stream hashes the batch read, not WATCHed; each write of one sets its field
 -- "v" to a new token, so one that holds another token now was written since the batch read
 -- it: the same optimistic check as WATCH, answered "conflict" before anything is written.
@@ -33,6 +34,11 @@ local types, cleared, strings, fields = {}, {}, {}, {}
 if mode == "commit" then
   for _, f in ipairs(batch.fence) do
     if f[8] ~= "" and redis.call("EXISTS", f[8]) == 1 then return {"paused"} end
+  end
+  -- pointer: {version pointer, the version the batch was planned at ("" for none)}
+  local pointer = batch.pointer
+  if pointer and (redis.call("GET", pointer[1]) or "") ~= pointer[2] then
+    return {"conflict", pointer[1]}
   end
   local lost = {}
   for _, f in ipairs(batch.fence) do
