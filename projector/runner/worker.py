@@ -142,6 +142,7 @@ class InFlight:
     positions: dict[TopicPartition, int]
     epochs: dict[TopicPartition, int]  # as the batch was fenced with
     started: float
+    decoded: Decoded | None  # for planning it again
 
     def owned(self, message: RawMessage, epochs: Mapping[TopicPartition, int]) -> bool:
         """Whether the message's partition is still owned under the batch's epoch."""
@@ -413,12 +414,21 @@ class ProjectionWorker:
         positions = source.positions({(m.topic, m.partition) for m in messages})
         epochs = dict(self.epochs)
         applied = self._applied(source, messages, decoded, positions, self._pipelined)
-        return None if applied is None else InFlight(*applied, positions, epochs, started)
+        if applied is None:
+            return None
+        if len(applied[0]) != len(messages):
+            decoded = None
+        return InFlight(*applied, positions, epochs, started, decoded)
 
-    def _send(self, source: KafkaSource, flight: InFlight) -> None:
+    def _send(self, source: KafkaSource, flight: InFlight | None) -> None:
         """Send the batch's commit if only prepared, and leave it in flight (landed at once
-        when the batch was not pipelined)."""
-        self.store.send_commit()
+        when the batch was not pipelined). A batch planned ahead on what has changed since
+        (the batch before it failed where it landed) is planned again first."""
+        while flight is not None and not self.store.send_commit():
+            log.info("projection %s: planning the batch again", self.projection.name)
+            flight = self._prepare(source, flight.messages, flight.decoded)
+        if flight is None:
+            return
         self._in_flight = flight
         if not self._pipelined:
             self._land(source)

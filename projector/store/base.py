@@ -239,9 +239,11 @@ class Store(Protocol):
         commit in flight at the exit (PostgreSQL does), or only prepare it (``plans_ahead``:
         Redis); :meth:`send_commit` sends a prepared one, :meth:`wait_commit` waits for it."""
 
-    def send_commit(self) -> None:
+    def send_commit(self) -> bool:
         """Send the commit the last pipelined batch prepared (``plans_ahead``), leaving it in
-        flight; nothing to send (a store that sends at the block's exit): returns at once."""
+        flight; nothing to send (a store that sends at the block's exit): returns at once.
+        False: what the batch was planned on has changed since (the batch before it failed
+        where it landed, say), so it was not sent: plan it again."""
 
     def wait_commit(self) -> None:
         """Wait for a batch's commit left in flight, raising what it failed with (nothing to

@@ -648,8 +648,9 @@ class PostgresStore:
             self._late_error = exc
             self.close()  # its transaction's state is unknown: a fresh connection after
 
-    def send_commit(self) -> None:
+    def send_commit(self) -> bool:
         """Nothing to send: a pipelined batch's COMMIT went out at the block's exit."""
+        return True
 
     def wait_commit(self) -> None:
         """Wait for the COMMIT of a pipelined batch (see :meth:`batch`); raise what the batch

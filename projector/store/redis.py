@@ -260,6 +260,11 @@ class StreamCache:
         self.size = size
         self._hashes: OrderedDict[str, tuple[dict[str, str], int]] = OrderedDict()
         self._weight = 0
+        # What was dropped as changed, and when (a count of drops): a batch planned before
+        # on one of those hashes, and not yet sent, is planned again (``changed_since``).
+        self.generation = 0
+        self._forgotten: dict[str, int] = {}
+        self._cleared_at = 0
 
     def get(self, key: str) -> dict[str, str] | None:
         """A copy of the hash as last seen (its token in field ``v``), or None."""
@@ -281,14 +286,29 @@ class StreamCache:
             self._weight -= gone
 
     def forget(self, keys: Iterable[str]) -> None:
+        """Drop these hashes: they were written by someone else (or may have been)."""
+        self.generation += 1
         for key in keys:
+            self._forgotten[key] = self.generation
             old = self._hashes.pop(key, None)
             if old is not None:
                 self._weight -= old[1]
+        if len(self._forgotten) > self.size:
+            self.clear()
 
     def clear(self) -> None:
+        """Drop every hash (a batch was refused: what it planned on is read afresh)."""
+        self.generation += 1
+        self._cleared_at = self.generation
+        self._forgotten.clear()
         self._hashes.clear()
         self._weight = 0
+
+    def changed_since(self, generation: int, keys: Iterable[str]) -> bool:
+        """Whether any of these hashes was dropped as changed after ``generation``."""
+        if self._cleared_at > generation:
+            return True
+        return any(self._forgotten.get(key, 0) > generation for key in keys)
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -437,6 +457,7 @@ class RedisBatch:
         self.projection = projection
         self.pipelined = False
         self._store = store
+        self.planned_at = store.streams.generation  # what the cache had dropped by then
         self._opened: Pipeline | None = None
         self._pointer = version_pointer(store.prefix, projection)
         # The version as this store last saw it, else read: the batch script checks it still
@@ -487,6 +508,9 @@ class RedisBatch:
         if self._opened is not None:
             self._opened.reset()
             self._opened = None
+
+    def stream_keys(self) -> list[str]:
+        return [s.key for s in self._streams.values()]
 
     def connection(self) -> Connection | None:
         """The connection whose WATCHes the commit must go out on, if the batch has one."""
@@ -1098,11 +1122,20 @@ class RedisStore:
             if not handed:
                 tx.release()
 
-    def send_commit(self) -> None:
-        """Send the commit the last pipelined batch prepared, and leave it in flight."""
+    def send_commit(self) -> bool:
+        """Send the commit the last pipelined batch prepared, and leave it in flight. False
+        if, since it was planned, a hash it planned on was dropped as changed (the batch
+        before it was refused where it landed; the gap timer rewrote a stream): it is not
+        sent, and the caller plans it again. Sent, it would only be refused."""
         tx, self._prepared = self._prepared, None
-        if tx is not None:
-            self._send(tx)
+        if tx is None:
+            return True
+        if self.streams.changed_since(tx.planned_at, tx.stream_keys()):
+            tx.release()
+            self.forget_all()  # it took its own writes as done
+            return False
+        self._send(tx)
+        return True
 
     def _send(self, tx: RedisBatch) -> None:
         """MULTI / EVALSHA / EXEC, the answer not read: on the batch's own connection if it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -132,7 +133,7 @@ def test_the_next_batch_is_planned_while_the_commit_runs(
     assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "5"}
 
 
-def test_a_batch_planned_on_a_refused_one_is_refused_too(
+def test_a_batch_planned_on_a_refused_one_is_not_sent_but_planned_again(
     services: Services,
     pg_dsn: str,
     apply: Applier,
@@ -140,34 +141,60 @@ def test_a_batch_planned_on_a_refused_one_is_refused_too(
     client: redis.Redis,
     redis_prefix: str,
 ) -> None:
-    """Proves a batch planned ahead never commits over a predecessor that failed: batch 2
-    (s1's seq 2) is refused, since another instance applied s1's seq 2 after batch 2 read it;
-    batch 3 (s1's seq 3), planned on batch 2's outcome, is refused as well when sent after
-    it. Nothing of either is written, and the caches are emptied: the next batch reads afresh
-    and finds seq 3 next."""
+    """Proves a batch planned ahead never commits over a predecessor that failed, nor is sent
+    only to be refused: batch 2 (s1's seq 2) is refused, since another instance applied s1's
+    seq 2 after batch 2 read it; batch 3 (s1's seq 3), planned on batch 2's outcome, is then
+    not sent (``send_commit`` answers False) and nothing of either is written. Planned again,
+    from fresh reads, batch 3 applies seq 3 on top of the other instance's seq 2."""
     other = RedisStore(services.redis_url, redis_prefix)
     try:
         apply_other = applier_for(services, pg_dsn, other)
         epoch_other = other.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
         apply([wire("s1", 2, 1)])
         apply_other([wire("s1", 2, 0, partition=1)], {(TOPIC, 1): epoch_other})
-        store.send_commit()
+        assert store.send_commit()
         apply([wire("s1", 3, 2)])
 
         with pytest.raises(WriteConflict):
             store.wait_commit()
-        store.send_commit()
-        with pytest.raises(WriteConflict):
-            store.wait_commit()
+        assert not store.send_commit()
     finally:
         other.close()
 
     assert count(client, redis_prefix, "s1") == "2"
     assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1", f"{TOPIC}:1": "1"}
     assert len(store.streams) == 0
-    result = apply([wire("s1", 2, 1), wire("s1", 3, 2)], pipelined=False)
-    assert (result.applied, result.duplicates) == (1, 1)
+    result = apply([wire("s1", 3, 2)])
+    assert store.send_commit()
+    store.wait_commit()
+    assert result.applied == 1
     assert count(client, redis_prefix, "s1") == "3"
+
+
+def test_a_batch_planned_on_a_stream_the_gap_timer_rewrote_since_is_planned_again(
+    apply: Applier, store: RedisStore, client: redis.Redis, redis_prefix: str
+) -> None:
+    """Proves the daemon's order (plan the next batch, land the previous one, run the gap
+    timer, send) costs no refused commit when the gap timer rewrites a stream the planned
+    batch read (its gaps, with a token of its own): the batch is not sent, and planned again
+    it commits at the first try. A batch on other streams is sent as planned."""
+    apply([wire("s1", 3, 1)], pipelined=False)  # s1: seq 1, 3 parked, gap 2
+    apply([wire("s2", 1, 2)])
+    assert store.request_gaps_now("p", None, time.time()) == 1
+    assert store.send_commit()  # s2: untouched by the gap timer
+    store.wait_commit()
+
+    apply([wire("s1", 4, 3)])
+    assert store.request_gaps_now("p", "s1", time.time()) == 1
+    assert not store.send_commit()
+
+    apply([wire("s1", 4, 3)])
+    assert store.send_commit()
+    store.wait_commit()
+    stored = cast(dict[str, str], client.hgetall(f"{redis_prefix}:s:p:1:st:s1"))
+    parked = [f for f in stored if f.startswith("p:")]
+    assert sorted(parked) == ["p:3", "p:4"]
+    assert count(client, redis_prefix, "s2") == "1"
 
 
 def test_a_connection_killed_in_flight_raises_a_transient_error(
