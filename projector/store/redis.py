@@ -242,10 +242,10 @@ def _chunks(command: str, key: str, args: Sequence[str], width: int) -> list[Op]
 
 
 _FIELDS_PER_READ = 5_000  # Lua's unpack() fails past about 8,000 values
-# What a store's cache of stream hashes holds at most: a hash counts 1, and 1 more per
-# parked event value it holds (~300 bytes each): some 20-30 MB at worst. A workload of 10k
-# streams with 10k parked events fits.
-CACHED_STREAMS = 50_000
+# What a store's cache of stream hashes holds at most, in characters of field names and
+# values (plus 64 a hash): a merge document or a parked event weighs what it holds. A workload
+# of 10k streams with 10k parked events takes ~5 MB of it.
+CACHED_CHARACTERS = 16_000_000
 
 
 class StreamCache:
@@ -256,7 +256,7 @@ class StreamCache:
     emptied). So a stale entry costs a re-plan, never a wrong write. Least recently used
     first out."""
 
-    def __init__(self, size: int = CACHED_STREAMS) -> None:
+    def __init__(self, size: int = CACHED_CHARACTERS) -> None:
         self.size = size
         self._hashes: OrderedDict[str, tuple[dict[str, str], int]] = OrderedDict()
         self._weight = 0
@@ -275,7 +275,7 @@ class StreamCache:
         return dict(found[0])
 
     def put(self, key: str, fields: dict[str, str]) -> None:
-        weight = 1 + sum(1 for n, v in fields.items() if v and n.startswith("p:"))
+        weight = 64 + sum(len(n) + len(v) for n, v in fields.items())
         old = self._hashes.pop(key, None)
         if old is not None:
             self._weight -= old[1]
@@ -293,7 +293,7 @@ class StreamCache:
             old = self._hashes.pop(key, None)
             if old is not None:
                 self._weight -= old[1]
-        if len(self._forgotten) > self.size:
+        if len(self._forgotten) > 100_000:  # a long run's gap timer: start afresh
             self.clear()
 
     def clear(self) -> None:
