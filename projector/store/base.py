@@ -217,12 +217,15 @@ class StoreBatch(Protocol):
 class Store(Protocol):
     """A store connection of one worker or command."""
 
-    # Whether a pipelined batch may leave its commit in flight (see ``batch``).
-    commits_in_flight: bool
-    # Whether a pipelined batch's block ends with its commit prepared, not sent (Redis): the
-    # next batch can then be planned before this one is sent, and while the previous one's
-    # commit is in flight, since planning needs no answer from the store.
-    plans_ahead: bool
+    @property
+    def commits_in_flight(self) -> bool:
+        """Whether a pipelined batch may leave its commit in flight (see ``batch``)."""
+
+    @property
+    def plans_ahead(self) -> bool:
+        """Whether a pipelined batch's block ends with its commit prepared, not sent (Redis):
+        the next batch can then be planned before this one is sent, and while the previous
+        one's commit is in flight, since planning needs no answer from the store."""
 
     def close(self) -> None: ...
 

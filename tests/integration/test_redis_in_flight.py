@@ -360,3 +360,48 @@ def test_a_batch_that_reads_checks_the_version_it_was_planned_at(
     with pytest.raises(WriteConflict), store.batch("p", "p") as tx:
         tx.read("get", [f"{redis_prefix}:v:p:1:count:s1"], [])
     assert len(store.streams) == 0 and store.seen_versions == {}
+
+
+def guessing(store: RedisStore) -> bool:
+    """Whether the store plans from its cache and leaves commits in flight."""
+    assert store.commits_in_flight == store.plans_ahead
+    return store.plans_ahead
+
+
+def test_after_a_conflict_the_store_reads_before_it_plans_for_a_while(
+    services: Services,
+    pg_dsn: str,
+    apply: Applier,
+    store: RedisStore,
+    client: redis.Redis,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Proves the store stops guessing where another writer is about: after a conflict
+    (another instance applied s1's seq 2), the next batches read the streams they plan on,
+    even ones the store itself just wrote, and leave no commit in flight; after
+    ``CONTENDED_BATCHES`` batches without a conflict, it plans from its cache and pipelines
+    again."""
+    monkeypatch.setattr("projector.store.redis.CONTENDED_BATCHES", 3)
+    other = RedisStore(services.redis_url, redis_prefix)
+    try:
+        apply_other = applier_for(services, pg_dsn, other)
+        epoch_other = other.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
+        apply_other([wire("s1", 2, 0, partition=1)], {(TOPIC, 1): epoch_other})
+    finally:
+        other.close()
+    with pytest.raises(WriteConflict):
+        apply([wire("s1", 2, 1), wire("s1", 3, 2)], pipelined=False)
+    assert not guessing(store)
+    reads = reads_of(store)
+
+    apply([wire("s1", 2, 1), wire("s1", 3, 2)], pipelined=False)  # the batch after the conflict
+    apply([wire("s1", 4, 3)], pipelined=False)  # s1 as this store wrote it: read all the same
+
+    assert reads.count("stream") == 2
+    apply([wire("s1", 5, 4)], pipelined=False)
+    assert guessing(store)
+    reads.clear()
+    apply([wire("s1", 6, 5)], pipelined=False)
+    assert reads == []
+    assert count(client, redis_prefix, "s1") == "6"
