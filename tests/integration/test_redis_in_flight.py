@@ -70,6 +70,19 @@ def apply(services: Services, pg_dsn: str, store: RedisStore) -> Applier:
     return a
 
 
+@pytest.fixture
+def other_instance(
+    services: Services, pg_dsn: str, redis_prefix: str
+) -> Iterator[Callable[[], None]]:
+    """Another instance on partition 1; the function it yields has it apply s1's seq 2 (a
+    replay of the stream the test's store writes on partition 0)."""
+    other = RedisStore(services.redis_url, redis_prefix)
+    apply_other = applier_for(services, pg_dsn, other)
+    epoch = {(TOPIC, 1): other.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch}
+    yield lambda: apply_other([wire("s1", 2, 0, partition=1)], epoch)
+    other.close()
+
+
 def count(client: redis.Redis, prefix: str, stream: str) -> str | None:
     return cast(str | None, client.get(f"{prefix}:v:p:1:count:{stream}"))
 
@@ -134,32 +147,25 @@ def test_the_next_batch_is_planned_while_the_commit_runs(
 
 
 def test_a_batch_planned_on_a_refused_one_is_not_sent_but_planned_again(
-    services: Services,
-    pg_dsn: str,
     apply: Applier,
     store: RedisStore,
     client: redis.Redis,
     redis_prefix: str,
+    other_instance: Callable[[], None],
 ) -> None:
     """Proves a batch planned ahead never commits over a predecessor that failed, nor is sent
     only to be refused: batch 2 (s1's seq 2) is refused, since another instance applied s1's
     seq 2 after batch 2 read it; batch 3 (s1's seq 3), planned on batch 2's outcome, is then
     not sent (``send_commit`` answers False) and nothing of either is written. Planned again,
     from fresh reads, batch 3 applies seq 3 on top of the other instance's seq 2."""
-    other = RedisStore(services.redis_url, redis_prefix)
-    try:
-        apply_other = applier_for(services, pg_dsn, other)
-        epoch_other = other.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
-        apply([wire("s1", 2, 1)])
-        apply_other([wire("s1", 2, 0, partition=1)], {(TOPIC, 1): epoch_other})
-        assert store.send_commit()
-        apply([wire("s1", 3, 2)])
+    apply([wire("s1", 2, 1)])
+    other_instance()
+    assert store.send_commit()
+    apply([wire("s1", 3, 2)])
 
-        with pytest.raises(WriteConflict):
-            store.wait_commit()
-        assert not store.send_commit()
-    finally:
-        other.close()
+    with pytest.raises(WriteConflict):
+        store.wait_commit()
+    assert not store.send_commit()
 
     assert count(client, redis_prefix, "s1") == "2"
     assert offsets(client, redis_prefix) == {f"{TOPIC}:0": "1", f"{TOPIC}:1": "1"}
@@ -369,12 +375,11 @@ def guessing(store: RedisStore) -> bool:
 
 
 def test_after_a_conflict_the_store_reads_before_it_plans_for_a_while(
-    services: Services,
-    pg_dsn: str,
     apply: Applier,
     store: RedisStore,
     client: redis.Redis,
     redis_prefix: str,
+    other_instance: Callable[[], None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Proves the store stops guessing where another writer is about: after a conflict
@@ -383,13 +388,7 @@ def test_after_a_conflict_the_store_reads_before_it_plans_for_a_while(
     ``CONTENDED_BATCHES`` batches without a conflict, it plans from its cache and pipelines
     again."""
     monkeypatch.setattr("projector.store.redis.CONTENDED_BATCHES", 3)
-    other = RedisStore(services.redis_url, redis_prefix)
-    try:
-        apply_other = applier_for(services, pg_dsn, other)
-        epoch_other = other.claim("p", [(TOPIC, 1)], "b")[(TOPIC, 1)].epoch
-        apply_other([wire("s1", 2, 0, partition=1)], {(TOPIC, 1): epoch_other})
-    finally:
-        other.close()
+    other_instance()
     with pytest.raises(WriteConflict):
         apply([wire("s1", 2, 1), wire("s1", 3, 2)], pipelined=False)
     assert not guessing(store)
