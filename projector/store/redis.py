@@ -5,15 +5,17 @@ correlation records it touches or finds due, and whatever the handlers read (a c
 input progress is read unwatched: a stale read only lowers its watermark); the batch's stream
 hashes (position, parked events, gaps, merge state) are read unwatched, each with its version
 token (field ``v``, see below), or taken from the store's cache of the hashes it last read or
-wrote (:class:`StreamCache`: the token check below makes a stale entry a conflict). The runner plans as usual; the handlers' writes and
-projector's own changes are collected as plain commands. The commit is MULTI / EVALSHA / EXEC:
-the script checks the fence (each partition's epoch), that every stream hash the batch read
-still holds the token it was read with, and the type of every key it will touch before it
-writes anything, since Redis never rolls a script back. EXEC fails if anything WATCHed changed
-meanwhile, and the script answers "conflict" if a stream hash did (another instance touched
-one of the streams or records): either way the batch is planned again from fresh reads. A
-retry always plans again, so a commit whose reply was lost is never applied twice (its
-streams show its events as applied).
+wrote (:class:`StreamCache`), as is the version. The runner plans as usual; the handlers'
+writes and projector's own changes are collected as plain commands. The commit is MULTI /
+EVALSHA / EXEC: the script checks the fence (each partition's epoch), that the version pointer
+and every stream hash the batch read still hold what the batch planned on, and the type of
+every key it will touch before it writes anything, since Redis never rolls a script back.
+EXEC fails if anything WATCHed changed meanwhile, and the script answers "conflict" if the
+pointer or a stream hash did (another instance touched one of the streams or records, a
+rebuild swapped): either way the batch is planned again from fresh reads. A retry always plans
+again, and a commit whose reply was lost is read back from the stored checkpoints, so it is
+never applied twice. A pipelined batch's commit is sent after its block (``send_commit``) and
+answered later (``wait_commit``): see :class:`RedisStore`.
 
 Why tokens rather than WATCH for the stream hashes: a batch reads about one hash per event,
 and Redis 7.0's WATCH scans the connection's whole list of watched keys for every key it adds
