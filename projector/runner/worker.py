@@ -301,7 +301,7 @@ class ProjectionWorker:
         if prepared is not None:
             self._send(source, prepared)
         elif messages and not ahead:
-            self._apply(source, messages, decoded if len(messages) == len(polled) else None)
+            self._apply(source, polled, decoded)
         idle = not messages
         if self.progress.refresh(source, force=idle and self.exit_when_caught_up):
             self.metrics.set_lag(self.projection.name, self.progress.lag, self.progress.ages())
@@ -394,11 +394,11 @@ class ProjectionWorker:
         return isinstance(self.applier, BatchApplier) and self.store.commits_in_flight
 
     def _apply(
-        self, source: KafkaSource, messages: list[RawMessage], decoded: Decoded | None
+        self, source: KafkaSource, polled: list[RawMessage], decoded: Decoded | None
     ) -> None:
-        """Apply a batch, leaving its commit in flight where the store can (a sequence-mode
-        batch); :meth:`_land` finishes it."""
-        flight = self._prepare(source, messages, decoded)
+        """Apply a batch (the messages of partitions still owned), leaving its commit in
+        flight where the store can (a sequence-mode batch); :meth:`_land` finishes it."""
+        flight = self._prepare(source, polled, decoded)
         if flight is not None:
             self._send(source, flight)
 

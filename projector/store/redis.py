@@ -311,7 +311,8 @@ class StreamCache:
         """Whether any of these hashes was dropped as changed after ``generation``."""
         if self._cleared_at > generation:
             return True
-        return any(self._forgotten.get(key, 0) > generation for key in keys)
+        forgotten = self._forgotten
+        return bool(forgotten) and any(forgotten.get(key, 0) > generation for key in keys)
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -512,8 +513,8 @@ class RedisBatch:
             self._opened.reset()
             self._opened = None
 
-    def stream_keys(self) -> list[str]:
-        return [s.key for s in self._streams.values()]
+    def stream_keys(self) -> Iterator[str]:
+        return (s.key for s in self._streams.values())
 
     def connection(self) -> Connection | None:
         """The connection whose WATCHes the commit must go out on, if the batch has one."""
@@ -984,7 +985,7 @@ class RedisStore:
 
     @property
     def commits_in_flight(self) -> bool:
-        return self._batches >= self._contended_until
+        return self.plans_ahead  # both, or neither while contended (see ``contended``)
 
     @property
     def plans_ahead(self) -> bool:
