@@ -230,7 +230,13 @@ class ProjectionWorker:
     def run(self) -> None:
         kafka = self.config.kafka
         group = f"{kafka.group_prefix}.{self.projection.name}"
-        conf = consumer_config(kafka.bootstrap_servers, group, self.instance, kafka.consumer)
+        conf = consumer_config(
+            kafka.bootstrap_servers,
+            group,
+            self.instance,
+            kafka.consumer,
+            self.projection.batch_max_messages,
+        )
         topics = self.projection.consumed_topics
         source = KafkaSource(conf, topics, self._claim, self._revoked)
         log.info(

@@ -42,8 +42,18 @@ def client_logging() -> dict[str, Any]:
     return {"logger": KAFKA_LOG}
 
 
+# How many messages librdkafka keeps fetched ahead per partition, in batches of the
+# projection's batch_max_messages; and its bound in bytes for the whole consumer.
+PREFETCH_BATCHES = 2
+PREFETCH_KBYTES = 16 * 1024
+
+
 def consumer_config(
-    bootstrap: str, group: str, instance_id: str, extra: Mapping[str, Any]
+    bootstrap: str,
+    group: str,
+    instance_id: str,
+    extra: Mapping[str, Any],
+    batch_max_messages: int,
 ) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
@@ -64,6 +74,14 @@ def consumer_config(
         # librdkafka waits this long before fetching again for a partition whose local queue
         # was full; its 1 s default stalls a consumer that empties the queue quickly.
         "fetch.queue.backoff.ms": 10,
+        # librdkafka prefetches up to 100,000 messages per partition (64 MB) by default, and
+        # its queue is first in, first out across partitions: behind a backlog, a replayed
+        # event waited for seconds behind what was fetched of the source topic before it,
+        # and every later event of its stream was parked meanwhile (bench: peak RSS 145 ->
+        # 96 MB, reordered run to the topic's end 0.65 -> 0.88 of in order, at 300k events).
+        # A couple of batches ahead keeps the next batch ready.
+        "queued.min.messages": max(1000, PREFETCH_BATCHES * batch_max_messages),
+        "queued.max.messages.kbytes": PREFETCH_KBYTES,
         # A topic created after the daemon started (or new partitions) is noticed within
         # seconds rather than librdkafka's default five minutes.
         "topic.metadata.refresh.interval.ms": 10_000,

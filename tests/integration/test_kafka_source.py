@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -41,7 +42,7 @@ def test_messages_keep_key_value_timestamp_and_headers(
         claimed.append(tps)
         return {}  # no checkpoints: from the beginning
 
-    conf = consumer_config(services.kafka, unique("g"), unique("member"), {})
+    conf = consumer_config(services.kafka, unique("g"), unique("member"), {}, 2000)
     source = KafkaSource(conf, [topic], on_assign, lambda tps: None)
     got: list[RawMessage] = []
     try:
@@ -88,7 +89,7 @@ def test_a_joining_instance_gets_its_partitions_within_about_a_heartbeat(
         def revoked(tps: list[TopicPartition]) -> None:
             owned[name] -= set(tps)
 
-        conf = consumer_config(services.kafka, group, unique(name), {})
+        conf = consumer_config(services.kafka, group, unique(name), {}, 2000)
         assert conf["heartbeat.interval.ms"] <= 1000
         return KafkaSource(conf, [topic], assigned, revoked)
 
@@ -112,3 +113,48 @@ def test_a_joining_instance_gets_its_partitions_within_about_a_heartbeat(
         if b is not None:
             b.close()
     assert waited < 2.5, f"the joining instance waited {waited:.1f} s for its partition"
+
+
+def test_the_consumer_fetches_a_couple_of_batches_ahead_not_the_whole_backlog(
+    services: Services, new_topic: Callable[..., str]
+) -> None:
+    """Proves librdkafka keeps about two batches fetched ahead per partition (plus one fetch
+    response), not its default of 100,000 messages. Its queue is first in, first out across
+    partitions: a replayed event fetched from the replay topic waits behind all that was
+    fetched of the source topic before it, and its stream's later events are parked
+    meanwhile. Read from librdkafka's own statistics (``fetchq_cnt``, messages fetched and not
+    yet consumed) while the consumer takes one message at a time from a backlog of 40,000."""
+    topic = new_topic()
+    producer = Producer({"bootstrap.servers": services.kafka, "linger.ms": 20})
+    for i in range(40_000):
+        producer.produce(topic, b"x" * 200, key=b"k")
+        if i % 5_000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    queued: list[int] = []
+
+    def statistics(raw: str) -> None:
+        partitions = json.loads(raw)["topics"].get(topic, {}).get("partitions", {})
+        queued.append(sum(p["fetchq_cnt"] for n, p in partitions.items() if n != "-1"))
+
+    extra = {"statistics.interval.ms": 50, "stats_cb": statistics}
+    conf = consumer_config(services.kafka, unique("g"), unique("member"), extra, 500)
+    source = KafkaSource(conf, [topic], lambda tps: {}, lambda tps: None)
+    try:
+
+        def filled() -> bool:
+            source.poll(1, 0.05)
+            return bool(queued) and max(queued) >= 1000
+
+        wait_until(filled, "the queue filled to two batches of 500")
+        samples = len(queued)
+
+        def sampled_more() -> bool:
+            source.poll(1, 0.05)
+            return len(queued) >= samples + 5
+
+        wait_until(sampled_more, "five more samples of the queue")
+    finally:
+        source.close()
+    # 1,000 + one fetch response of at most 1 MB (about 4,500 of these messages).
+    assert max(queued) < 8_000, f"{max(queued):,} messages were fetched ahead"

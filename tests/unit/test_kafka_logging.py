@@ -16,7 +16,7 @@ def test_a_broker_that_refuses_connections_is_logged_through_projector(
 ) -> None:
     """Proves the consumer's librdkafka messages (here: a refused connection, as when the
     broker is down) arrive as records of the ``projector.kafka`` logger."""
-    conf = consumer_config("127.0.0.1:1", "g", "logging-test", {"reconnect.backoff.ms": 10})
+    conf = consumer_config("127.0.0.1:1", "g", "logging-test", {"reconnect.backoff.ms": 10}, 2000)
     consumer = Consumer(conf)
     try:
         with caplog.at_level(logging.DEBUG, logger="projector.kafka"):
