@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -136,6 +137,12 @@ class PgBatch:
         self._view_schema = view_schema
         self._created: list[str] = []  # correlation rows lock_correlations created
         self._locked: dict[str, StreamPosition] = {}  # positions as lock_positions read them
+        # Read with the locks, for held_seqs and load_gaps: the locked streams' gap records
+        # (every state), and the highest parked seq of each that has any; ``_read``: the
+        # streams they are current for (a write of their holding or gaps ends that).
+        self._gaps: dict[str, list[Gap]] = {}
+        self._top_parked: dict[str, int] = {}
+        self._read: set[str] = set()
 
     def _sending(self) -> None:
         """Before a write of a pipelined batch: enter pipeline mode (once). The reads that
@@ -158,11 +165,11 @@ class PgBatch:
         first batch ever of a partition records where its history starts (``starts``: the
         batch's first offsets). A checkpoint of ``None`` moves nothing (``greatest`` ignores
         nulls). Raises :class:`Fenced` naming the partitions this instance no longer owns."""
-        lost: list[TopicPartition] = []
         starts = starts or {}
-        with self.conn.cursor() as cur:
+        sent: list[tuple[TopicPartition, psycopg.Cursor[TupleRow]]] = []
+        with self.conn.pipeline():  # one round trip for all the batch's partitions
             for (topic, part), offset in sorted(checkpoints.items()):
-                cur.execute(
+                cur = self.conn.execute(
                     self._q(
                         "update {s}.checkpoints set"
                         " start_offset = case when next_offset is null"
@@ -179,8 +186,8 @@ class PgBatch:
                         epochs.get((topic, part), -1),
                     ),
                 )
-                if cur.rowcount != 1:
-                    lost.append((topic, part))
+                sent.append(((topic, part), cur))
+        lost = [tp for tp, cur in sent if cur.rowcount != 1]
         if lost:
             raise Fenced(lost)
 
@@ -213,64 +220,88 @@ class PgBatch:
         return found
 
     def _lock_positions(self, names: list[str]) -> dict[str, StreamPosition]:
-        rows = self.conn.execute(
-            self._q(
-                "select stream, last_seq, last_id, last_hash, blocked_seq from {s}.positions"
-                f" where projection = %s and stream in {_STREAMS} order by stream for update"
-            ),
-            (self.projection, _json_list(names)),
-        ).fetchall()
-        return {r[0]: StreamPosition(r[0], r[1], r[2], r[3], r[4]) for r in rows}
+        """Lock the rows and, in the same round trip and under the locks, read the streams'
+        gap records with, for each stream that has any, its highest parked seq: what
+        held_seqs and load_gaps answer from."""
+        with self.conn.pipeline():
+            locking = self.conn.execute(
+                self._q(
+                    "select stream, last_seq, last_id, last_hash, blocked_seq from {s}.positions"
+                    f" where projection = %s and stream in {_STREAMS} order by stream for update"
+                ),
+                (self.projection, _json_list(names)),
+            )
+            reading = self.conn.execute(
+                self._q(
+                    f"select {_GAP_COLUMNS}, (select max(h.seq) from {{s}}.holding h"
+                    "  where h.projection = g.projection and h.stream = g.stream)"
+                    " from {s}.gaps g where g.projection = %s and g.stream = any(%s)"
+                ),
+                (self.projection, names),
+            )
+        for stream in names:
+            self._gaps.pop(stream, None)
+            self._top_parked.pop(stream, None)
+        self._read.update(names)
+        for r in reading.fetchall():
+            self._gaps.setdefault(r[0], []).append(_gap(r))
+            if r[8] is not None:
+                self._top_parked[r[0]] = r[8]
+        return {r[0]: StreamPosition(r[0], r[1], r[2], r[3], r[4]) for r in locking.fetchall()}
 
     def held_seqs(self, streams: Iterable[str]) -> HeldSeqs:
         """The streams' parked seqs, and their ranges given up on with the skip policy (which
-        the sequencer steps over); the streams locked first (``lock_positions``).
+        the sequencer steps over); the streams locked first (``lock_positions``, which read
+        their gap records and highest parked seqs).
 
         Not read row by row, which costs per parked event (with a backlog of 100k parked on
         a batch's streams, most of the batch's time): a stream's parked seqs are all those
         from its position to its highest parked seq that none of its gap records (open,
         held or skipped) covers, but its blocked seq. That holds because every write of a
         stream stores its gaps as exactly the seqs missing up to its highest parked one.
-        Only streams with gap records or a blocked seq can have parked events; for those
-        the highest parked seq is one index lookup."""
+        Only streams with gap records or a blocked seq can have parked events; the highest
+        parked seq of a blocked stream without gap records (a dead letter's) is read here."""
+        names = self._current(streams)
         parked: dict[str, SeqRanges] = {}
         skipped: dict[str, list[tuple[int, int]]] = {}
-        names = sorted(set(streams))
-        if not names:
-            return parked, skipped
-        covered: dict[str, list[tuple[int, int]]] = {}
-        rows = self.conn.execute(
-            self._q(
-                "select stream, from_seq, to_seq, state = 'skipped' from {s}.gaps"
-                f" where projection = %s and stream in {_STREAMS}"
-            ),
-            (self.projection, _json_list(names)),
-        ).fetchall()
-        for stream, from_seq, to_seq, is_skipped in rows:
-            covered.setdefault(stream, []).append((from_seq, to_seq))
-            if is_skipped:
-                skipped.setdefault(stream, []).append((from_seq, to_seq))
-        blocked = (n for n in names if self._locked[n].blocked_seq is not None)
-        candidates = sorted({*covered, *blocked})
-        if not candidates:
-            return parked, skipped
-        tops = self.conn.execute(
-            self._q(
-                "select x, (select max(h.seq) from {s}.holding h"
-                " where h.projection = %s and h.stream = x) from unnest(%s::text[]) x"
-            ),
-            (self.projection, candidates),
-        ).fetchall()
-        for stream, top in tops:
+        tops = dict(self._top_parked)
+        blocked = [
+            s for s in names if self._locked[s].blocked_seq is not None and s not in self._gaps
+        ]
+        if blocked:
+            tops.update(
+                self.conn.execute(
+                    self._q(
+                        "select x, (select max(h.seq) from {s}.holding h"
+                        " where h.projection = %s and h.stream = x) from unnest(%s::text[]) x"
+                    ),
+                    (self.projection, sorted(blocked)),
+                ).fetchall()
+            )
+        for stream in names:
+            gaps = self._gaps.get(stream, ())
+            for g in gaps:
+                if g.state == "skipped":
+                    skipped.setdefault(stream, []).append((g.from_seq, g.to_seq))
+            top = tops.get(stream)
             if top is None:
                 continue
             position = self._locked[stream]
-            seqs = SeqRanges.span(position.last_seq + 1, top, covered.get(stream, ()))
+            seqs = SeqRanges.span(
+                position.last_seq + 1, top, [(g.from_seq, g.to_seq) for g in gaps]
+            )
             if position.blocked_seq is not None:
                 seqs.discard(position.blocked_seq)
             if seqs:
                 parked[stream] = seqs
         return parked, skipped
+
+    def _current(self, streams: Iterable[str]) -> set[str]:
+        names = set(streams)
+        if not names <= self._read:
+            stale = sorted(names - self._read)[:3]
+            raise RuntimeError(f"streams {stale} not locked since their last write in this batch")
+        return names
 
     def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:
         pairs = [[stream, seq] for stream, seqs in wanted.items() for seq in seqs]
@@ -290,17 +321,13 @@ class PgBatch:
         return parked
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
-        """The open (or held) gaps of these streams; skipped ranges are not gaps any more."""
+        """The open (or held) gaps of these streams, locked first (``lock_positions`` read
+        them); skipped ranges are not gaps any more."""
         out: dict[str, list[Gap]] = {}
-        rows = self.conn.execute(
-            self._q(
-                f"select {_GAP_COLUMNS} from {{s}}.gaps where projection = %s"
-                f" and stream in {_STREAMS} and state <> 'skipped'"
-            ),
-            (self.projection, _json_list(sorted(set(streams)))),
-        ).fetchall()
-        for r in rows:
-            out.setdefault(r[0], []).append(_gap(r))
+        for stream in self._current(streams):
+            gaps = [g for g in self._gaps.get(stream, ()) if g.state != "skipped"]
+            if gaps:
+                out[stream] = gaps
         return out
 
     def mark_skipped(self, gap: Gap) -> None:
@@ -311,6 +338,10 @@ class PgBatch:
             ),
             (self.projection, gap.stream, gap.from_seq),
         )
+        self._gaps[gap.stream] = [
+            replace(g, state="skipped") if g.from_seq == gap.from_seq else g
+            for g in self._gaps.get(gap.stream, ())
+        ]
 
     @contextmanager
     def rolled_back(self) -> Iterator[None]:
@@ -360,6 +391,7 @@ class PgBatch:
     def park(self, events: Iterable[Event]) -> None:
         self._sending()
         rows = [e.to_json() for e in events]
+        self._read.difference_update(r["stream"] for r in rows)
         if rows:
             self.conn.execute(
                 self._q(
@@ -372,6 +404,8 @@ class PgBatch:
 
     def unpark(self, keys: Iterable[tuple[str, int]]) -> None:
         self._sending()
+        keys = list(keys)
+        self._read.difference_update(stream for stream, _ in keys)
         pairs = [list(k) for k in keys]
         if pairs:
             self.conn.execute(
@@ -385,6 +419,7 @@ class PgBatch:
     def replace_gaps(self, streams: Iterable[str], gaps: Iterable[Gap]) -> None:
         self._sending()
         names = sorted(set(streams))
+        self._read.difference_update(names)
         if not names:
             return
         self.conn.execute(
