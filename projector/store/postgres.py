@@ -223,21 +223,22 @@ class PgBatch:
         """Lock the rows and, in the same round trip and under the locks, read the streams'
         gap records with, for each stream that has any, its highest parked seq: what
         held_seqs and load_gaps answer from."""
+        streams = _json_list(names)
         with self.conn.pipeline():
             locking = self.conn.execute(
                 self._q(
                     "select stream, last_seq, last_id, last_hash, blocked_seq from {s}.positions"
                     f" where projection = %s and stream in {_STREAMS} order by stream for update"
                 ),
-                (self.projection, _json_list(names)),
+                (self.projection, streams),
             )
             reading = self.conn.execute(
                 self._q(
                     f"select {_GAP_COLUMNS}, (select max(h.seq) from {{s}}.holding h"
                     "  where h.projection = g.projection and h.stream = g.stream)"
-                    " from {s}.gaps g where g.projection = %s and g.stream = any(%s)"
+                    f" from {{s}}.gaps g where g.projection = %s and g.stream in {_STREAMS}"
                 ),
-                (self.projection, names),
+                (self.projection, streams),
             )
         for stream in names:
             self._gaps.pop(stream, None)
