@@ -57,6 +57,7 @@ class BatchResult:
     gaps_opened: int = 0
     gaps_closed: int = 0
     gaps_skipped: int = 0
+    gaps_due: float | None = None  # when the gaps this batch opened fall due (first request)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     checkpoints: dict[TopicPartition, int] = field(default_factory=dict)
 
@@ -439,5 +440,7 @@ class BatchApplier:
             )
             new += change.gaps
             result.gaps_opened += change.opened
+            if change.opened:
+                result.gaps_due = now + self.gap_timeout
             result.gaps_closed += change.closed
         tx.replace_gaps(touched, new)

@@ -1,12 +1,15 @@
 """The gap timer: due gaps get their replay requests, or their give-up policy.
 
-Called from the poll loop at most once per check interval; it never sleeps. The schedule lives
+Called from the poll loop; it checks the store once per check interval, and when a gap this
+instance opened falls due, so that its first request is not up to an interval late. It never
+sleeps. The schedule lives
 in the store, so a restart keeps every gap's age and next request time, and several instances
 send one request per gap per attempt (see ``claim_due_gaps``).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable
 
@@ -57,12 +60,20 @@ class GapTimer:
         # Check often enough that a request is never more than a quarter timeout late.
         self.interval = min(1.0, projection.gap_timeout / 4)
         self.next_check = 0.0
+        self._due: list[float] = []  # when gaps this instance opened fall due (a heap)
+
+    def expect(self, due: float) -> None:
+        """A committed batch opened gaps that fall due at ``due``: check then too. (Gaps
+        other instances open are found by the interval's checks.)"""
+        heapq.heappush(self._due, due)
 
     def tick(self) -> None:
         now = self.clock()
-        if now < self.next_check:
+        if now < self.next_check and not (self._due and self._due[0] <= now):
             return
         self.next_check = now + self.interval
+        while self._due and self._due[0] <= now:
+            heapq.heappop(self._due)
         decided = self.store.claim_due_gaps(
             self.projection.name, now, 500, lambda g: _decision(g, self.schedule, now)
         )

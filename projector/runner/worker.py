@@ -374,6 +374,8 @@ class ProjectionWorker:
         """After the commit: totals, back-pressure count, progress and metrics."""
         self.stats.add(result)
         self.backpressure.observe(result)
+        if self.gap_timer is not None and result.gaps_due is not None:
+            self.gap_timer.expect(result.gaps_due)
         self.progress.applied(messages)
         self.metrics.record_batch(self.projection.name, result, seconds)
         if isinstance(self.applier, MergeApplier) and self.applier.correlated is not None:

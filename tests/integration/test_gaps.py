@@ -92,6 +92,37 @@ def test_requests_back_off_while_nobody_answers_then_the_fill_drains(
     assert count(pg_dsn, "select count(*) from projector.holding") == 0
 
 
+def test_a_gap_is_requested_when_it_falls_due_not_at_the_next_check(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves the first request of a gap this instance opened goes out when the gap falls due,
+    not up to a check interval (1 s here) later: gap A opens at T - 0.5 and gap B at T (10 s
+    timeout); at T + 9.51 the check requests A and would next look at T + 10.51, yet at
+    T + 10.02 B is requested. A replay is the slow path of a gap; this takes half an interval
+    off it on average."""
+    _, delivered, _ = split_log(accounts=2, events=6, withheld_seqs={3})
+    first = [w for w in delivered if w["stream"] == "account:1"]
+    second = [w for w in delivered if w["stream"] == "account:2"]
+    source, requests = new_topic(), new_topic()
+    replay = {"channel": "kafka", "topic": requests, "max_interval": "40s"}
+    config = gap_config(services, pg_dsn, [source], gap_timeout="10s", replay=replay)
+    clock, reader = FakeClock(), RequestReader(services.kafka, requests)
+    gaps = "select count(*) from projector.gaps"
+    try:
+        with daemon_thread(config, clock):
+            publish(services.kafka, source, first)
+            wait_until(lambda: count(pg_dsn, gaps) == 1, "gap A")
+            clock.advance(0.5)
+            publish(services.kafka, source, second)
+            wait_until(lambda: count(pg_dsn, gaps) == 2, "gap B")
+            clock.advance(9.51)
+            assert [r["stream"] for r in reader.read(1)] == ["account:1"]
+            clock.advance(0.51)
+            assert [r["stream"] for r in reader.read(2)] == ["account:1", "account:2"]
+    finally:
+        reader.close()
+
+
 def test_skip_policy_steps_over_the_gap_and_dead_letters_a_late_event(
     services: Services, pg_dsn: str, new_topic: Callable[..., str]
 ) -> None:
