@@ -19,10 +19,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
 def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
     """Proves the harness end to end on 3,000 events over 300 streams: projector on both
-    stores (reordered, in order, 2 consumers, two processes on PostgreSQL), the three
-    baselines and both latency runs finish, each view equals the workload's answer, and the
-    figures land in results.json."""
+    stores (reordered, in order, 2 consumers; on PostgreSQL also two processes, and replays
+    after a longer gap_timeout), the three baselines and both latency runs finish, each view
+    equals the workload's answer, and the figures land in results.json."""
     args = ["--events", "3000", "--streams", "300", "--out", str(tmp_path), "--gap-timeout", "1"]
+    args += ["--parked-gap-timeout", "2"]
     args += ["--baseline-events", "3000", "--naive-events", "300", "--latency-seconds", "2"]
     assert main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -32,6 +33,7 @@ def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
         "pg in-order",
         "pg reordered, 2 consumers",
         "pg two processes",
+        "pg reordered, replays after 2 s",
         "redis reordered",
         "redis in-order",
         "redis reordered, 2 consumers",
