@@ -921,6 +921,17 @@ class RedisBatch:
         for s in self._streams.values():
             cache.put(s.key, s.after(self.token if s.written() else s.token or ""))
 
+    def forget_guesses(self) -> None:
+        """The batch will not be sent (planned again): the store's cache goes back to its
+        hashes as the batch read them, but for those dropped as changed since it was planned
+        (all of them, if the cache was emptied: the batch before it was refused). Dropping
+        them all instead emptied the cache each time the gap timer rewrote a stream the next
+        batch touched, and the batches after it read every stream again."""
+        cache = self._store.streams
+        for s in self._streams.values():
+            if not cache.changed_since(self.planned_at, (s.key,)):
+                cache.put(s.key, {**s.stored, TOKEN: s.token or ""})
+
     def verdict(self, reply: list[Any]) -> None:
         """Raise what the batch script's answer means, if it is not "ok"."""
         if reply[0] == "ok":
@@ -1089,16 +1100,32 @@ class RedisStore:
             raise TransientStoreError("Redis lost projector's scripts; loaded them again") from None
         return verdict
 
-    def _apply_own(self, pipe: Pipeline, ops: list[Op]) -> None:
-        """Projector's own changes outside a batch (gap schedule, purge, sweep)."""
+    def _apply_own(
+        self,
+        pipe: Pipeline,
+        ops: list[Op],
+        rewrites: Mapping[str, tuple[str | None, dict[str, str]]] | None = None,
+    ) -> None:
+        """Projector's own changes outside a batch (gap schedule, purge, sweep). They may
+        write stream hashes, with a token of their own: those are dropped from the cache (a
+        batch planned on one before is planned again). ``rewrites``: per stream hash, the
+        token it held when read under WATCH and the fields written; a cached hash that held
+        that token was current, and is kept with the fields written, so the next batch on it
+        reads nothing (the gap timer rewrites a few streams a second, and every batch then
+        touched one of them)."""
         if not ops:
             return
-        # They may write stream hashes (with a token of their own): the cache would only
-        # make the next batch on those streams conflict.
+        kept = {
+            key: cached
+            for key, (token, _) in (rewrites or {}).items()
+            if (cached := self.streams.get(key)) is not None and cached.get(TOKEN) == token
+        }
         self.streams.forget(op[1] for op in ops)
         verdict = self.apply(pipe, [], ops)
         if verdict[0] != "ok":
             raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict}")
+        for key, cached in kept.items():
+            self.streams.put(key, cached | (rewrites or {})[key][1])
 
     def keys(self, projection: str) -> Keys:
         """The projection's keys at its current version."""
@@ -1155,7 +1182,7 @@ class RedisStore:
             return True
         if self.streams.changed_since(tx.planned_at, tx.stream_keys()):
             tx.release()
-            self.forget_all()  # it took its own writes as done
+            tx.forget_guesses()  # it took its own writes as done
             return False
         self._send(tx)
         return True
@@ -1259,29 +1286,40 @@ class RedisStore:
         return out
 
     # -- gaps -----------------------------------------------------------------------------
-    def _gaps_of(self, pipe: Pipeline, k: Keys, streams: Sequence[str]) -> dict[str, list[Gap]]:
-        """The streams' gap lists, their hashes WATCHed: a batch that writes one of them
-        meanwhile makes this caller's EXEC fail (it tries again)."""
+    def _gaps_of(
+        self, pipe: Pipeline, k: Keys, streams: Sequence[str]
+    ) -> tuple[dict[str, list[Gap]], dict[str, str | None]]:
+        """The streams' gap lists and version tokens, their hashes WATCHed: a batch that
+        writes one of them meanwhile makes this caller's EXEC fail (it tries again)."""
         keys = [k.stream(s) for s in streams]
         if not keys:
-            return {}
+            return {}, {}
         _watch(pipe, *keys)
-        raws = [r[0] for r in self.scripts.call(pipe, "read", keys, "hget", "gaps")]
-        return {
+        rows = self.scripts.call(pipe, "read", keys, "hmget", "gaps", TOKEN)
+        gaps = {
             s: [_gap(s, d) for d in json_codec.loads(raw)] if raw else []
-            for s, raw in zip(streams, raws, strict=True)
+            for s, (raw, _) in zip(streams, rows, strict=True)
         }
+        return gaps, {s: token for s, (_, token) in zip(streams, rows, strict=True)}
 
     def _write_gap_changes(
-        self, pipe: Pipeline, k: Keys, gaps: Mapping[str, list[Gap]], stale: Sequence[str]
+        self,
+        pipe: Pipeline,
+        k: Keys,
+        gaps: Mapping[str, list[Gap]],
+        stale: Sequence[str],
+        tokens: Mapping[str, str | None],
     ) -> None:
+        """``tokens``: the streams' version tokens as read with their gaps (``_gaps_of``)."""
         # A new version token with the gaps: a batch that read one of these streams before
         # finds it changed when it commits, and is planned again.
         token = new_token()
         ops: list[Op] = []
+        rewrites: dict[str, tuple[str | None, dict[str, str]]] = {}
         for stream, found in gaps.items():
             gap_list = _dumps([_gap_json(g) for g in found])
             ops.append(["HSET", k.stream(stream), "gaps", gap_list, TOKEN, token])
+            rewrites[k.stream(stream)] = (tokens[stream], {"gaps": gap_list, TOKEN: token})
             for g in found:
                 if g.state in ("open", "held"):
                     member = _member(stream, g.from_seq)
@@ -1289,7 +1327,7 @@ class RedisStore:
                     ops.append(["SADD" if g.state == "held" else "SREM", k.gapheld, member])
         if stale:
             ops.append(["ZREM", k.gapdue, *stale])
-        self._apply_own(pipe, ops)
+        self._apply_own(pipe, ops, rewrites)
 
     def _members(
         self, index: str, lo: str, hi: str, limit: int | None = None
@@ -1317,7 +1355,7 @@ class RedisStore:
             wanted = {(s, f) for s, f in due}
             try:
                 with self._watching() as pipe:
-                    stored = self._gaps_of(pipe, k, sorted({s for s, _ in due}))
+                    stored, tokens = self._gaps_of(pipe, k, sorted({s for s, _ in due}))
                     decided: list[tuple[str, Gap]] = []
                     changed: dict[str, list[Gap]] = {}
                     for stream, found in stored.items():
@@ -1332,7 +1370,7 @@ class RedisStore:
                         changed[stream] = new
                     present = {(s, g.from_seq) for s, gs in stored.items() for g in gs}
                     stale = [_member(s, f) for s, f in due if (s, f) not in present]
-                    self._write_gap_changes(pipe, k, changed, stale)
+                    self._write_gap_changes(pipe, k, changed, stale, tokens)
                     return decided
             except redis.exceptions.WatchError:
                 continue  # another instance took them first: read what is due now
@@ -1347,7 +1385,7 @@ class RedisStore:
         if stream is not None:
             streams = [stream]
         with self._watching() as pipe:
-            stored = self._gaps_of(pipe, k, streams)
+            stored, _ = self._gaps_of(pipe, k, streams)
         found = [g for gs in stored.values() for g in gs]
         return sorted(found, key=lambda g: (g.first_seen, g.stream, g.from_seq))
 
@@ -1358,7 +1396,7 @@ class RedisStore:
             streams = sorted({s for s, _ in members if stream is None or s == stream})
             try:
                 with self._watching() as pipe:
-                    stored = self._gaps_of(pipe, k, streams)
+                    stored, tokens = self._gaps_of(pipe, k, streams)
                     count = 0
                     changed: dict[str, list[Gap]] = {}
                     for s, found in stored.items():
@@ -1370,7 +1408,7 @@ class RedisStore:
                             else:
                                 new.append(g)
                         changed[s] = new
-                    self._write_gap_changes(pipe, k, changed, [])
+                    self._write_gap_changes(pipe, k, changed, [], tokens)
                     return count
             except redis.exceptions.WatchError:
                 continue
