@@ -922,14 +922,18 @@ class RedisBatch:
             cache.put(s.key, s.after(self.token if s.written() else s.token or ""))
 
     def forget_guesses(self) -> None:
-        """The batch will not be sent (planned again): the store's cache goes back to its
-        hashes as the batch read them, but for those dropped as changed since it was planned
-        (all of them, if the cache was emptied: the batch before it was refused). Dropping
-        them all instead emptied the cache each time the gap timer rewrote a stream the next
-        batch touched, and the batches after it read every stream again."""
+        """The batch will not be sent (planned again): what it put in the store's cache as
+        its outcome goes. Its hashes go back to how it read them, but for those dropped as
+        changed since it was planned, which are dropped (all of them, if the cache was
+        emptied since: the batch before it failed where it landed, maybe while this one was
+        planned). Emptying the whole cache instead, each time the gap timer rewrote a stream
+        the next batch touched, made the batches after it read every stream again."""
         cache = self._store.streams
+        keys = [s.key for s in self._streams.values()]
+        changed = {key for key in keys if cache.changed_since(self.planned_at, (key,))}
+        cache.forget(changed)
         for s in self._streams.values():
-            if not cache.changed_since(self.planned_at, (s.key,)):
+            if s.key not in changed:
                 cache.put(s.key, {**s.stored, TOKEN: s.token or ""})
 
     def verdict(self, reply: list[Any]) -> None:
