@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from projector.core.decode import Decoder
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules
 from projector.runner.batch import BatchApplier, BatchResult
@@ -30,6 +31,21 @@ def wire(stream: str, seq: int, offset: int, amount: int = 1) -> RawMessage:
     kind, data = ("OPENED", {"owner": "o"}) if seq == 1 else ("DEPOSITED", {"amount": amount})
     value = {"stream": stream, "seq": seq, "ts": seq, "type": kind, "data": data}
     return RawMessage("t", 0, offset, stream.encode(), json.dumps(value).encode())
+
+
+def accounts_on_partition_0(
+    services: Services, pg_dsn: str
+) -> tuple[PostgresStore, BatchApplier, dict[str, Decoder], dict[tuple[str, int], int]]:
+    """The accounts projection on topic t, its store, applier and decoders, partition 0
+    claimed."""
+    config = make_config(services, pg_dsn, [projection("accounts", ["t"], ["handlers.accounts"])])
+    migrate_all(config)
+    proj = config.projections[0]
+    store = PostgresStore(pg_dsn)
+    applier = build_applier(config, proj, store, time.time)
+    assert isinstance(applier, BatchApplier)
+    epochs = {("t", 0): store.claim("accounts", [("t", 0)], "x")[("t", 0)].epoch}
+    return store, applier, build_decoders(proj), epochs
 
 
 def stored_truth(
@@ -70,14 +86,7 @@ def test_parked_seqs_as_told_match_the_holding_table_after_every_batch(
     skip) part-way: the parked seqs and skipped ranges the store tells a batch are exactly
     the holding table's rows and the skipped gap records."""
     rng = random.Random(seed)
-    config = make_config(services, pg_dsn, [projection("accounts", ["t"], ["handlers.accounts"])])
-    migrate_all(config)
-    proj = config.projections[0]
-    store = PostgresStore(pg_dsn)
-    applier = build_applier(config, proj, store, time.time)
-    assert isinstance(applier, BatchApplier)
-    decoders = build_decoders(proj)
-    epochs = {("t", 0): store.claim("accounts", [("t", 0)], "x")[("t", 0)].epoch}
+    store, applier, decoders, epochs = accounts_on_partition_0(services, pg_dsn)
     poison = {(s, rng.randrange(5, 40)) for s in rng.sample(STREAMS, 3)}
     log = [(s, q) for q in range(1, 61) for s in STREAMS]
     withheld = {e for e in log if e[1] > 1 and rng.random() < 0.06}
@@ -117,16 +126,10 @@ def test_the_streams_state_is_read_with_their_locks_in_one_round_trip(
     and held_seqs and load_gaps then send nothing. Each round trip is a wait on a 2-core
     machine shared with PostgreSQL and Kafka; a reordered batch made four before planning.
     And that a stream whose holding the batch wrote is not answered from that read."""
-    config = make_config(services, pg_dsn, [projection("accounts", ["t"], ["handlers.accounts"])])
-    migrate_all(config)
-    proj = config.projections[0]
-    store = PostgresStore(pg_dsn)
-    applier = build_applier(config, proj, store, time.time)
-    assert isinstance(applier, BatchApplier)
-    epochs = {("t", 0): store.claim("accounts", [("t", 0)], "x")[("t", 0)].epoch}
+    store, applier, decoders, epochs = accounts_on_partition_0(services, pg_dsn)
     a, b, c = STREAMS[:3]
     sent = [(a, 1), (a, 2), (a, 5), (a, 9), (b, 1), (b, 4), (c, 1), (c, 2)]
-    applier.apply([wire(s, q, i) for i, (s, q) in enumerate(sent)], build_decoders(proj), epochs)
+    applier.apply([wire(s, q, i) for i, (s, q) in enumerate(sent)], decoders, epochs)
     try:
         with store.batch("accounts", "accounts") as tx, tx.rolled_back():
             statements: list[str] = []
