@@ -265,12 +265,12 @@ class PgBatch:
         names = self._current(streams)
         parked: dict[str, SeqRanges] = {}
         skipped: dict[str, list[tuple[int, int]]] = {}
-        tops = dict(self._top_parked)
+        tops = self._top_parked
         blocked = [
             s for s in names if self._locked[s].blocked_seq is not None and s not in self._gaps
         ]
         if blocked:
-            tops.update(
+            tops = tops | dict(
                 self.conn.execute(
                     self._q(
                         "select x, (select max(h.seq) from {s}.holding h"

@@ -1119,9 +1119,10 @@ class RedisStore:
         touched one of them)."""
         if not ops:
             return
+        rewrites = rewrites or {}
         kept = {
             key: cached
-            for key, (token, _) in (rewrites or {}).items()
+            for key, (token, _) in rewrites.items()
             if (cached := self.streams.get(key)) is not None and cached.get(TOKEN) == token
         }
         self.streams.forget(op[1] for op in ops)
@@ -1129,7 +1130,7 @@ class RedisStore:
         if verdict[0] != "ok":
             raise RedisStateCorrupt(f"projector's own state in Redis is damaged: {verdict}")
         for key, cached in kept.items():
-            self.streams.put(key, cached | (rewrites or {})[key][1])
+            self.streams.put(key, cached | rewrites[key][1])
 
     def keys(self, projection: str) -> Keys:
         """The projection's keys at its current version."""

@@ -68,6 +68,25 @@ def test_stale_epoch_cannot_write(setup, pg_dsn: str) -> None:
     assert rows(pg_dsn, "select next_offset, owner from projector.checkpoints") == [(None, "b")]
 
 
+def test_a_batch_over_two_partitions_names_only_the_one_it_lost(setup, pg_dsn: str) -> None:
+    """Proves the fence of every partition of a batch, sent together, is read per partition:
+    A owns t[0] and t[1], B takes t[1]; A's batch over both raises Fenced naming t[1] alone
+    and writes nothing, not even t[0]'s checkpoint."""
+    store_a, apply_a = setup()
+    store_b, _ = setup()
+    epochs = {tp: c.epoch for tp, c in store_a.claim("accounts", [("t", 0), ("t", 1)], "a").items()}
+    store_b.claim("accounts", [("t", 1)], "b")
+
+    with pytest.raises(Fenced) as info:
+        apply_a([wire("account:1", 1), wire("account:2", 1, partition=1)], epochs)
+    assert info.value.partitions == [("t", 1)]
+    assert rows(pg_dsn, "select count(*) from accounts.accounts") == [(0,)]
+    assert rows(pg_dsn, "select partition, next_offset from projector.checkpoints order by 1") == [
+        (0, None),
+        (1, None),
+    ]
+
+
 def test_new_owner_waits_for_the_batch_in_flight_and_resumes_after_it(setup, pg_dsn: str) -> None:
     """Proves a claim taken while the old owner's batch is mid-transaction waits for it and
     then sees its checkpoint, so the partition revoked mid-batch is neither lost nor applied
