@@ -9,6 +9,7 @@ and checkpoints. Driver errors are translated into :mod:`projector.store.errors`
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -58,6 +59,12 @@ def _json_list(values: Iterable[Any]) -> str:
     """A list as one JSON parameter (``jsonb_array_elements``): for thousands of values
     psycopg's array dumpers cost ten times more client CPU than orjson."""
     return json_codec.dumps(list(values)).decode()
+
+
+def _contended(exc: BaseException) -> bool:
+    """A batch refused because another transaction wrote what it planned on (a stale cached
+    position, or PostgreSQL's own serialization check)."""
+    return isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected)
 
 
 # The batch's streams, from a JSON list parameter.
@@ -113,6 +120,63 @@ class PgView:
             return cur.execute(query, params).fetchone()
 
 
+# How many streams' positions a store keeps in memory (PositionCache), about half a kilobyte
+# each: with more streams than that in use, the least recently written are read again.
+CACHED_POSITIONS = 100_000
+# Batches planned on locked positions, not on the cache, after a refused one: another writer
+# is at the same streams, and guesses would keep failing while it is.
+CONTENDED_BATCHES = 100
+
+
+class PositionCache:
+    """The positions of one projection's streams as this store last wrote them, with the
+    version it wrote (its transaction's id), for the streams it left clean: nothing parked, no
+    gap record, not blocked. A batch on those streams reads and locks nothing before it plans;
+    its position update checks instead that each still holds that version, and a stream that
+    another writer (another instance, a replay, a command, a rebuild's swap) wrote since fails
+    the whole batch as a serialization failure, which runs it again on positions read under
+    their locks, the cache emptied. So an entry is a guess that costs a rerun when wrong, never
+    a wrong write. Least recently written first out."""
+
+    def __init__(self, size: int = CACHED_POSITIONS) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, tuple[StreamPosition, int]] = OrderedDict()
+        self._resting = 0  # batches left before the cache is planned on again
+
+    @property
+    def usable(self) -> bool:
+        return self._resting == 0
+
+    def get(self, stream: str) -> tuple[StreamPosition, int] | None:
+        return self._entries.get(stream)
+
+    def update(self, written: Mapping[str, StreamPosition], clean: set[str], version: int) -> None:
+        """After a commit: the streams it wrote, at ``version``; those not left clean out."""
+        if self._resting:
+            self._resting -= 1
+        entries = self._entries
+        for stream, position in written.items():
+            entries.pop(stream, None)
+            if stream in clean:
+                entries[stream] = (position, version)
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+
+    def forget(self, streams: Iterable[str]) -> None:
+        for stream in streams:
+            self._entries.pop(stream, None)
+
+    def clear(self, contended: bool = False) -> None:
+        """Forget every entry; ``contended``: a batch was refused on a stale one, so the next
+        :data:`CONTENDED_BATCHES` batches lock what they plan on."""
+        self._entries.clear()
+        if contended:
+            self._resting = CONTENDED_BATCHES
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class PgBatch:
     """One batch transaction of one projection. Methods are called in the order the runner's
     batch applier documents: fence → lock → load → handlers → write.
@@ -128,10 +192,13 @@ class PgBatch:
         projection: str,
         view_schema: str,
         pipelined: bool = False,
+        cache: PositionCache | None = None,
     ):
         self.conn = conn
         self.projection = projection
         self.pipelined = pipelined
+        self.cache = cache
+        self.version: int | None = None  # this transaction's id, read with the fence
         self.pipeline: ExitStack | None = None  # pipeline mode, entered at the first write
         self._s = sql.Identifier(schema)
         self._view_schema = view_schema
@@ -143,6 +210,15 @@ class PgBatch:
         self._gaps: dict[str, list[Gap]] = {}
         self._top_parked: dict[str, int] = {}
         self._read: set[str] = set()
+        # The position update, sent by finish(): the streams' new positions; the cached
+        # streams planned on, with the version each must still hold; the streams whose parked
+        # events or gaps the batch wrote (their version moves too); the gap records each of
+        # those is left with.
+        self._positions: dict[str, StreamPosition] = {}
+        self._expected: dict[str, int] = {}
+        self._state_written: set[str] = set()
+        self._gaps_after: dict[str, list[Gap]] = {}
+        self.written: dict[str, StreamPosition] = {}  # what finish() wrote
 
     def _sending(self) -> None:
         """Before a write of a pipelined batch: enter pipeline mode (once). The reads that
@@ -168,6 +244,7 @@ class PgBatch:
         starts = starts or {}
         sent: list[tuple[TopicPartition, psycopg.Cursor[TupleRow]]] = []
         with self.conn.pipeline():  # one round trip for all the batch's partitions
+            txid = self.conn.execute("select txid_current()")
             for (topic, part), offset in sorted(checkpoints.items()):
                 cur = self.conn.execute(
                     self._q(
@@ -190,6 +267,8 @@ class PgBatch:
         lost = [tp for tp, cur in sent if cur.rowcount != 1]
         if lost:
             raise Fenced(lost)
+        row = txid.fetchone()
+        self.version = None if row is None else row[0]
 
     def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
         """The fence of a batch that moves no offset (a correlation's idle tick)."""
@@ -205,7 +284,15 @@ class PgBatch:
         names = sorted(set(streams))
         if not names:
             return {}
-        found = self._lock_positions(names)
+        found: dict[str, StreamPosition] = {}
+        # Only a pipelined batch plans on the cache. A handler may fail on a view row another
+        # writer moved past a stale cached position; a pipelined batch that fails runs again
+        # step by step, on locked rows, and only there is a failure traced to its event.
+        if self.pipelined and self.cache is not None and self.cache.usable and self.version:
+            names = self._from_cache(names, found)
+            if not names:
+                return found
+        found.update(self._lock_positions(names))
         missing = [n for n in names if n not in found]
         if missing:
             self.conn.execute(
@@ -218,6 +305,24 @@ class PgBatch:
             found.update(self._lock_positions(missing))
         self._locked.update(found)
         return found
+
+    def _from_cache(self, names: list[str], found: dict[str, StreamPosition]) -> list[str]:
+        """Take the cached streams' positions (clean: nothing parked, no gaps), with the
+        version finish() will check; the names left to lock."""
+        assert self.cache is not None
+        get = self.cache.get
+        left = []
+        for name in names:
+            hit = get(name)
+            if hit is None or name in self._locked:
+                left.append(name)
+            else:
+                found[name], self._expected[name] = hit
+                self._gaps.pop(name, None)
+                self._top_parked.pop(name, None)
+        self._locked.update(found)
+        self._read.update(found)
+        return left
 
     def _lock_positions(self, names: list[str]) -> dict[str, StreamPosition]:
         """Lock the rows and, in the same round trip and under the locks, read the streams'
@@ -339,6 +444,7 @@ class PgBatch:
             ),
             (self.projection, gap.stream, gap.from_seq),
         )
+        self._state_written.add(gap.stream)
         self._gaps[gap.stream] = [
             replace(g, state="skipped") if g.from_seq == gap.from_seq else g
             for g in self._gaps.get(gap.stream, ())
@@ -376,23 +482,57 @@ class PgBatch:
             handler(events, view)
 
     def write_positions(self, positions: Iterable[StreamPosition]) -> None:
+        """Kept for :meth:`finish`, which writes them with the version checks, once the
+        batch's parked events and gaps are written too."""
+        for p in positions:
+            self._positions[p.stream] = p
+
+    def finish(self) -> None:
+        """The batch's position update, last before its COMMIT, in one statement: the new
+        positions; the cached streams it planned on, checked to still hold the version this
+        store wrote (``positions_current`` fails the batch otherwise); and every stream whose
+        parked events or gaps it wrote. Each gets this transaction's version, so a store that
+        cached any of them finds out."""
+        names = sorted(set(self._positions) | set(self._expected) | self._state_written)
+        if not names:
+            return
         self._sending()
-        rows = [[p.stream, p.last_seq, p.last_id, p.last_hash, p.blocked_seq] for p in positions]
-        if rows:  # one statement, not one per row: a batch moves thousands
-            self.conn.execute(
-                self._q(
-                    "update {s}.positions p set last_seq = (e->>1)::bigint, last_id = e->>2,"
-                    " last_hash = e->>3, blocked_seq = (e->>4)::bigint, updated_at = now()"
-                    " from jsonb_array_elements(%s::jsonb) e"
-                    " where p.projection = %s and p.stream = e->>0"
-                ),
-                (_json_list(rows), self.projection),
-            )
+        expected = self._expected
+        rows = []
+        for s in names:
+            p = self._positions.get(s) or self._locked[s]
+            self.written[s] = p
+            rows.append([s, p.last_seq, p.last_id, p.last_hash, p.blocked_seq, expected.get(s)])
+        # one statement, not one per row: a batch moves thousands
+        self.conn.execute(
+            self._q(
+                "with written as (update {s}.positions p set last_seq = (e->>1)::bigint,"
+                " last_id = e->>2, last_hash = e->>3, blocked_seq = (e->>4)::bigint,"
+                " version = txid_current(), updated_at = now()"
+                " from jsonb_array_elements(%s::jsonb) e"
+                " where p.projection = %s and p.stream = e->>0"
+                " and (e->>5 is null or p.version = (e->>5)::bigint) returning 1)"
+                " select {s}.positions_current(count(*), %s) from written"
+            ),
+            (_json_list(rows), self.projection, len(rows)),
+        )
+
+    def left_clean(self) -> set[str]:
+        """Of the streams :meth:`finish` wrote, those left with nothing parked, no gap
+        record and no dead letter: what the store may cache once the batch commits. (Every
+        write of a stream keeps its gaps as exactly the seqs missing up to its highest
+        parked one, so a stream with no gap record and no blocked seq has nothing parked.)"""
+        return {
+            s
+            for s, p in self.written.items()
+            if p.blocked_seq is None and not self._gaps_after.get(s, self._gaps.get(s))
+        }
 
     def park(self, events: Iterable[Event]) -> None:
         self._sending()
         rows = [e.to_json() for e in events]
         self._read.difference_update(r["stream"] for r in rows)
+        self._state_written.update(r["stream"] for r in rows)
         if rows:
             self.conn.execute(
                 self._q(
@@ -407,6 +547,7 @@ class PgBatch:
         self._sending()
         keys = list(keys)
         self._read.difference_update(stream for stream, _ in keys)
+        self._state_written.update(stream for stream, _ in keys)
         pairs = [list(k) for k in keys]
         if pairs:
             self.conn.execute(
@@ -420,7 +561,13 @@ class PgBatch:
     def replace_gaps(self, streams: Iterable[str], gaps: Iterable[Gap]) -> None:
         self._sending()
         names = sorted(set(streams))
+        gaps = list(gaps)
         self._read.difference_update(names)
+        self._state_written.update(names)
+        for name in names:
+            self._gaps_after[name] = [g for g in self._gaps.get(name, ()) if g.state == "skipped"]
+        for g in gaps:
+            self._gaps_after.setdefault(g.stream, []).append(g)
         if not names:
             return
         self.conn.execute(
@@ -653,8 +800,10 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_in_transaction_timeout
         self._conn: psycopg.Connection[TupleRow] | None = None
-        # A batch's COMMIT in flight: its pipeline, and the cursor that will hold its answer.
-        self._in_flight: tuple[ExitStack, psycopg.Cursor[TupleRow]] | None = None
+        # A batch's COMMIT in flight: its pipeline, the cursor that will hold its answer, and
+        # the batch (what it leaves in the position caches once committed).
+        self._in_flight: tuple[ExitStack, psycopg.Cursor[TupleRow], PgBatch] | None = None
+        self._caches: dict[str, PositionCache] = {}  # per projection
         self._late_error: Exception | None = None  # what it failed with, for wait_commit
 
     @property
@@ -671,7 +820,7 @@ class PostgresStore:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
             return
-        pipeline, commit = in_flight
+        pipeline, commit, tx = in_flight
         try:
             pipeline.close()  # leaves pipeline mode: every result read, the first error raised
             if commit.statusmessage != "COMMIT":
@@ -683,6 +832,19 @@ class PostgresStore:
         except Exception as exc:
             self._late_error = exc
             self.close()  # its transaction's state is unknown: a fresh connection after
+            if tx.cache is not None and _contended(exc):
+                tx.cache.clear(contended=True)
+            return
+        self._committed(tx)
+
+    def _committed(self, tx: PgBatch) -> None:
+        """What a committed batch leaves in its projection's position cache."""
+        if tx.cache is None:
+            return
+        if tx.version is None:  # not fenced (a command's batch): its versions are unknown
+            tx.cache.forget(tx.written)
+        else:
+            tx.cache.update(tx.written, tx.left_clean(), tx.version)
 
     def send_commit(self) -> bool:
         """Nothing to send: a pipelined batch's COMMIT went out at the block's exit."""
@@ -715,6 +877,7 @@ class PostgresStore:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         set_json_dumps(json_codec.dumps, conn)
         set_json_loads(json_codec.loads, conn)
+        self._forget_positions()  # a new server, maybe: a failover, a restore
         return conn
 
     def close(self) -> None:
@@ -724,9 +887,20 @@ class PostgresStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._forget_positions()
+
+    def _forget_positions(self) -> None:
+        for cache in self._caches.values():
+            cache.clear()
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=sql.Identifier(self.schema))
+
+    def _cache(self, projection: str) -> PositionCache:
+        cache = self._caches.get(projection)
+        if cache is None:
+            cache = self._caches[projection] = PositionCache()
+        return cache
 
     def claim(
         self, projection: str, partitions: Iterable[TopicPartition], owner: str
@@ -738,6 +912,8 @@ class PostgresStore:
         ``idle_in_transaction_timeout``, after which sessions stuck on their client that long
         are ended (their batch rolls back; it would be fenced anyway) and the claim retried."""
         parts = sorted(partitions)
+        # Partitions move: the streams of those coming back may have been written meanwhile.
+        self._cache(projection).clear()
         for _ in range(3):
             try:
                 return self._claim(projection, parts, owner)
@@ -803,26 +979,36 @@ class PostgresStore:
         that the caller can decode its next batch meanwhile (a fifth more events/s,
         measured); :meth:`wait_commit` waits for it and raises what failed. Until then the
         batch is not committed: its Kafka offsets wait too."""
+        cache = self._cache(projection)
         if not pipelined:
-            with self.conn.transaction():
-                yield PgBatch(self.conn, self.schema, projection, view_schema)
+            try:
+                with self.conn.transaction():
+                    tx = PgBatch(self.conn, self.schema, projection, view_schema, cache=cache)
+                    yield tx
+                    tx.finish()
+            except BaseException as exc:
+                cache.clear(_contended(exc))  # refused on a stale entry, maybe: read afresh
+                raise
+            self._committed(tx)
             return
         conn = self.conn
         conn.execute("BEGIN", prepare=False)
-        tx = PgBatch(conn, self.schema, projection, view_schema, pipelined=True)
+        tx = PgBatch(conn, self.schema, projection, view_schema, pipelined=True, cache=cache)
         try:
             yield tx
+            tx.finish()
             tx._sending()
             commit = conn.execute("COMMIT", prepare=False)
             # The server answers at once instead of at the next Sync (when the batch lands):
             # the answer is on its way, or in, should the connection drop meanwhile.
             conn.pgconn.send_flush_request()
             conn.pgconn.flush()
-        except BaseException:
+        except BaseException as exc:
+            cache.clear(_contended(exc))
             self._abandon(tx)
             raise
         assert tx.pipeline is not None
-        self._in_flight = (tx.pipeline, commit)
+        self._in_flight = (tx.pipeline, commit, tx)
 
     def _abandon(self, tx: PgBatch) -> None:
         """Roll a pipelined batch back after an error in its block."""

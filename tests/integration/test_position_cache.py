@@ -1,0 +1,222 @@
+"""PostgreSQL plans a batch on the positions its store wrote last, without reading or locking
+them, and checks them in the batch's position update instead: here, that it reads nothing for
+them, and that a stream another writer wrote since (its position moved, or only an event
+parked on it) refuses the batch, which then runs again on locked rows and ends right."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from projector.core.decode import Decoder
+from projector.core.message import RawMessage
+from projector.runner.batch import BatchApplier
+from projector.runner.worker import build_applier, build_decoders
+from projector.store.postgres import CONTENDED_BATCHES, PostgresStore
+from tests.conftest import Services
+from tests.integration.harness import make_config, migrate_all, projection, rows
+
+pytestmark = pytest.mark.integration
+
+Epochs = dict[tuple[str, int], int]
+
+
+def wire(stream: str, seq: int, topic: str, offset: int) -> RawMessage:
+    kind, data = ("OPENED", {"owner": "o"}) if seq == 1 else ("DEPOSITED", {"amount": seq})
+    value = {"stream": stream, "seq": seq, "ts": seq, "type": kind, "data": data}
+    return RawMessage(topic, 0, offset, stream.encode(), json.dumps(value).encode())
+
+
+class Writer:
+    """One store of the accounts projection (topics t and u) that owns one topic's partition 0,
+    as one instance of the daemon would."""
+
+    def __init__(self, config: Any, pg_dsn: str, topic: str) -> None:
+        proj = config.projections[0]
+        self.store = PostgresStore(pg_dsn)
+        applier = build_applier(config, proj, self.store, time.time)
+        assert isinstance(applier, BatchApplier)
+        self.applier = applier
+        self.decoders: dict[str, Decoder] = build_decoders(proj)
+        self.topic = topic
+        self.epochs: Epochs = {
+            (topic, 0): self.store.claim("accounts", [(topic, 0)], topic)[(topic, 0)].epoch
+        }
+        self.offset = 0
+        self.statements: list[str] = []
+
+    def apply(self, *events: tuple[str, int], pipelined: bool = True) -> None:
+        """Apply a batch of these events, as the daemon does (pipelined: its commit waited
+        for at once); step by step, a batch plans on positions read under their locks."""
+        messages = []
+        for stream, seq in events:
+            messages.append(wire(stream, seq, self.topic, self.offset))
+            self.offset += 1
+        self.applier.apply(messages, self.decoders, self.epochs, pipelined=pipelined)
+        if pipelined:
+            self.store.wait_commit()
+
+    def recording(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        """Every statement the store's connection sends from now on."""
+        conn = self.store.conn
+        execute = conn.execute
+
+        def recorded(query: Any, *args: Any, **kwargs: Any) -> Any:
+            self.statements.append(f"{query} {args}")  # the statement and its parameters
+            return execute(query, *args, **kwargs)
+
+        monkeypatch.setattr(conn, "execute", recorded)
+        self.statements.clear()
+        return self.statements
+
+
+@pytest.fixture
+def writers(services: Services, pg_dsn: str) -> Iterator[tuple[Writer, Writer]]:
+    """Two instances of the accounts projection: ``a`` owns topic t, ``b`` topic u (a replay
+    topic, say), both carrying the same streams."""
+    config = make_config(
+        services, pg_dsn, [projection("accounts", ["t", "u"], ["handlers.accounts"])]
+    )
+    migrate_all(config)
+    a, b = Writer(config, pg_dsn, "t"), Writer(config, pg_dsn, "u")
+    try:
+        yield a, b
+    finally:
+        a.store.close()
+        b.store.close()
+
+
+def account(pg_dsn: str, stream: str) -> tuple[int, int, int]:
+    [row] = rows(
+        pg_dsn,
+        "select balance, applied_events, last_seq from accounts.accounts where id = %s",
+        (stream.removeprefix("account:"),),
+    )
+    return row
+
+
+def locks(statements: list[str]) -> list[str]:
+    return [s for s in statements if "for update" in s]
+
+
+def test_a_batch_on_streams_its_store_wrote_last_reads_and_locks_none_of_them(
+    writers: tuple[Writer, Writer], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves the round trip saved: once a store has written x and y (left clean), its next
+    batch on them sends no read or lock of their positions (in a 2,000-event batch that lock
+    was the largest statement), while z, which has an event parked, is still read under its
+    lock; and every event is applied right."""
+    a, _ = writers
+    a.apply(("account:x", 1), ("account:y", 1), ("account:z", 1), ("account:z", 3))
+    statements = a.recording(monkeypatch)
+    a.apply(("account:x", 2), ("account:y", 2))
+    assert locks(statements) == []
+    a.apply(("account:x", 3), ("account:z", 2))
+    [lock] = locks(statements)  # z's, which has its event 3 parked
+    assert "account:z" in lock and "account:x" not in lock
+    assert account(pg_dsn, "account:x") == (5, 3, 3)
+    assert account(pg_dsn, "account:y") == (2, 2, 2)
+    assert account(pg_dsn, "account:z") == (5, 3, 3)
+
+
+def test_a_stream_another_writer_moved_refuses_the_batch_which_then_runs_right(
+    writers: tuple[Writer, Writer], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves a stale cached position never writes: b applies x's seq 3 while a holds x at 2;
+    a's batch with x's 4 (which a would park, recording a gap 3-3 that nothing will fill) and
+    y's 2 is refused whole at its commit, as a serialization failure (the daemon's transient
+    retry), writing nothing; run again it reads x under its lock and applies 4. The next
+    batches lock what they plan on, while the other writer may be about, then plan on the
+    cache again."""
+    a, b = writers
+    a.apply(("account:x", 1), ("account:x", 2), ("account:y", 1))
+    b.apply(("account:x", 3))
+    with pytest.raises(psycopg.errors.SerializationFailure, match="another transaction"):
+        a.apply(("account:x", 4), ("account:y", 2))
+    assert account(pg_dsn, "account:y") == (0, 1, 1), "the refused batch wrote y"
+    assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
+    statements = a.recording(monkeypatch)
+    a.offset -= 2  # the same messages again, as the daemon's retry sends them
+    a.apply(("account:x", 4), ("account:y", 2))
+    assert len(locks(statements)) == 1
+    assert account(pg_dsn, "account:x") == (9, 4, 4)
+    assert account(pg_dsn, "account:y") == (2, 2, 2)
+    assert rows(pg_dsn, "select count(*) from projector.gaps") == [(0,)]
+    for seq in range(3, 2 + CONTENDED_BATCHES):
+        a.apply(("account:y", seq))
+    assert len(locks(statements)) == CONTENDED_BATCHES
+    a.apply(("account:y", 2 + CONTENDED_BATCHES))
+    assert len(locks(statements)) == CONTENDED_BATCHES, "the cache was not used again"
+
+
+def test_a_handler_failing_on_a_view_row_past_a_stale_position_makes_no_dead_letter(
+    writers: tuple[Writer, Writer], pg_dsn: str
+) -> None:
+    """Proves a handler's error caused by a stale cached position is not blamed on an event:
+    b applies x's 3; a, holding x at 2, plans x's 3 and 4, and the accounts handler raises
+    on the view row (already at 3). The batch runs again step by step, on locked positions,
+    where 3 is a duplicate and 4 applies: no dead letter."""
+    a, b = writers
+    a.apply(("account:x", 1), ("account:x", 2))
+    b.apply(("account:x", 3))
+    a.apply(("account:x", 3), ("account:x", 4))
+    assert account(pg_dsn, "account:x") == (9, 4, 4)
+    assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
+
+
+def test_an_event_another_writer_parked_refuses_a_batch_planned_without_it(
+    writers: tuple[Writer, Writer], pg_dsn: str
+) -> None:
+    """Proves that a write of a stream's holding moves its version even where its position
+    stays: b parks x's seq 4 (x at 2 in a's cache); a's batch with x's 3 would otherwise
+    apply 3 and leave 4 parked, the gap record 3-3 standing; it is refused and, run again,
+    drains 4."""
+    a, b = writers
+    a.apply(("account:x", 1), ("account:x", 2))
+    b.apply(("account:x", 4))
+    assert rows(pg_dsn, "select stream, seq from projector.holding") == [("account:x", 4)]
+    with pytest.raises(psycopg.errors.SerializationFailure):
+        a.apply(("account:x", 3))
+    a.offset -= 1
+    a.apply(("account:x", 3))
+    assert account(pg_dsn, "account:x") == (9, 4, 4)
+    assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
+    assert rows(pg_dsn, "select count(*) from projector.gaps") == [(0,)]
+
+
+@pytest.mark.parametrize("write", ["park", "unpark", "replace_gaps", "mark_skipped"])
+def test_every_write_of_a_streams_state_moves_its_version(
+    writers: tuple[Writer, Writer], pg_dsn: str, write: str
+) -> None:
+    """Proves each write of what a cached position stands for (parked events, gap records)
+    moves the stream's version, even in a batch that leaves its position where it was: a
+    store holding it cached then finds out."""
+    a, _ = writers
+    a.apply(("account:x", 1), ("account:x", 3))  # 3 parked, gap 2-2
+    [gap] = a.store.list_gaps("accounts", "account:x")
+    event = a.decoders["t"].decode(wire("account:x", 5, "t", 99))
+    assert event is not None
+
+    def version() -> int:
+        [(found,)] = rows(
+            pg_dsn, "select version from projector.positions where stream = 'account:x'"
+        )
+        return int(found)
+
+    before = version()
+    with a.store.batch("accounts", "accounts") as tx:
+        tx.lock_positions(["account:x"], a.applier.rules)
+        if write == "park":
+            tx.park([event])
+        elif write == "unpark":
+            tx.unpark([("account:x", 3)])
+        elif write == "replace_gaps":
+            tx.replace_gaps(["account:x"], [gap])
+        else:
+            tx.mark_skipped(gap)
+    assert version() != before
