@@ -18,6 +18,10 @@ import pytest
 
 from projector import scenarios
 from projector.config import Config
+from projector.runner.batch import BatchApplier
+from projector.runner.gap_timer import GapTimer
+from projector.runner.worker import build_applier
+from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration.gaps_harness import FakeClock, RequestReader, daemon_thread, wait_until
 from tests.integration.harness import (
@@ -121,6 +125,46 @@ def test_a_gap_is_requested_when_it_falls_due_not_at_the_next_check(
             assert [r["stream"] for r in reader.read(2)] == ["account:1", "account:2"]
     finally:
         reader.close()
+
+
+def test_gaps_falling_due_batch_after_batch_are_checked_for_together(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves the checks for gaps this instance opened are spaced: on a reordered stream every
+    batch opens gaps, here twenty batches 50 ms apart whose gaps fall due 50 ms apart (10 s
+    timeout: checks every 1 s, spaced 0.25 s). The timer asks the store four times in that
+    second, not twenty (each check is a transaction of its own, and most of those gaps are
+    filled by then), and no gap is checked for more than 0.25 s after it falls due."""
+    config = gap_config(services, pg_dsn, [new_topic()], gap_timeout="10s")
+    migrate_all(config)
+    proj = config.projections[0]
+    clock = FakeClock()
+    store = PostgresStore(pg_dsn)
+    applier = build_applier(config, proj, store, clock)
+    assert isinstance(applier, BatchApplier)
+    timer = GapTimer(proj, store, applier, None, clock)
+    checks: list[float] = []
+    claim = store.claim_due_gaps
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        checks.append(clock())
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim_due_gaps", counted)
+    start = clock()
+    dues = [start + 10 + n * 0.05 for n in range(20)]
+    try:
+        for due in dues:
+            timer.expect(due)
+        for step in range(1, 221):  # the poll loop, every 50 ms for 11 s
+            clock.now = start + step * 0.05
+            timer.tick()
+    finally:
+        store.close()
+    in_that_second = [c for c in checks if dues[0] <= c < dues[0] + 1]
+    assert len(in_that_second) == 4, in_that_second
+    for due in dues:
+        assert any(due <= c <= due + 0.25 + 1e-9 for c in checks), f"{due - start:.2f} late"
 
 
 def test_skip_policy_steps_over_the_gap_and_dead_letters_a_late_event(
