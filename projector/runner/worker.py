@@ -482,7 +482,8 @@ class ProjectionWorker:
         try:
             self.store.wait_commit()
         except Exception as exc:
-            if self._committed_after_all(flight):
+            conflict = isinstance(exc, WriteConflict)  # refused: certainly not committed
+            if not conflict and self._committed_after_all(flight):
                 log.warning(
                     "projection %s: the batch's commit was not answered (%s), but the store"
                     " holds it",
@@ -490,7 +491,8 @@ class ProjectionWorker:
                     exc,
                 )
             else:
-                log.warning(
+                log.log(
+                    logging.INFO if conflict else logging.WARNING,
                     "projection %s: the batch's commit failed (%s); applying it again",
                     self.projection.name,
                     exc,

@@ -42,7 +42,7 @@ from projector.store.base import (
     StreamReport,
     TopicPartition,
 )
-from projector.store.errors import Fenced, StoreUnavailable, TransientStoreError
+from projector.store.errors import Fenced, StoreUnavailable, TransientStoreError, WriteConflict
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,27 @@ def _contended(exc: BaseException) -> bool:
     """A batch refused because another transaction wrote what it planned on (a stale cached
     position, or PostgreSQL's own serialization check)."""
     return isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected)
+
+
+# What positions_current (migrations/0007_position_versions.sql) says when it refuses a batch.
+_POSITIONS_MOVED = "stream positions written by another transaction"
+
+
+def _as_conflict(exc: Exception) -> Exception:
+    """The refusal of a batch planned on stale cached positions, as the write conflict it is
+    (run again at once, no new connection, no warning); any other error as it is."""
+    message = getattr(getattr(exc, "diag", None), "message_primary", None) or ""
+    if not (
+        isinstance(exc, psycopg.errors.SerializationFailure)
+        and message.startswith(_POSITIONS_MOVED)
+    ):
+        return exc
+    conflict = WriteConflict(
+        "streams the batch planned on from memory were written by another writer since"
+        " (another instance, a replay, a command); planning it again on locked positions"
+    )
+    conflict.__cause__ = exc
+    return conflict
 
 
 # The batch's streams, from a JSON list parameter.
@@ -830,7 +851,7 @@ class PostgresStore:
                     f"the batch's COMMIT was answered {commit.statusmessage!r}, not COMMIT"
                 )
         except Exception as exc:
-            self._late_error = exc
+            self._late_error = _as_conflict(exc)
             self.close()  # its transaction's state is unknown: a fresh connection after
             if tx.cache is not None and _contended(exc):
                 tx.cache.clear(contended=True)
@@ -986,8 +1007,14 @@ class PostgresStore:
                     tx = PgBatch(self.conn, self.schema, projection, view_schema, cache=cache)
                     yield tx
                     tx.finish()
-            except BaseException as exc:
+            except Exception as exc:
                 cache.clear(_contended(exc))  # refused on a stale entry, maybe: read afresh
+                conflict = _as_conflict(exc)
+                if conflict is exc:
+                    raise
+                raise conflict from exc
+            except BaseException:
+                cache.clear()
                 raise
             self._committed(tx)
             return

@@ -10,13 +10,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
 from projector.core.decode import Decoder
 from projector.core.message import RawMessage
 from projector.runner.batch import BatchApplier
 from projector.runner.worker import build_applier, build_decoders
+from projector.store.errors import WriteConflict
 from projector.store.postgres import CONTENDED_BATCHES, PostgresStore
 from tests.conftest import Services
 from tests.integration.harness import make_config, migrate_all, projection, rows
@@ -129,14 +129,14 @@ def test_a_stream_another_writer_moved_refuses_the_batch_which_then_runs_right(
 ) -> None:
     """Proves a stale cached position never writes: b applies x's seq 3 while a holds x at 2;
     a's batch with x's 4 (which a would park, recording a gap 3-3 that nothing will fill) and
-    y's 2 is refused whole at its commit, as a serialization failure (the daemon's transient
-    retry), writing nothing; run again it reads x under its lock and applies 4. The next
+    y's 2 is refused whole at its commit, as a write conflict (which the daemon runs again at
+    once), writing nothing; run again it reads x under its lock and applies 4. The next
     batches lock what they plan on, while the other writer may be about, then plan on the
     cache again."""
     a, b = writers
     a.apply(("account:x", 1), ("account:x", 2), ("account:y", 1))
     b.apply(("account:x", 3))
-    with pytest.raises(psycopg.errors.SerializationFailure, match="another transaction"):
+    with pytest.raises(WriteConflict, match="written by another writer"):
         a.apply(("account:x", 4), ("account:y", 2))
     assert account(pg_dsn, "account:y") == (0, 1, 1), "the refused batch wrote y"
     assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
@@ -180,7 +180,7 @@ def test_an_event_another_writer_parked_refuses_a_batch_planned_without_it(
     a.apply(("account:x", 1), ("account:x", 2))
     b.apply(("account:x", 4))
     assert rows(pg_dsn, "select stream, seq from projector.holding") == [("account:x", 4)]
-    with pytest.raises(psycopg.errors.SerializationFailure):
+    with pytest.raises(WriteConflict):
         a.apply(("account:x", 3))
     a.offset -= 1
     a.apply(("account:x", 3))
