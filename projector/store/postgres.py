@@ -71,6 +71,13 @@ def _contended(exc: BaseException) -> bool:
 _POSITIONS_MOVED = "stream positions written by another transaction"
 
 
+def _refused(cache: PositionCache, exc: BaseException) -> BaseException:
+    """After a batch failed in its block: empty its projection's cache (read afresh, and not
+    planned on for a while if the batch was refused on stale positions); what to raise."""
+    cache.clear(_contended(exc))
+    return _as_conflict(exc) if isinstance(exc, Exception) else exc
+
+
 def _as_conflict(exc: Exception) -> Exception:
     """The refusal of a batch planned on stale cached positions, as the write conflict it is
     (run again at once, no new connection, no warning); any other error as it is."""
@@ -1007,15 +1014,11 @@ class PostgresStore:
                     tx = PgBatch(self.conn, self.schema, projection, view_schema, cache=cache)
                     yield tx
                     tx.finish()
-            except Exception as exc:
-                cache.clear(_contended(exc))  # refused on a stale entry, maybe: read afresh
-                conflict = _as_conflict(exc)
-                if conflict is exc:
+            except BaseException as exc:
+                error = _refused(cache, exc)
+                if error is exc:
                     raise
-                raise conflict from exc
-            except BaseException:
-                cache.clear()
-                raise
+                raise error from exc
             self._committed(tx)
             return
         conn = self.conn
@@ -1031,9 +1034,11 @@ class PostgresStore:
             conn.pgconn.send_flush_request()
             conn.pgconn.flush()
         except BaseException as exc:
-            cache.clear(_contended(exc))
             self._abandon(tx)
-            raise
+            error = _refused(cache, exc)  # the refusal can come back while the COMMIT is sent
+            if error is exc:
+                raise
+            raise error from exc
         assert tx.pipeline is not None
         self._in_flight = (tx.pipeline, commit, tx)
 

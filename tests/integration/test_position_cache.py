@@ -17,7 +17,7 @@ from projector.core.message import RawMessage
 from projector.runner.batch import BatchApplier
 from projector.runner.worker import build_applier, build_decoders
 from projector.store.errors import WriteConflict
-from projector.store.postgres import CONTENDED_BATCHES, PostgresStore
+from projector.store.postgres import CONTENDED_BATCHES, PgBatch, PostgresStore
 from tests.conftest import Services
 from tests.integration.harness import make_config, migrate_all, projection, rows
 
@@ -169,13 +169,25 @@ def test_a_handler_failing_on_a_view_row_past_a_stale_position_makes_no_dead_let
     assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
 
 
+@pytest.mark.parametrize("answered", ["at the landing", "while the commit is sent"])
 def test_an_event_another_writer_parked_refuses_a_batch_planned_without_it(
-    writers: tuple[Writer, Writer], pg_dsn: str
+    writers: tuple[Writer, Writer], pg_dsn: str, monkeypatch: pytest.MonkeyPatch, answered: str
 ) -> None:
     """Proves that a write of a stream's holding moves its version even where its position
     stays: b parks x's seq 4 (x at 2 in a's cache); a's batch with x's 3 would otherwise
     apply 3 and leave 4 parked, the gap record 3-3 standing; it is refused and, run again,
-    drains 4."""
+    drains 4. The refusal is a write conflict however soon PostgreSQL's answer comes back:
+    when the batch lands, or already while its COMMIT is sent (made certain here by waiting
+    for the position update's answer first)."""
+    if answered == "while the commit is sent":
+        finish = PgBatch.finish
+
+        def finish_and_wait(tx: PgBatch) -> None:
+            finish(tx)
+            with tx.conn.pipeline() as pipeline:
+                pipeline.sync()
+
+        monkeypatch.setattr(PgBatch, "finish", finish_and_wait)
     a, b = writers
     a.apply(("account:x", 1), ("account:x", 2))
     b.apply(("account:x", 4))
