@@ -5,12 +5,14 @@ batch's apply time recorded exactly rather than in the Prometheus histogram's co
     python -m bench.daemon CONFIG RESULT.json [--until-stopped]
 
 On exit it writes RESULT.json: per batch ``[end (epoch s), apply seconds, messages, applied]``,
-the exit code and the process's peak RSS. ``--until-stopped`` runs until SIGTERM instead of
+the exit code, the process's peak RSS and CPU time, and per generation of Python's cyclic
+garbage collector its collections and their seconds. ``--until-stopped`` runs until SIGTERM instead of
 exiting when caught up.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import sys
@@ -36,8 +38,27 @@ class TimedMetrics(Metrics):
         self.batches.append((time.time(), seconds, result.consumed, result.applied))
 
 
+class CollectorTime:
+    """Collections and their seconds per generation of the cyclic garbage collector (the
+    time a batch loses to it does not show as any function of the daemon)."""
+
+    def __init__(self) -> None:
+        self.by_generation: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+        self._started = 0.0
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        figures = self.by_generation[info["generation"]]
+        figures[0] += 1
+        figures[1] += time.perf_counter() - self._started
+
+
 def main(argv: list[str]) -> int:
     config_path, out = Path(argv[0]), Path(argv[1])
+    collector = CollectorTime()
     config = load_config(config_path)
     setup_logging(config.log.level, config.log.format)
     metrics = TimedMetrics()
@@ -52,6 +73,7 @@ def main(argv: list[str]) -> int:
         "peak_rss_bytes": peak_rss(),
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "batches": metrics.batches,
+        "gc": collector.by_generation,
     }
     out.write_text(json.dumps(result))
     return code
