@@ -59,9 +59,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from importlib import resources
+from itertools import chain
 from typing import Any, cast
 
 import redis
@@ -270,15 +271,17 @@ class StreamCache:
         self._cleared_at = 0
 
     def get(self, key: str) -> dict[str, str] | None:
-        """A copy of the hash as last seen (its token in field ``v``), or None."""
+        """The hash as last seen (its token in field ``v``), or None. Not a copy: nothing
+        changes a hash read or cached (a batch keeps its changes beside it, and puts a new
+        dict in the cache)."""
         found = self._hashes.get(key)
         if found is None:
             return None
         self._hashes.move_to_end(key)
-        return dict(found[0])
+        return found[0]
 
     def put(self, key: str, fields: dict[str, str]) -> None:
-        weight = 64 + sum(len(n) + len(v) for n, v in fields.items())
+        weight = 64 + sum(map(len, fields)) + sum(map(len, fields.values()))
         old = self._hashes.pop(key, None)
         if old is not None:
             self._weight -= old[1]
@@ -318,19 +321,19 @@ class StreamCache:
         return len(self._hashes)
 
 
-@dataclass
 class _Stream:
-    """One stream hash as read (its version token apart), and what the batch changes in it."""
+    """One stream hash as read, and what the batch changes in it, kept beside it: ``stored``
+    is never changed (it may be the cache's own dict)."""
 
-    key: str
-    stored: dict[str, str]
-    sets: dict[str, str] = field(default_factory=dict)
-    dels: set[str] = field(default_factory=set)
-    gaps: list[Gap] | None = None  # the stream's gap list once the batch changed it
-    token: str | None = field(init=False)  # ``v`` as read; None: no field, or no hash
+    __slots__ = ("dels", "gaps", "key", "sets", "stored", "token")
 
-    def __post_init__(self) -> None:
-        self.token = self.stored.pop(TOKEN, None)
+    def __init__(self, key: str, stored: dict[str, str]) -> None:
+        self.key = key
+        self.stored = stored  # the version token included, in ``v``
+        self.sets: dict[str, str] = {}
+        self.dels: set[str] = set()
+        self.gaps: list[Gap] | None = None  # the stream's gap list once the batch changed it
+        self.token = stored.get(TOKEN)  # None: no field, or no hash
 
     def get(self, name: str) -> str | None:
         if name in self.sets:
@@ -359,20 +362,24 @@ class _Stream:
     def after(self, token: str) -> dict[str, str]:
         """The hash as it stands once the batch that wrote ``token`` committed (the values
         of the events it parked included; a read leaves them out)."""
-        fields = {n: v for n, v in self.stored.items() if n not in self.dels}
+        dels = self.dels
+        if not dels:
+            return {**self.stored, **self.sets, TOKEN: token}
+        fields = {n: v for n, v in self.stored.items() if n not in dels}
         fields.update(self.sets)
         fields[TOKEN] = token
         return fields
 
 
 def _position(stream: str, s: _Stream, rules: SequenceRules) -> StreamPosition:
-    seq = s.get("seq")
-    blocked = s.get("blocked")
+    get = s.get if s.sets or s.dels else s.stored.get  # as read: the usual case
+    seq = get("seq")
+    blocked = get("blocked")
     return StreamPosition(
         stream,
         rules.first_seq - 1 if seq is None else int(seq),
-        s.get("id"),
-        s.get("hash"),
+        get("id"),
+        get("hash"),
         None if blocked is None else int(blocked),
     )
 
@@ -611,7 +618,16 @@ class RedisBatch:
         loaded = self._load(names)
         for stream in names:
             s = loaded[stream]
-            seqs = {int(n[2:]) for n in (*s.stored, *s.sets) if n.startswith("p:")}
+            stored = s.stored
+            # Every write keeps a stream's gaps as the seqs missing up to its highest parked
+            # one: without gaps or a blocked seq it has nothing parked (nor skipped).
+            if (
+                not (s.sets or s.dels or s.gaps)
+                and "gaps" not in stored
+                and "blocked" not in stored
+            ):
+                continue
+            seqs = {int(n[2:]) for n in (*stored, *s.sets) if n.startswith("p:")}
             seqs -= {int(n[2:]) for n in s.dels if n.startswith("p:")}
             if seqs:
                 parked[stream] = seqs
@@ -708,16 +724,20 @@ class RedisBatch:
     def write_positions(self, positions: Iterable[StreamPosition]) -> None:
         for p in positions:
             s = self._stream(p.stream)
-            s.set("seq", str(p.last_seq))
-            for name, value in (("id", p.last_id), ("hash", p.last_hash)):
-                if value is None:
-                    s.delete(name)
-                else:
-                    s.set(name, value)
-            if p.blocked_seq is None:
-                s.delete("blocked")
+            if p.last_id is not None and p.last_hash is not None and not s.dels:
+                # The usual position, on a stream the batch deleted nothing of: set at once.
+                s.sets.update(seq=str(p.last_seq), id=p.last_id, hash=p.last_hash)
             else:
+                s.set("seq", str(p.last_seq))
+                for name, value in (("id", p.last_id), ("hash", p.last_hash)):
+                    if value is None:
+                        s.delete(name)
+                    else:
+                        s.set(name, value)
+            if p.blocked_seq is not None:
                 s.set("blocked", str(p.blocked_seq))
+            elif "blocked" in s.stored or "blocked" in s.sets:  # else there is none to delete
+                s.delete("blocked")
 
     def park(self, events: Iterable[Event]) -> None:
         for e in events:
@@ -856,10 +876,13 @@ class RedisBatch:
         for stream, s in sorted(self._streams.items()):
             if s.gaps is not None:
                 own += self._gap_ops(stream, s)
-            gone = sorted(n for n in s.dels if n in s.stored)
+            gone = sorted(n for n in s.dels if n in s.stored) if s.dels else ()
             if s.sets or gone:
-                pairs = [TOKEN, self.token, *(p for kv in sorted(s.sets.items()) for p in kv)]
-                own += _chunks("HSET", s.key, pairs, 2)
+                pairs = [TOKEN, self.token, *chain.from_iterable(sorted(s.sets.items()))]
+                if len(pairs) <= MAX_ARGS:
+                    own.append(["HSET", s.key, *pairs])
+                else:
+                    own += _chunks("HSET", s.key, pairs, 2)
             if gone:
                 own += _chunks("HDEL", s.key, gone, 1)
         if self._parked_delta:
@@ -1511,7 +1534,7 @@ class RedisStore:
     def inspect_stream(self, projection: str, stream: str) -> StreamReport:
         k = self.keys(projection)
         stored = cast(dict[str, str], self.client.hgetall(k.stream(stream)))
-        s = _Stream(k.stream(stream), stored)  # takes the version token out of stored
+        s = _Stream(k.stream(stream), stored)
         position = None if "seq" not in stored else _position(stream, s, SequenceRules())
         parked = sorted(
             (int(n[2:]), Event.from_json(json_codec.loads(v)))

@@ -4,7 +4,7 @@ it used was dropped as changed since."""
 
 from __future__ import annotations
 
-from projector.store.redis import StreamCache
+from projector.store.redis import StreamCache, _Stream
 
 
 def weight(fields: dict[str, str]) -> int:
@@ -29,15 +29,22 @@ def test_it_holds_at_most_its_size_and_drops_the_least_recently_used() -> None:
     assert [k for k in "acd" if cache.get(k) is not None] == ["a", "c", "d"]
 
 
-def test_a_copy_is_handed_out_and_a_new_put_replaces_the_old_weight() -> None:
-    """Proves a batch changing the hash it got leaves the cache as it was, and putting a hash
-    again counts its weight once."""
-    cache = StreamCache(size=weight({"seq": "2", "v": "t"}) + 1)
-    cache.put("a", {"seq": "1", "v": "t"})
+def test_a_batch_changing_a_cached_hash_leaves_the_cache_as_it_was() -> None:
+    """Proves the cache hands out its own dict without copying it and still keeps it: a
+    batch's changes to a hash it got from the cache (``_Stream``) are kept beside it, the
+    hash as it stands after them is a new dict, and putting a hash again counts its weight
+    once."""
+    cache = StreamCache(size=weight({"seq": "2", "p:3": "{}", "v": "t"}) + 1)
+    cache.put("a", {"seq": "1", "p:3": "{}", "v": "t"})
     got = cache.get("a")
     assert got is not None
-    got["seq"] = "9"
-    assert cache.get("a") == {"seq": "1", "v": "t"}
+    stream = _Stream("a", got)
+    stream.set("seq", "9")
+    stream.delete("p:3")
+    assert stream.token == "t" and stream.get("seq") == "9" and stream.get("p:3") is None
+    assert cache.get("a") == {"seq": "1", "p:3": "{}", "v": "t"}
+    assert stream.after("u") == {"seq": "9", "v": "u"}
+    assert cache.get("a") == {"seq": "1", "p:3": "{}", "v": "t"}
     cache.put("a", {"seq": "2", "v": "t"})
     assert cache.get("a") == {"seq": "2", "v": "t"} and len(cache) == 1
 
