@@ -26,7 +26,7 @@ from projector.core.dead_letter import DeadLetter
 from projector.core.decode import DecodeError, Decoder
 from projector.core.event import Event
 from projector.core.gaps import Gap, reconcile_gaps
-from projector.core.message import RawMessage
+from projector.core.message import PartitionSpan, RawMessage, partition_spans
 from projector.core.sequencer import (
     SequenceRules,
     StreamPlan,
@@ -64,9 +64,12 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class Decoded:
+    """A batch's messages decoded, and what it read of each partition."""
+
     events: list[Event]
     dead_letters: list[DeadLetter]
     ignored: int
+    spans: dict[TopicPartition, PartitionSpan]
 
 
 def decode_all(messages: Sequence[RawMessage], decoders: Mapping[str, Decoder]) -> Decoded:
@@ -88,7 +91,7 @@ def decode_all(messages: Sequence[RawMessage], decoders: Mapping[str, Decoder]) 
             letters.append(DeadLetter("decode", reason, message=msg))
         else:
             events.append(event)
-    return Decoded(events, letters, ignored)
+    return Decoded(events, letters, ignored, partition_spans(messages))
 
 
 def _valid_unicode(event: Event) -> bool:
@@ -99,23 +102,6 @@ def _valid_unicode(event: Event) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def offset_spans(
-    messages: Sequence[RawMessage],
-) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
-    """Per partition, in one pass: the first offset read, and the checkpoint (the offset
-    after the last message read, as in Kafka)."""
-    firsts: dict[TopicPartition, int] = {}
-    nexts: dict[TopicPartition, int] = {}
-    for m in messages:
-        key = (m.topic, m.partition)
-        if key in nexts:
-            firsts[key] = min(firsts[key], m.offset)
-            nexts[key] = max(nexts[key], m.offset + 1)
-        else:
-            firsts[key], nexts[key] = m.offset, m.offset + 1
-    return firsts, nexts
 
 
 @dataclass(frozen=True)
@@ -233,7 +219,8 @@ def _apply_decoded(
     pipelined: bool,
 ) -> BatchResult:
     result = BatchResult(consumed=len(messages), ignored=decoded.ignored)
-    starts, result.checkpoints = offset_spans(messages)
+    starts = {tp: span.first for tp, span in decoded.spans.items()}
+    result.checkpoints = {tp: span.next for tp, span in decoded.spans.items()}
     for tp, position in (positions or {}).items():
         if tp in result.checkpoints:
             result.checkpoints[tp] = max(result.checkpoints[tp], position)

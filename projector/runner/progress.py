@@ -4,9 +4,9 @@ every few seconds, not per batch) and in seconds of message time, for metrics an
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from projector.core.message import RawMessage
+from projector.core.message import PartitionSpan
 from projector.source.kafka import KafkaSource, TopicPartition
 
 REFRESH_SECONDS = 2.0
@@ -19,11 +19,11 @@ class PartitionProgress:
         self.assignment_seen = False
         self._next_refresh = 0.0
 
-    def applied(self, messages: Sequence[RawMessage]) -> None:
-        for m in messages:
-            if m.timestamp_ms is not None:
-                key = (m.topic, m.partition)
-                self.newest_ts[key] = max(self.newest_ts.get(key, 0.0), m.timestamp_ms / 1000)
+    def applied(self, spans: Mapping[TopicPartition, PartitionSpan]) -> None:
+        """A batch committed, having read these spans of its partitions."""
+        for tp, span in spans.items():
+            if span.newest_ms is not None:
+                self.newest_ts[tp] = max(self.newest_ts.get(tp, 0.0), span.newest_ms / 1000)
 
     def revoked(self, partitions: Sequence[TopicPartition]) -> None:
         for tp in partitions:

@@ -22,7 +22,7 @@ from projector.apply import LoadedHandler, load_handler, load_rule
 from projector.config import Config, ProjectionConfig, correlation_rules
 from projector.core.decode import Decoder, load_decoder
 from projector.core.merge import MergeRules
-from projector.core.message import RawMessage
+from projector.core.message import PartitionSpan, RawMessage, partition_spans
 from projector.core.sequencer import SequenceRules
 from projector.document_view import document_view
 from projector.faults import crash_point
@@ -143,11 +143,17 @@ class InFlight:
     epochs: dict[TopicPartition, int]  # as the batch was fenced with
     started: float
     decoded: Decoded | None  # for planning it again
+    spans: dict[TopicPartition, PartitionSpan]  # what it read of each partition
 
-    def owned(self, message: RawMessage, epochs: Mapping[TopicPartition, int]) -> bool:
-        """Whether the message's partition is still owned under the batch's epoch."""
-        tp = (message.topic, message.partition)
-        return tp in epochs and epochs[tp] == self.epochs.get(tp)
+    def owned(self, epochs: Mapping[TopicPartition, int]) -> set[TopicPartition]:
+        """The batch's partitions still owned under the epoch it was fenced with."""
+        return {tp for tp in self.spans if tp in epochs and epochs[tp] == self.epochs.get(tp)}
+
+    def messages_of(self, partitions: set[TopicPartition]) -> list[RawMessage]:
+        """The batch's messages of these partitions (all of them, usually: no copy)."""
+        if len(partitions) == len(self.spans):
+            return self.messages
+        return [m for m in self.messages if (m.topic, m.partition) in partitions]
 
 
 class ProjectionWorker:
@@ -296,7 +302,7 @@ class ProjectionWorker:
         if in_flight and not polled:
             polled, decoded = self._poll(source, None)
         # Messages of a partition revoked during this poll are not ours to apply.
-        messages = [m for m in polled if (m.topic, m.partition) in self.epochs]
+        messages = decoded is not None and any(tp in self.epochs for tp in decoded.spans)
         if not messages:
             self._idle_tick(source)
         if self.gap_timer is not None:
@@ -370,13 +376,15 @@ class ProjectionWorker:
                 removed,
             )
 
-    def _record(self, messages: list[RawMessage], result: BatchResult, seconds: float) -> None:
+    def _record(
+        self, spans: Mapping[TopicPartition, PartitionSpan], result: BatchResult, seconds: float
+    ) -> None:
         """After the commit: totals, back-pressure count, progress and metrics."""
         self.stats.add(result)
         self.backpressure.observe(result)
         if self.gap_timer is not None and result.gaps_due is not None:
             self.gap_timer.expect(result.gaps_due)
-        self.progress.applied(messages)
+        self.progress.applied(spans)
         self.metrics.record_batch(self.projection.name, result, seconds)
         if isinstance(self.applier, MergeApplier) and self.applier.correlated is not None:
             self.metrics.record_correlation(self.projection.name, self.applier.correlated)
@@ -416,17 +424,21 @@ class ProjectionWorker:
         """The batch applied up to its commit: sent already (PostgreSQL) or prepared (a
         store that plans ahead), or, not pipelined, committed."""
         started = time.monotonic()
-        messages = [m for m in polled if (m.topic, m.partition) in self.epochs]
-        if len(messages) != len(polled):
+        spans = decoded.spans if decoded is not None else partition_spans(polled)
+        owned = [tp for tp in spans if tp in self.epochs]
+        messages = polled
+        if len(owned) != len(spans):
+            spans = {tp: spans[tp] for tp in owned}
+            messages = [m for m in polled if (m.topic, m.partition) in spans]
             decoded = None
-        positions = source.positions({(m.topic, m.partition) for m in messages})
+        positions = source.positions(owned)
         epochs = dict(self.epochs)
         applied = self._applied(source, messages, decoded, positions, self._pipelined)
         if applied is None:
             return None
         if len(applied[0]) != len(messages):
             decoded = None
-        return InFlight(*applied, positions, epochs, started, decoded)
+        return InFlight(*applied, positions, epochs, started, decoded, spans)
 
     def _send(self, source: KafkaSource, flight: InFlight | None) -> None:
         """Send the batch's commit if only prepared, and leave it in flight (landed at once
@@ -497,16 +509,17 @@ class ProjectionWorker:
                     self.projection.name,
                     exc,
                 )
-                messages = [m for m in messages if flight.owned(m, self.epochs)]
+                messages = flight.messages_of(flight.owned(self.epochs))
                 applied = self._applied(source, messages, None, flight.positions, False)
                 if applied is None:
                     return
                 messages, result = applied
         crash_point("after-commit")
-        owned = [m for m in messages if flight.owned(m, self.epochs)]
-        tps = {(m.topic, m.partition) for m in owned}
+        tps = flight.owned(self.epochs) & result.checkpoints.keys()
         source.commit({tp: n for tp, n in result.checkpoints.items() if tp in tps})
-        self._record(owned, result, time.monotonic() - flight.started)
+        self._record(
+            {tp: flight.spans[tp] for tp in tps}, result, time.monotonic() - flight.started
+        )
 
     def _committed_after_all(self, flight: InFlight) -> bool:
         """Whether a batch whose commit went unanswered (a connection lost after the server
