@@ -884,7 +884,12 @@ class PostgresStore:
         self._settle()
         error, self._late_error = self._late_error, None
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # Its traceback holds this frame: through ``error`` the two would be a cycle,
+                # kept with the failed batch's objects until the garbage collector came.
+                error = None
 
     def _connect(self) -> psycopg.Connection[TupleRow]:
         try:

@@ -1285,7 +1285,12 @@ class RedisStore:
         self._settle()
         error, self._late_error = self._late_error, None
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # Its traceback holds this frame: through ``error`` the two would be a cycle,
+                # kept with the failed batch's objects until the garbage collector came.
+                error = None
 
     def claim(
         self, projection: str, partitions: Iterable[TopicPartition], owner: str
