@@ -303,8 +303,8 @@ class ProjectionWorker:
         if in_flight and not polled:
             polled, decoded = self._poll(source, None)
         # Messages of a partition revoked during this poll are not ours to apply.
-        messages = decoded is not None and any(tp in self.epochs for tp in decoded.spans)
-        if not messages:
+        idle = decoded is None or not any(tp in self.epochs for tp in decoded.spans)
+        if idle:
             self._idle_tick(source)
         if self.gap_timer is not None:
             self._retrying()(self.gap_timer.tick)
@@ -313,9 +313,8 @@ class ProjectionWorker:
         self.metrics.backpressure.labels(self.projection.name).set(int(self.backpressure.active))
         if prepared is not None:
             self._send(source, prepared)
-        elif messages and not ahead:
+        elif not idle and not ahead:
             self._apply(source, polled, decoded)
-        idle = not messages
         if self.progress.refresh(source, force=idle and self.exit_when_caught_up):
             self.metrics.set_lag(self.projection.name, self.progress.lag, self.progress.ages())
         if not (idle and self.exit_when_caught_up and self.progress.assignment_seen):
