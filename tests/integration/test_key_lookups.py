@@ -34,10 +34,10 @@ def rows_read(tx: PgBatch) -> Iterator[dict[str, int]]:
         " from pg_stat_xact_user_tables where schemaname = 'projector'"
         " and relname in ('positions', 'holding', 'gaps')"
     )
-    before = dict(tx.conn.execute(query).fetchall())
+    before: dict[str, int] = dict(tx.conn.execute(query).fetchall())
     read: dict[str, int] = {}
     yield read
-    after = dict(tx.conn.execute(query).fetchall())
+    after: dict[str, int] = dict(tx.conn.execute(query).fetchall())
     read.update({t: after.get(t, 0) - before.get(t, 0) for t in ("positions", "holding", "gaps")})
 
 
