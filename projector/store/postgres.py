@@ -105,7 +105,8 @@ _STREAMS = "(select jsonb_array_elements_text(%s::jsonb))"
 # shape for the holding table, and a cost that grows with the projection's size, not the
 # batch's. Key by key costs about 5 us a key whatever the tables hold.
 _STREAM_KEYS = "jsonb_array_elements_text(%s::jsonb) k(x)"
-# Parked events by (stream, seq) pairs, key by key as above.
+# Parked events by (stream, seq) pairs, key by key as above. They are deleted by ctid, found
+# so: nothing updates a holding row, it is only ever inserted and deleted.
 _PARKED_KEYS = "jsonb_array_elements(%s::jsonb) k"
 _PARKED_ROW = "{s}.holding where projection = %s and stream = k->>0 and seq = (k->>1)::bigint"
 
@@ -614,12 +615,13 @@ class PgBatch:
             return
         self.conn.execute(
             self._q(
-                "delete from {s}.gaps where ctid = any(array("
-                f"select g.ctid from {_STREAM_KEYS} cross join lateral"
-                " (select ctid from {s}.gaps where projection = %s and stream = k.x"
-                "  and state <> 'skipped' offset 0) g))"
+                # By its keys, not by ctid as the holding rows are: another instance's gap
+                # timer updates gap rows without the positions' locks, and a row updated
+                # meanwhile is deleted only if the statement's own condition still holds.
+                f"delete from {{s}}.gaps where projection = %s and stream in {_STREAMS}"
+                " and state <> 'skipped'"
             ),
-            (_json_list(names), self.projection),
+            (self.projection, _json_list(names)),
         )
         rows = [
             [

@@ -1,15 +1,18 @@
-"""A PostgreSQL batch reads the rows of positions, holding and gaps of its own streams only,
-key by key, whatever the tables hold and whether or not they were ever analyzed: what it costs
-is the batch's size, not the projection's. (Joined against the batch's keys instead, the
-planner of a database without statistics hashed every row of the projection for each of these
-statements, in every batch.) Counted with ``pg_stat_xact_user_tables``: the rows each table
-gave the batch's own transaction so far."""
+"""A PostgreSQL batch reads the rows of positions, holding and gaps of its own streams only
+(and deletes its parked events so), key by key, whatever the tables hold and whether or not
+they were ever analyzed: what it costs is the batch's size, not the projection's. (Joined
+against the batch's keys instead, the planner of a database without statistics hashed every
+row of the projection for each of these statements, in every batch.) Counted with
+``pg_stat_xact_user_tables``: the rows each table gave the batch's own transaction so far."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 import pytest
 
 from projector.core.event import Event
@@ -53,12 +56,16 @@ def test_a_batch_reads_only_its_own_streams_rows(services: Services, pg_dsn: str
         assert parked == STREAMS
 
         rules = SequenceRules()
-        with store.batch("accounts", "accounts") as tx, tx.rolled_back(), rows_read(tx) as read:
-            positions = tx.lock_positions(TOUCHED, rules)
-            held, _ = tx.held_seqs(TOUCHED)
-            loaded = tx.load_parked({s: [3] for s in TOUCHED})
-            gaps = tx.load_gaps(TOUCHED)
-            tx.unpark([(s, 3) for s in TOUCHED])
+        # The gap records' delete is left out: it goes by the streams' keys in one statement,
+        # so that a row another instance's gap timer updated meanwhile is still deleted (the
+        # last test below).
+        with store.batch("accounts", "accounts") as tx, tx.rolled_back():
+            with rows_read(tx) as read:
+                positions = tx.lock_positions(TOUCHED, rules)
+                held, _ = tx.held_seqs(TOUCHED)
+                loaded = tx.load_parked({s: [3] for s in TOUCHED})
+                gaps = tx.load_gaps(TOUCHED)
+                tx.unpark([(s, 3) for s in TOUCHED])
             tx.replace_gaps(TOUCHED, [Gap(s, 4, 4, 0.0) for s in TOUCHED])
 
         # What the batch was told is right...
@@ -105,4 +112,52 @@ def test_unpark_and_gap_rewrite_touch_only_the_keys_given(services: Services, pg
         # account:0's open gap went; account:1's skipped one stays; the others are untouched.
         assert gaps == [("account:1", "skipped")] + [(s, "open") for s in sorted(names[2:])]
     finally:
+        store.close()
+
+
+def test_a_gap_record_updated_meanwhile_is_still_rewritten(services: Services, pg_dsn: str) -> None:
+    """Another instance's gap timer updates a gap row (its request schedule) without the
+    positions' locks. A batch that rewrites the stream's gaps meanwhile waits for that update,
+    then deletes the row as updated and writes its own: it neither fails on the key nor keeps
+    the old row (as a delete by the ctid the batch read would)."""
+    store, applier, decoders, epochs = accounts_on_partition_0(services, pg_dsn)
+    stream = "account:0"
+    other = psycopg.connect(pg_dsn)
+    try:
+        applier.apply([wire(stream, 1, 0), wire(stream, 3, 1)], decoders, epochs)
+        pid = store.conn.info.backend_pid
+        other.execute(
+            "update projector.gaps set attempts = attempts + 1 where stream = %s", (stream,)
+        )
+        failures: list[BaseException] = []
+
+        def rewrite() -> None:
+            try:
+                with store.batch("accounts", "accounts") as tx:
+                    tx.lock_positions([stream], SequenceRules())
+                    assert [(g.from_seq, g.to_seq) for g in tx.load_gaps([stream])[stream]] == [
+                        (2, 2)
+                    ]
+                    tx.replace_gaps([stream], [Gap(stream, 2, 2, 0.0, attempts=7)])
+            except BaseException as exc:
+                failures.append(exc)
+
+        batch = threading.Thread(target=rewrite)
+        batch.start()
+        waiting = "select wait_event_type from pg_stat_activity where pid = %s"
+        with psycopg.connect(pg_dsn, autocommit=True) as watcher:
+            deadline = time.monotonic() + 30
+            while watcher.execute(waiting, (pid,)).fetchone() != ("Lock",):
+                assert batch.is_alive() and time.monotonic() < deadline, failures
+                time.sleep(0.01)
+        other.commit()  # the timer's update lands while the batch waits on its row
+        batch.join(30)
+        assert not failures, failures
+        rows = store.conn.execute(
+            "select from_seq, to_seq, attempts from projector.gaps where stream = %s", (stream,)
+        ).fetchall()
+        store.conn.rollback()
+        assert rows == [(2, 2, 7)]
+    finally:
+        other.close()
         store.close()
