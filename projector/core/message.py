@@ -43,6 +43,8 @@ def partition_spans(messages: Iterable[RawMessage]) -> dict[tuple[str, int], Par
     topic: str | None = None
     partition = -1
     span: list[int] = []
+    # Fields by position (0 topic, 1 partition, 2 offset, 5 timestamp_ms): cheaper than by
+    # name, once per message.
     for m in messages:
         if m[1] != partition or m[0] != topic:
             topic, partition = m[0], m[1]
