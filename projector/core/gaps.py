@@ -47,6 +47,13 @@ def reconcile_gaps(
     """The new gap set for ``ranges``. A range inside an old gap (it shrank or split when some
     of its events arrived) inherits the old record; a range that overlaps none is new.
     ``first_request_at`` schedules a new gap's first replay request (``now + gap_timeout``)."""
+    # The usual two in a reordered batch, in short: a stream's first gap opens, or its last
+    # one fills.
+    if not old:
+        new = tuple(Gap(stream, lo, hi, now, 0, None, first_request_at) for lo, hi in ranges)
+        return GapChange(stream, new, len(new), 0)
+    if not ranges:
+        return GapChange(stream, (), 0, len(old))
     gaps: list[Gap] = []
     inherited: set[int] = set()
     for lo, hi in ranges:

@@ -16,27 +16,39 @@ class SeqRanges:
 
     __slots__ = ("_hi", "_lo")
 
-    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
+    def __init__(self) -> None:
+        """An empty set: :meth:`of` and :meth:`span` make the others."""
         self._lo: list[int] = []
         self._hi: list[int] = []
-        for lo, hi in sorted(r for r in ranges if r[0] <= r[1]):
-            if self._hi and lo <= self._hi[-1] + 1:
-                self._hi[-1] = max(self._hi[-1], hi)
-            else:
-                self._lo.append(lo)
-                self._hi.append(hi)
 
     @classmethod
     def of(cls, seqs: Iterable[int]) -> SeqRanges:
-        """A new set holding ``seqs`` (a copy when ``seqs`` is a SeqRanges)."""
+        """A new set holding ``seqs`` (a copy when ``seqs`` is a SeqRanges). Built in one
+        pass over the sorted seqs, without a pair per seq: a reordered batch builds a few
+        hundred of these, most of one or two seqs."""
+        out = cls()
         if isinstance(seqs, SeqRanges):
-            return cls(seqs.ranges())
-        return cls((s, s) for s in seqs)
+            out._lo, out._hi = seqs._lo.copy(), seqs._hi.copy()
+            return out
+        lo_list, hi_list = out._lo, out._hi
+        last = None
+        for seq in sorted(seqs):
+            if last is not None and seq <= last + 1:
+                if seq > last:
+                    hi_list[-1] = last = seq
+            else:
+                lo_list.append(seq)
+                hi_list.append(seq)
+                last = seq
+        return out
 
     @classmethod
     def span(cls, lo: int, hi: int, without: Iterable[tuple[int, int]] = ()) -> SeqRanges:
         """``lo`` to ``hi`` (inclusive), less the ranges ``without``."""
-        out = cls([(lo, hi)])
+        out = cls()
+        if lo <= hi:
+            out._lo.append(lo)
+            out._hi.append(hi)
         for a, b in without:
             out.discard_range(a, b)
         return out

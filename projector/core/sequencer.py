@@ -164,15 +164,15 @@ def sequence_stream(
     work.drain()  # parked successors of a just-retried or skipped event
     for event in incoming:
         _place(work, event, rules)
-    return StreamPlan(
-        stream=position.stream,
-        position=work.final(),
-        apply=tuple(work.apply),
-        park=tuple(sorted(work.new_parked.values(), key=_seq)),
-        unpark=tuple(work.unpark),
-        duplicates=work.duplicates,
-        rejected=tuple(work.rejected),
-        gaps=missing_ranges(work.position, _with(work.parked_seqs, work.new_parked), skipped),
+    return StreamPlan(  # in field order (stream, position, apply, park, unpark, ...)
+        position.stream,
+        work.final(),
+        tuple(work.apply),
+        tuple(sorted(work.new_parked.values(), key=_seq)),
+        tuple(work.unpark),
+        work.duplicates,
+        tuple(work.rejected),
+        missing_ranges(work.position, _with(work.parked_seqs, work.new_parked), skipped),
     )
 
 
@@ -187,7 +187,7 @@ def parked_needed(
     may drain after the position through parked and arriving seqs and skipped ranges, up to
     a blocked seq. Never more: a stream blocked by a dead letter, with thousands parked
     behind it, would otherwise load them all in every batch that touches it."""
-    held = SeqRanges.of(parked_seqs)
+    held = parked_seqs if isinstance(parked_seqs, SeqRanges) else SeqRanges.of(parked_seqs)
     if not held:
         return set()
     arriving = set(incoming_seqs)
@@ -217,8 +217,9 @@ def _in_order(position: StreamPosition, incoming: Iterable[Event]) -> StreamPlan
     if not events:
         return None
     last = events[-1]
-    moved = StreamPosition(position.stream, expected - 1, last.id, last.hash, None)
-    return StreamPlan(stream=position.stream, position=moved, apply=events)
+    stream = position.stream
+    # Positional: from keywords, a named tuple costs 1.7 times as much (480 ns, 280), per stream.
+    return StreamPlan(stream, StreamPosition(stream, expected - 1, last.id, last.hash), events)
 
 
 def _release_dead_lettered(work: _Work) -> None:
@@ -296,11 +297,15 @@ def missing_ranges(
     """The contiguous missing ranges between the last applied seq and the highest parked one.
     A blocked seq is not missing (its dead letter holds it), nor is a skipped range. Walks
     the parked seqs' ranges, so a backlog of consecutive seqs costs one step."""
-    present = SeqRanges.of(parked_seqs)
-    if not present and position.blocked_seq is None:
+    blocked = position.blocked_seq
+    if isinstance(parked_seqs, SeqRanges) and blocked is None:
+        present = parked_seqs  # only read here: no copy
+    else:
+        present = SeqRanges.of(parked_seqs)
+        if blocked is not None:
+            present.add(blocked)
+    if not present:
         return ()
-    if position.blocked_seq is not None:
-        present.add(position.blocked_seq)
     ranges: list[tuple[int, int]] = []
     expected = position.last_seq + 1
     for lo, hi in present.ranges():
@@ -314,6 +319,8 @@ def missing_ranges(
 
 def _skipped_range(skipped: Sequence[tuple[int, int]], seq: int) -> tuple[int, int] | None:
     """The skipped range ``seq`` falls in, if any."""
+    if not skipped:  # the usual stream: no generator to build
+        return None
     return next(((lo, hi) for lo, hi in skipped if lo <= seq <= hi), None)
 
 

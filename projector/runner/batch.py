@@ -28,6 +28,7 @@ from projector.core.event import Event
 from projector.core.gaps import Gap, reconcile_gaps
 from projector.core.message import PartitionSpan, RawMessage, partition_spans
 from projector.core.sequencer import (
+    Rejection,
     SequenceRules,
     StreamPlan,
     StreamPosition,
@@ -386,28 +387,37 @@ class BatchApplier:
         culprits: Mapping[str, DeadLetter],
         result: BatchResult,
     ) -> None:
+        # One pass over the plans (thousands a batch); most only apply, and move their position.
         before = state.stored
-        tx.write_positions(p.position for s, p in plans.items() if p.position != before[s])
-        unparked = [(s, seq) for s, p in plans.items() for seq in p.unpark]
+        positions: list[StreamPosition] = []
+        unparked: list[tuple[str, int]] = []
+        parked: list[Event] = []
+        rejected: list[Rejection] = []
+        applied = 0
+        for s, p in plans.items():
+            if p.position != before[s]:
+                positions.append(p.position)
+            applied += len(p.apply)
+            if p.park or p.unpark or p.rejected or p.duplicates:
+                parked += p.park
+                unparked += [(s, seq) for seq in p.unpark]
+                rejected += p.rejected
+                result.duplicates += p.duplicates
+                result.parked += len(p.park)
+                result.unparked += len(p.unpark)
+        result.applied += applied
+        tx.write_positions(positions)
         tx.unpark(unparked)
         if unparked:
             crash_point("mid-drain")
-        parked = [e for p in plans.values() for e in p.park]
         tx.park(parked)
         if parked:
             crash_point("after-park")
         self._write_gaps(tx, plans, touched, state.gaps, result)
-        letters = [
-            DeadLetter(r.kind, r.reason, event=r.event) for p in plans.values() for r in p.rejected
-        ]
+        letters = [DeadLetter(r.kind, r.reason, event=r.event) for r in rejected]
         letters += culprits.values()
         tx.dead_letter(letters)
         result.dead_letters += letters
-        for p in plans.values():
-            result.applied += len(p.apply)
-            result.duplicates += p.duplicates
-            result.parked += len(p.park)
-            result.unparked += len(p.unpark)
 
     def _write_gaps(
         self,

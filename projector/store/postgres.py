@@ -352,17 +352,19 @@ class PgBatch:
         """Take the cached streams' positions (clean: nothing parked, no gaps), with the
         version finish() will check; the names left to lock."""
         assert self.cache is not None
-        get = self.cache.get
+        get, locked, expected = self.cache.get, self._locked, self._expected
         left = []
         for name in names:
             hit = get(name)
-            if hit is None or name in self._locked:
+            if hit is None or name in locked:
                 left.append(name)
             else:
-                found[name], self._expected[name] = hit
+                found[name], expected[name] = hit
+        if self._gaps or self._top_parked:  # read for a stream earlier in this batch
+            for name in found:
                 self._gaps.pop(name, None)
                 self._top_parked.pop(name, None)
-        self._locked.update(found)
+        locked.update(found)
         self._read.update(found)
         return left
 
@@ -541,11 +543,16 @@ class PgBatch:
         if not names:
             return
         self._sending()
-        expected = self._expected
+        positions, locked, written, expected = (
+            self._positions,
+            self._locked,
+            self.written,
+            self._expected,
+        )
         rows = []
         for s in names:
-            p = self._positions.get(s) or self._locked[s]
-            self.written[s] = p
+            p = positions.get(s) or locked[s]
+            written[s] = p
             rows.append([s, p.last_seq, p.last_id, p.last_hash, p.blocked_seq, expected.get(s)])
         # one statement, not one per row: a batch moves thousands
         self.conn.execute(
