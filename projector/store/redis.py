@@ -59,7 +59,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from itertools import chain
@@ -222,9 +222,18 @@ def _dumps(value: Any) -> str:
 
 
 def _gap_json(g: Gap) -> dict[str, Any]:
-    d = asdict(g)
-    del d["stream"]
-    return d
+    """A gap as its stream hash keeps it: every field but the stream, in field order. Spelled
+    out: ``dataclasses.asdict`` copies recursively, and took a third of a reordered batch's
+    gap writes."""
+    return {
+        "from_seq": g.from_seq,
+        "to_seq": g.to_seq,
+        "first_seen": g.first_seen,
+        "attempts": g.attempts,
+        "last_request_at": g.last_request_at,
+        "next_request_at": g.next_request_at,
+        "state": g.state,
+    }
 
 
 def _gap(stream: str, d: Mapping[str, Any]) -> Gap:
@@ -325,7 +334,7 @@ class _Stream:
     """One stream hash as read, and what the batch changes in it, kept beside it: ``stored``
     is never changed (it may be the cache's own dict)."""
 
-    __slots__ = ("dels", "gaps", "key", "sets", "stored", "token")
+    __slots__ = ("_stored_gaps", "dels", "gaps", "key", "sets", "stored", "token")
 
     def __init__(self, key: str, stored: dict[str, str]) -> None:
         self.key = key
@@ -334,6 +343,7 @@ class _Stream:
         self.dels: set[str] = set()
         self.gaps: list[Gap] | None = None  # the stream's gap list once the batch changed it
         self.token = stored.get(TOKEN)  # None: no field, or no hash
+        self._stored_gaps: list[Gap] | None = None  # parsed once: ``stored`` never changes
 
     def get(self, name: str) -> str | None:
         if name in self.sets:
@@ -349,8 +359,10 @@ class _Stream:
         self.dels.add(name)
 
     def stored_gaps(self, stream: str) -> list[Gap]:
-        raw = self.stored.get("gaps")
-        return [_gap(stream, d) for d in json_codec.loads(raw)] if raw else []
+        if self._stored_gaps is None:
+            raw = self.stored.get("gaps")
+            self._stored_gaps = [_gap(stream, d) for d in json_codec.loads(raw)] if raw else []
+        return list(self._stored_gaps)
 
     def current_gaps(self, stream: str) -> list[Gap]:
         return list(self.gaps) if self.gaps is not None else self.stored_gaps(stream)
