@@ -20,7 +20,7 @@ from bench.services import ROOT, Resources, Services, unique
 from bench.workload import Row, Workload
 from projector.config import Config, parse_config
 from projector.core.message import RawMessage
-from projector.runner.batch import BatchApplier, BatchResult, decode_all
+from projector.runner.batch import BatchApplier, BatchResult, decode_all, hash_ahead
 from projector.runner.worker import build_applier, build_decoders, load_handlers
 from projector.store.base import Store
 from projector.store.connect import open_store, view_migrations
@@ -203,6 +203,7 @@ def batch_feeder(config: Config, topic: str) -> Iterator[tuple[Store, Apply]]:
         def apply(messages: Sequence[RawMessage]) -> BatchResult:
             decoded = decode_all(messages, decoders)
             if not store.plans_ahead:
+                hash_ahead(decoded)  # as the worker does, while the previous commit is in flight
                 store.wait_commit()
             result = applier.apply(messages, decoders, epochs, None, decoded, pipelined)
             if store.plans_ahead:  # planned while the previous one ran: that one lands first

@@ -29,7 +29,14 @@ from projector.faults import crash_point
 from projector.metrics import Metrics
 from projector.replay.channels import open_channel
 from projector.runner.backpressure import BackPressure
-from projector.runner.batch import BatchApplier, BatchResult, Clock, Decoded, decode_all
+from projector.runner.batch import (
+    BatchApplier,
+    BatchResult,
+    Clock,
+    Decoded,
+    decode_all,
+    hash_ahead,
+)
 from projector.runner.correlate_step import CorrelationStep
 from projector.runner.gap_timer import GapTimer
 from projector.runner.merge_batch import MergeApplier
@@ -290,13 +297,16 @@ class ProjectionWorker:
         """One poll and its batch; True when the worker should stop (caught up, burst mode).
 
         The previous batch's commit may still be in flight (a pipelined batch): this batch is
-        polled and decoded meanwhile, and on a store that plans ahead (Redis) planned too.
+        polled and decoded meanwhile, and on a store that plans ahead (Redis) planned too (on
+        the others, its streams' new hashes computed: ``hash_ahead``).
         Then the previous one lands (its Kafka offsets, its metrics) before this one's commit
         is sent, and before anything else touches the store."""
         in_flight = self._in_flight is not None
         # In flight, only what is there already: waiting for more on a quiet topic would
         # delay the landing (Kafka offsets, metrics, readiness) by the poll's timeout.
         polled, decoded = self._poll(source, 0.0 if in_flight else None)
+        if in_flight and decoded is not None and not self.store.plans_ahead:
+            hash_ahead(decoded)
         ahead = in_flight and bool(polled) and self._pipelined and self.store.plans_ahead
         prepared = self._prepare(source, polled, decoded) if ahead else None
         self._land(source)
