@@ -38,6 +38,7 @@ class Baseline:
     events: int
     seconds: float
     detail: str = ""
+    view: str = "-"  # for a run that builds the whole view (the peer): checked against the answer
 
     @property
     def rate(self) -> float:

@@ -3,11 +3,11 @@
 Per store (PostgreSQL, then Redis), on topics of their own: the reordered workload (late,
 duplicated, withheld and filled by replay) and the in-order one, through projector as a real
 process; one process with two ``consumers`` on the reordered workload; for PostgreSQL also two
-processes in one consumer group; then the limits (a)
-consume-only, (b) store-only, (c) naive. Then produce→view latency at half the single-process
-throughput of each store. Every run gets its own topics, database and Redis prefix, removed
-after it. Prints the tables; writes ``results.json``, ``bench.png`` and ``table.txt`` to
-``--out``.
+processes in one consumer group; then the limits (a) consume-only, (b) store-only, (c) naive;
+and on PostgreSQL (d) the peer, Quix Streams, on both topics. Then produce→view latency at
+half the single-process throughput of each store. Every run gets its own topics, database
+and Redis prefix, removed after it. Prints the tables; writes ``results.json``,
+``bench.png`` and ``table.txt`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from rich.console import Console
 from bench import baselines, cpu, report
 from bench.context import EVENT_STORE, Context
 from bench.latency import measure_latency
+from bench.peer import quix_peer
 from bench.projector_runs import run_projector
 from bench.report import SHORT
 from bench.services import ROOT, publish, resources, services, store_events
 from bench.workload import Delivery, generate
 
-PARTS = ("runs", "consumers", "two", "parked", "baselines", "latency")
+PARTS = ("runs", "consumers", "two", "parked", "baselines", "peer", "latency")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -207,6 +208,10 @@ def _measure_store(
             results.runs.append(run_projector(late, name, store, mixed, reordered))
         if "baselines" in parts:
             found += _store_baselines(ctx, store, ordered, args)
+        if "peer" in parts and store == "postgres":
+            ctx.say(f"{store}: (d) the peer, Quix Streams, in order and reordered")
+            found.append(quix_peer(topics, ordered, ctx.workload, "in order", ctx.out))
+            found.append(quix_peer(topics, mixed, ctx.workload, "reordered", ctx.out))
 
 
 def _store_baselines(

@@ -69,7 +69,7 @@ def runs_table(results: Results) -> Table:
             best = b is results.baseline(store, b.name)
             mark = " *" if best and b.name == "(b) store-only" else ""
             name = f"{SHORT[store]} {b.name}: {b.detail}{mark}"
-            table.add_row(name, f"{b.rate:,.0f}", f"{b.seconds:.1f}", *["-"] * 7)
+            table.add_row(name, f"{b.rate:,.0f}", f"{b.seconds:.1f}", *["-"] * 6, b.view)
     for lat in results.latency:
         table.add_row(
             f"{SHORT[lat.store]} produce→view at {lat.offered_rate:,.0f}/s",
@@ -137,6 +137,12 @@ def bar_rows(results: Results) -> list[tuple[str, str, str, bool | None]]:
         if main and consumers:
             ratio = consumers.rate / main.rate
             rows.append((f"{store}: 2 consumers / 1, one process", f"{ratio:.2f}", "-", None))
+        peer = next(
+            (b for b in results.baselines.get(store, []) if b.detail.endswith(", in order")), None
+        )
+        if ordered and peer and peer.rate > 0:
+            ratio = ordered.rate / peer.rate
+            rows.append((f"{store}: projector / Quix Streams, in order", f"{ratio:.2f}", "-", None))
         two = results.run(f"{short} two processes")
         if main and two:
             ratio = two.rate / main.rate

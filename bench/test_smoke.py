@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.bench]
 def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
     """Proves the harness end to end on 3,000 events over 300 streams: projector on both
     stores (reordered, in order, 2 consumers; on PostgreSQL also two processes, and replays
-    after a longer gap_timeout), the three baselines and both latency runs finish, each view
-    equals the workload's answer, and the figures land in results.json."""
+    after a longer gap_timeout), the three baselines, the peer (Quix Streams, whose view is right
+    in order) and both latency runs finish, each view of projector equals the workload's
+    answer, and the figures land in results.json."""
     args = ["--events", "3000", "--streams", "300", "--out", str(tmp_path), "--gap-timeout", "1"]
     args += ["--parked-gap-timeout", "2"]
     args += ["--baseline-events", "3000", "--naive-events", "300", "--latency-seconds", "2"]
@@ -44,5 +45,8 @@ def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
         "(b) store-only",
         "(c) naive",
     }
+    peer = {b["detail"]: b for b in results["baselines"]["postgres"] if "Quix" in b["name"]}
+    assert peer["3.28.1, in order"]["view"] == "ok" and peer["3.28.1, in order"]["events_per_s"] > 0
+    assert "3.28.1, reordered" in peer
     assert [lat["store"] for lat in results["latency"]] == ["postgres", "redis"]
     assert (tmp_path / "bench.png").stat().st_size > 10_000
