@@ -77,7 +77,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=230)
     stores = [s for s in args.stores.split(",") if s]
     parts = set(args.parts.split(","))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def quix_peer(
                 proc.wait()
         seconds = done_at - float(started_file.read_text())
     wrong, rows = _rows_wrong(dsn, w)
-    view = "ok" if not wrong else f"{wrong:,} of {rows:,} rows wrong"
+    view = "ok" if not wrong else f"{wrong:,}/{rows:,} wrong"
     return Baseline(NAME, sum(ends.values()), seconds, f"{QUIX_VERSION}, {label}", view)
 
 
