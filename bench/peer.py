@@ -83,6 +83,8 @@ def quix_peer(
         )
         try:
             done_at = _committed_to_end(res.svc.kafka, group, topic, ends, proc, timeout)
+        except (RuntimeError, TimeoutError) as exc:  # the peer's failure is not projector's
+            return Baseline(NAME, 0, 0.0, f"{QUIX_VERSION}, {label}", f"failed: {exc}")
         finally:
             proc.terminate()
             try:
