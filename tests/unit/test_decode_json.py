@@ -252,6 +252,23 @@ def test_undecodable_values(raw: bytes, expected: str) -> None:
     assert reason(message=msg(raw=raw)).startswith(expected)
 
 
+def test_nesting_deeper_than_any_stage_writes_back_is_refused_and_wide_is_not() -> None:
+    """Proves a message nested past MAX_DEPTH (512), which orjson still reads (to 1,024) but
+    which the payload hash and the stores cannot write out again, is a DecodeError naming the
+    bound, in both of the parser's paths (orjson, and the standard library that takes huge
+    integers); while a message as deep as the bound, or with more brackets than the bound
+    side by side, decodes."""
+
+    def nested(levels: int, inner: bytes = b"1") -> bytes:
+        return b'{"game": 5, "seq": 3, "payload": ' + b"[" * levels + inner + b"]" * levels + b"}"
+
+    for inner in (b"1", b"9" * 25):  # the second: a huge integer, read by the standard library
+        assert reason(message=msg(raw=nested(512, inner))) == "message nests deeper than 512 levels"
+        assert decode(json.loads(nested(510, inner))).data["payload"][0][0][0] is not None
+    wide = {**PLAY, "payload": [{"n": [i]} for i in range(600)]}
+    assert len(decode(wide).data["payload"]) == 600
+
+
 def test_oversize_message() -> None:
     """Proves a message over max_bytes is refused before parsing, with both sizes named."""
     raw = json.dumps({"game": 1, "pad": "x" * 2_000_000}).encode()

@@ -81,14 +81,34 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# How deep a message may nest. orjson reads 1,024 levels, but what reads an event writes it
+# out again (its payload hash, the holding table, Redis's cjson), and those stop near 1,000:
+# deeper, the event raised in planning and stopped the daemon, instead of becoming a dead letter.
+MAX_DEPTH = 512
+
+
 def parse_json(raw: bytes, max_bytes: int, what: str = "message") -> Any:
-    """Parses ``raw`` as UTF-8 JSON of at most ``max_bytes`` bytes.
+    """Parses ``raw`` as UTF-8 JSON of at most ``max_bytes`` bytes and ``MAX_DEPTH`` levels.
 
     orjson parses (5x the standard library) what it parses exactly (see
     :mod:`projector.core.json_codec`); the rest, and every message it refuses, go to the
     standard library, whose answers and error messages are the reference."""
     if len(raw) > max_bytes:
         raise DecodeError(f"{what} of {len(raw)} bytes exceeds max_bytes {max_bytes}")
+    value = _parse(raw, what)
+    # Nesting deeper than the bound takes two brackets a level, so the usual message (a few
+    # hundred bytes) is let through on its length; a longer one with fewer opening brackets
+    # than the bound, on two byte counts; only the others are walked.
+    if (
+        len(raw) > 2 * MAX_DEPTH
+        and raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+        and _deeper_than(value, MAX_DEPTH)
+    ):
+        raise DecodeError(f"{what} nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _parse(raw: bytes, what: str) -> Any:
     if not may_hold_big_int(raw):
         try:
             return orjson.loads(raw)
@@ -105,6 +125,19 @@ def parse_json(raw: bytes, max_bytes: int, what: str = "message") -> Any:
     except (ValueError, RecursionError) as exc:
         # Huge integer literals (ValueError) and very deep nesting (RecursionError).
         raise DecodeError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` levels (the top one is
+    level 1). A walk with a stack of its own: recursion is what deep input breaks."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def check_max_bytes(value: object) -> int:
