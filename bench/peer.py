@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.baselines import Baseline
+from bench.baselines import Baseline, pg_rows_wrong
 from bench.services import ROOT, Resources, end_offsets, unique
 from bench.workload import Workload
 from handlers.accounts import MIGRATIONS
@@ -93,8 +93,10 @@ def quix_peer(
                 proc.kill()
                 proc.wait()
         seconds = done_at - float(started_file.read_text())
-    wrong, rows = _rows_wrong(dsn, w)
-    view = "ok" if not wrong else f"{wrong:,}/{rows:,} wrong"
+    expected = w.expected()
+    with psycopg.connect(dsn) as conn:
+        wrong = pg_rows_wrong(conn, expected)
+    view = "ok" if not wrong else f"{wrong:,}/{len(expected):,} wrong"
     return Baseline(NAME, sum(ends.values()), seconds, f"{QUIX_VERSION}, {label}", view)
 
 
@@ -122,16 +124,6 @@ def _committed_to_end(
         raise TimeoutError(f"the Quix Streams app did not reach the topic's end in {timeout} s")
     finally:
         watcher.close()
-
-
-def _rows_wrong(dsn: str, w: Workload) -> tuple[int, int]:
-    """How many accounts' balance or event count differ from the workload's answer (a
-    missing row counts), of how many."""
-    expected = {k: (r.balance, r.events) for k, r in w.expected().items()}
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("select id, balance, applied_events from accounts").fetchall()
-    found = {str(r[0]): (r[1], r[2]) for r in rows}
-    return sum(1 for k, v in expected.items() if found.get(k) != v), len(expected)
 
 
 def _delete_quix_topics(kafka: str, group: str) -> None:

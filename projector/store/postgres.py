@@ -543,16 +543,11 @@ class PgBatch:
         if not names:
             return
         self._sending()
-        positions, locked, written, expected = (
-            self._positions,
-            self._locked,
-            self.written,
-            self._expected,
-        )
+        expected = self._expected
         rows = []
         for s in names:
-            p = positions.get(s) or locked[s]
-            written[s] = p
+            p = self._positions.get(s) or self._locked[s]
+            self.written[s] = p
             rows.append([s, p.last_seq, p.last_id, p.last_hash, p.blocked_seq, expected.get(s)])
         # one statement, not one per row: a batch moves thousands
         self.conn.execute(
