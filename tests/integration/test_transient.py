@@ -54,8 +54,9 @@ def test_backends_terminated_mid_run_are_survived(
     services: Services, pg_dsn: str, new_topic: Callable[..., str], tmp_path: Path
 ) -> None:
     """Proves a lost database connection is transient: the daemon's PostgreSQL backends are
-    terminated five times while it applies 12k events; it reconnects, retries the batch and
-    ends exactly at the oracle, exit 0, no dead letter."""
+    terminated five times while it applies 12k events; it reconnects (retrying the batch a
+    kill cut into), goes on committing after the kills, and ends exactly at the oracle, exit
+    0, no dead letter."""
     rng = random.Random(5)
     log = scenarios.account_log(rng, accounts=300, events_per_account=40)
     topic = new_topic(partitions=2)
@@ -68,17 +69,26 @@ def test_backends_terminated_mid_run_are_survived(
     )
     proc = daemon_process(path, "--exit-when-caught-up")
     terminated = 0
+    # Kills the daemon went on committing after: every backend of its was gone, so each such
+    # commit was on a connection made since. Whether a kill also cost a retry (logged) depends
+    # on where it lands: one that lands after a COMMIT was answered but before the daemon read
+    # the answer is only seen as a closed connection, and replaced without an error.
+    survived = 0
     for _ in range(5):
         if not wait_for_progress(pg_dsn, proc, applied_offsets(pg_dsn)):
             break
+        survived += terminated > 0
         [(n,)] = rows(
             pg_dsn,
             "select count(pg_terminate_backend(pid)) from pg_stat_activity"
             " where application_name = 'projector' and datname = current_database()",
         )
         terminated += n
-    assert proc.wait(timeout=120) == 0, path.with_suffix(".log").read_text()[-3000:]
+    text = path.with_suffix(".log").read_text()
+    assert proc.wait(timeout=120) == 0, text[-3000:]
+    retries = text.count("transient store error") + text.count("the batch's commit failed")
+    print(f"terminated {terminated} backends; progress after {survived} kills; {retries} retries")
     assert terminated >= 3
+    assert survived >= 2, text[-3000:]
     assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
     assert rows(pg_dsn, "select count(*) from projector.dead_letters") == [(0,)]
-    assert "transient store error" in path.with_suffix(".log").read_text()
