@@ -16,6 +16,10 @@
 -- topic, key, event} queues a business event unless its id is in ids; OUTHOLD {hold hash,
 -- ts zset, seq string, id, ts, message} holds a rebuild's aside unless held already; OUTPRUNE
 -- {hold hash, ts zset, before} forgets held ones older than before (event time, ms).
+-- GAPCOPY {schedules hash, due zset, held set, gap, score, held "1"|"0", parent} indexes a
+-- gap that a batch carved out of an older one (parent): with the parent's schedule as it
+-- stands now (the gap timer may have moved it since the batch read it), else with score
+-- and held as given.
 -- Returns {"ok"}, {"fenced", field...}, {"paused"} (a rebuild is swapping in: wait),
 -- {"conflict", key} (a stream hash changed since it was read: plan again), or
 -- {"badwrite", op index (1-based), reason}.
@@ -61,7 +65,7 @@ local KIND = {
   SADD = "set", SREM = "set",
   ZADD = "zset", ZREM = "zset", ZINCRBY = "zset",
   DLADD = "hash", COSET = "string", COTIME = "hash",
-  OUTBOX = "zset", OUTHOLD = "hash", OUTPRUNE = "hash",
+  OUTBOX = "zset", OUTHOLD = "hash", OUTPRUNE = "hash", GAPCOPY = "hash",
 }
 -- The other keys of the outbox commands: {op index, type}, in order.
 local MORE = {
@@ -200,6 +204,18 @@ local function check_outbox(op)
   return add(op[4], nil, "1", true) -- the counter, as if the event were new
 end
 
+local function check_gapcopy(op)
+  for i, want in pairs({[3] = "zset", [4] = "set"}) do
+    local have = type_of(op[i])
+    if have ~= "none" and have ~= want then
+      return "WRONGTYPE: GAPCOPY needs a " .. want .. " at " .. op[i] .. " but it is a " .. have
+    end
+    types[op[i]] = want
+  end
+  if op[6] ~= "+inf" and not tonumber(op[6]) then return "GAPCOPY needs a score, not " .. op[6] end
+  return nil
+end
+
 local function check(op)
   local cmd, key = op[1], op[2]
   if #op > MAX_PARTS then return cmd .. " on " .. tostring(key) .. " has too many arguments" end
@@ -221,6 +237,7 @@ local function check(op)
   if REMOVE[cmd] and have == "none" then return nil end -- removing from nothing leaves nothing
   types[key] = want
   if MORE[cmd] then return check_outbox(op) end
+  if cmd == "GAPCOPY" then return check_gapcopy(op) end
   if cmd == "COTIME" and not string.match(tostring(op[4]), "^%-?%d*,[01]$") then
     return "COTIME on " .. key .. " needs <high>,<0|1>, not " .. tostring(op[4])
   end
@@ -261,6 +278,19 @@ local function set_time(op)
   local before = stored and string.match(stored, "^(%-?%d+),")
   if before and (high == "" or tonumber(before) > tonumber(high)) then high = before end
   redis.call("HSET", op[2], op[3], high .. "," .. caught_up)
+end
+
+-- {GAPCOPY, schedules, due, held, gap, score, held, parent}: see the header.
+local function copy_gap(op)
+  local score = redis.call("ZSCORE", op[3], op[8])
+  local held = op[7] == "1"
+  if score then
+    local schedule = redis.call("HGET", op[2], op[8])
+    if schedule then redis.call("HSET", op[2], op[5], schedule) end
+    held = redis.call("SISMEMBER", op[4], op[8]) == 1
+  end
+  redis.call("ZADD", op[3], score or op[6], op[5])
+  redis.call(held and "SADD" or "SREM", op[4], op[5])
 end
 
 -- Redis's clock, ms: when a business event was queued (the oldest-pending gauge).
@@ -305,6 +335,8 @@ for _, op in ipairs(batch.ops) do
     end
   elseif op[1] == "OUTPRUNE" then
     prune_held(op)
+  elseif op[1] == "GAPCOPY" then
+    copy_gap(op)
   else
     redis.call(unpack(op))
   end
