@@ -171,7 +171,11 @@ class StoreBatch(Protocol):
     def unpark(self, keys: Iterable[tuple[str, int]]) -> None: ...
 
     def replace_gaps(self, streams: Iterable[str], gaps: Iterable[Gap]) -> None:
-        """The open/held gaps of ``streams`` become ``gaps`` (skipped ranges stay)."""
+        """The open/held gaps of ``streams`` become ``gaps`` (skipped ranges stay). A gap that
+        stays (the same first seq) keeps the replay schedule it has in the store, and one
+        carved out of an older gap takes that one's, as they stand when written: the gap
+        timer moves schedules without the streams' locks, and one written back as this batch
+        read it would have the gap asked for again at once."""
 
     def dead_letter(self, letters: Iterable[DeadLetter]) -> None: ...
 

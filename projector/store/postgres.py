@@ -606,6 +606,11 @@ class PgBatch:
             )
 
     def replace_gaps(self, streams: Iterable[str], gaps: Iterable[Gap]) -> None:
+        """Upserted by their keys: a gap that stays keeps its row's replay schedule, and one
+        carved out of an older gap takes that row's, both as they stand when written, not
+        as this batch read them: another instance's gap timer updates gap rows without the
+        positions' locks, and a schedule written back as read made it ask for the gap again
+        at once. The gaps that went are deleted by their keys after."""
         self._sending()
         names = sorted(set(streams))
         gaps = list(gaps)
@@ -617,16 +622,6 @@ class PgBatch:
             self._gaps_after.setdefault(g.stream, []).append(g)
         if not names:
             return
-        self.conn.execute(
-            self._q(
-                # By its keys, not by ctid as the holding rows are: another instance's gap
-                # timer updates gap rows without the positions' locks, and a row updated
-                # meanwhile is deleted only if the statement's own condition still holds.
-                f"delete from {{s}}.gaps where projection = %s and stream in {_STREAMS}"
-                " and state <> 'skipped'"
-            ),
-            (self.projection, _json_list(names)),
-        )
         rows = [
             [
                 g.stream,
@@ -637,6 +632,7 @@ class PgBatch:
                 _ts(g.last_request_at),
                 _ts(g.next_request_at),
                 g.state,
+                self._parent_of(g),
             ]
             for g in gaps
         ]
@@ -646,11 +642,35 @@ class PgBatch:
                     "insert into {s}.gaps (projection, stream, from_seq, to_seq, first_seen,"
                     " attempts, last_request_at, next_request_at, state)"
                     " select %s, e->>0, (e->>1)::bigint, (e->>2)::bigint, (e->>3)::timestamptz,"
-                    " (e->>4)::int, (e->>5)::timestamptz, (e->>6)::timestamptz, e->>7"
-                    " from jsonb_array_elements(%s::jsonb) e"
+                    "  coalesce(p.attempts, (e->>4)::int),"
+                    "  case when p.attempts is null then (e->>5)::timestamptz"
+                    "   else p.last_request_at end,"
+                    "  case when p.attempts is null then (e->>6)::timestamptz"
+                    "   else p.next_request_at end,"
+                    "  coalesce(p.state, e->>7)"
+                    " from jsonb_array_elements(%s::jsonb) e left join lateral"
+                    "  (select attempts, last_request_at, next_request_at, state from {s}.gaps"
+                    "   where projection = %s and stream = e->>0 and from_seq = (e->>8)::bigint"
+                    "   and state <> 'skipped' offset 0) p on true"
+                    " on conflict (projection, stream, from_seq) do update set to_seq = excluded.to_seq"
                 ),
-                (self.projection, _json_list(rows)),
+                (self.projection, _json_list(rows), self.projection),
             )
+        self.conn.execute(
+            self._q(
+                f"delete from {{s}}.gaps where projection = %s and stream in {_STREAMS}"
+                " and state <> 'skipped' and (stream, from_seq) not in"
+                " (select e->>0, (e->>1)::bigint from jsonb_array_elements(%s::jsonb) e)"
+            ),
+            (self.projection, _json_list(names), _json_list([r[:2] for r in rows])),
+        )
+
+    def _parent_of(self, gap: Gap) -> int | None:
+        """The first seq of the gap as read that ``gap`` is (it stays) or was carved out of."""
+        for g in self._gaps.get(gap.stream, ()):
+            if g.state != "skipped" and g.from_seq <= gap.to_seq and gap.from_seq <= g.to_seq:
+                return g.from_seq
+        return None
 
     def dead_letter(self, letters: Iterable[DeadLetter]) -> None:
         self._sending()
