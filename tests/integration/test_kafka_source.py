@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
+from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from projector.core.message import RawMessage
-from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
+from projector.source.kafka import COMMIT_INTERVAL, KafkaSource, TopicPartition, consumer_config
 from tests.conftest import Services, unique
 from tests.integration.gaps_harness import wait_until
 
@@ -158,3 +159,50 @@ def test_the_consumer_fetches_a_couple_of_batches_ahead_not_the_whole_backlog(
         source.close()
     # 1,000 + one fetch response of at most 1 MB (about 4,500 of these messages).
     assert max(queued) < 8_000, f"{max(queued):,} messages were fetched ahead"
+
+
+def test_offsets_reach_kafka_at_most_once_a_commit_interval_and_on_close(
+    services: Services, new_topic: Callable[..., str]
+) -> None:
+    """Proves the offsets the store committed reach Kafka at most once per COMMIT_INTERVAL on
+    the source's clock (the first at once, the latest when the interval has passed), and the
+    last ones on close. At low load a batch holds a few messages: committed after each one,
+    ~500 commits a second made the group coordinator fall behind, and close(), which waits for
+    the commits in flight, took 34-60 s after SIGTERM (bench, Redis latency run)."""
+    topic = new_topic()
+    producer = Producer({"bootstrap.servers": services.kafka})
+    for n in range(3):
+        producer.produce(topic, value=b"{}", key=str(n).encode())
+    assert producer.flush(10) == 0
+    group, now = unique("g"), [100.0]
+    conf = consumer_config(services.kafka, group, unique("member"), {}, 2000)
+    source = KafkaSource(conf, [topic], lambda tps: {}, lambda tps: None, clock=lambda: now[0])
+    tp = KafkaTopicPartition(topic, 0)
+
+    def committed_by_source() -> int:
+        # On the source's own connection to the coordinator, which answers in order: a commit
+        # sent before this question is in the answer.
+        [found] = source._consumer.committed([tp], timeout=10)
+        return int(found.offset)
+
+    try:
+        wait_until(lambda: bool(source.poll(10, 0.1)), "a message")
+        source.commit({(topic, 0): 1})
+        wait_until(lambda: committed_by_source() == 1, "the first commit, sent at once")
+        for offset in (2, 3):
+            source.commit({(topic, 0): offset})
+        assert committed_by_source() == 1  # held: the interval has not passed
+
+        now[0] += COMMIT_INTERVAL
+        source.commit({(topic, 0): 4})
+        wait_until(lambda: committed_by_source() == 4, "the latest, once the interval passed")
+        source.commit({(topic, 0): 5})
+        assert committed_by_source() == 4
+    finally:
+        source.close()
+    reader = Consumer({"bootstrap.servers": services.kafka, "group.id": group})
+    try:
+        [found] = reader.committed([tp], timeout=10)
+        assert found.offset == 5  # sent on close
+    finally:
+        reader.close()
