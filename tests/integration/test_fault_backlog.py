@@ -13,6 +13,7 @@ import re
 import socket
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from tests.integration.fault_fleet import (
     rss_kb,
 )
 from tests.integration.fault_run import Daemon, wait_for
+from tests.integration.gaps_harness import RequestReader
 from tests.integration.harness import config_dict, migrate_all, projection, publish, rows
 from tests.integration.test_pipeline import account_rows
 
@@ -195,6 +197,10 @@ class BacklogRun:
     parked_end: int = -1
     held_gaps: list[tuple[str, int, int, str]] = field(default_factory=list)
     log: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)  # read from the request topic
+
+    def requests_logged(self) -> int:
+        return sum(int(n) for n in re.findall(r"requested replay of (\d+) gap", self.log))
 
     def main_phase(self) -> list[tuple[float, Progress]]:
         """From the first batch to back-pressure: the backlog grows from 0 to max_parked."""
@@ -262,8 +268,11 @@ class BacklogRun:
             "rss_mb_time_second_half": round(self.rss_mb_between(half, m["engaged"])),
             "rss_mb_after_release": round(self.rss_mb_between(m["filled"], m["end"])),
             "held_gaps": len(self.held_gaps),
-            "replay_requests_logged": sum(
-                int(n) for n in re.findall(r"requested replay of (\d+) gap", self.log)
+            "replay_requests_logged": self.requests_logged(),
+            "replay_requests_read": len(self.requests),
+            "most_requests_per_gap_attempt": max(
+                Counter((r["stream"], r["from_seq"], r["attempt"]) for r in self.requests).values(),
+                default=0,
             ),
             "parked_end": self.parked_end,
             "applied_twice": self.found.applied_twice if self.found else None,
@@ -292,11 +301,23 @@ def run_backlog(services: Services, dsn: str, topics: dict[str, str], tmp: Path)
         ):
             try:
                 _drive(
-                    run, services, topics, daemon, progress, metric, lambda: f.check_alive(["solo"])
+                    run,
+                    services,
+                    topics,
+                    daemon,
+                    progress,
+                    metric,
+                    lambda: f.check_alive(["solo"]),
+                    lambda: held_gaps(dsn),
                 )
             finally:
                 run.log = daemon.text()
         run.exit_code = daemon.stop()
+    reader = RequestReader(services.kafka, topics["requests"])
+    try:
+        run.requests = list(reader.read(run.requests_logged()))
+    finally:
+        reader.close()
     run.marks["stopped"] = time.monotonic()
     run.progress, run.rss = progress.samples, rss.samples
     run.metric = [v for v in metric.values() if v is not None]
@@ -319,8 +340,9 @@ def _drive(
     progress: ProgressSampler,
     metric: Sampler[int | None],
     alive: Callable[[], None],
+    held: Callable[[], int],
 ) -> None:
-    """The phases, each ended by what the samplers or the log show."""
+    """The phases, each ended by what the samplers, the store or the log show."""
     marks = run.marks
     wait_for(lambda: progress.samples and progress.last().source_offsets, "a batch", 60, alive)
     marks["first_batch"] = time.monotonic()
@@ -346,6 +368,15 @@ def _drive(
     )
     marks["end"] = time.monotonic()
     wait_for(lambda: metric.last() == 0, "the metric to drop", 30, alive)
+    # Given up on (held) at the first request after give_up_after (6 s from when each gap
+    # opened), which may come after the topic's end: requests come 2, 4 and 8 s after.
+    never = len(run.work.never)
+    wait_for(lambda: held() == never, "the never-filled gaps to be held", 30, alive)
+
+
+def held_gaps(dsn: str) -> int:
+    [(count,)] = rows(dsn, "select count(*) from projector.gaps where state = 'held'")
+    return int(count)
 
 
 @pytest.fixture(scope="module")
@@ -385,6 +416,10 @@ def test_backpressure_pauses_at_max_parked_and_lets_go_when_gaps_fill(
     assert run.parked_end == run.work.parked_at_end()
     held = {(s, a, b, st) for s, a, b, st in run.held_gaps}
     assert held == {(w["stream"], 2, 2, "held") for w in run.work.never}, run.held_gaps
+    # One request per gap per attempt, with the gapped streams' batches rewriting their gaps
+    # all along.
+    assert figures["replay_requests_read"] >= figures["replay_requests_logged"] > 0, figures
+    assert figures["most_requests_per_gap_attempt"] == 1, figures
     assert run.found is not None
     assert run.found.applied_twice == 0
     assert run.found.equal, run.found.examples
