@@ -194,7 +194,11 @@ class KafkaSource:
         """Up to ``max_messages`` messages: what is there now, or else the first to arrive
         within ``timeout`` seconds and what came with it. Never waits for a batch to fill
         (``consume`` with a timeout would, the whole timeout, adding it to every event's
-        latency whenever fewer than ``max_messages`` are waiting)."""
+        latency whenever fewer than ``max_messages`` are waiting). Offsets held back by the
+        commit interval go out here once it has passed, so an idle projection's committed
+        offsets catch up with its store."""
+        if self._uncommitted and self._clock() >= self._next_commit:
+            self._send_commit(self.assigned)
         out: list[RawMessage] = []
         for msg in _available(self._consumer, max_messages, timeout):
             err = msg.error()
@@ -230,7 +234,7 @@ class KafkaSource:
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Tell Kafka how far we are (after the store committed): sent at once if the last
-        commit went ``COMMIT_INTERVAL`` ago, else with a later one, on revoke or on close.
+        commit went ``COMMIT_INTERVAL`` ago, else by a later commit or poll, or on revoke.
         Best effort: the store's checkpoint, not this, decides where reading resumes."""
         self._uncommitted.update(offsets)
         if self._clock() >= self._next_commit:
