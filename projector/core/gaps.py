@@ -6,7 +6,7 @@ The schedule is stored (``next_request_at``), so it survives restarts and nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -56,10 +56,12 @@ def reconcile_gaps(
         return GapChange(stream, (), 0, len(old))
     gaps: list[Gap] = []
     inherited: set[int] = set()
+    opened = 0
     for lo, hi in ranges:
-        parent = next((g for g in old if g.from_seq <= hi and lo <= g.to_seq), None)
+        parent = parent_gap(old, lo, hi)
         if parent is None:
             gaps.append(Gap(stream, lo, hi, now, next_request_at=first_request_at))
+            opened += 1
         else:
             inherited.add(id(parent))
             gaps.append(
@@ -74,11 +76,17 @@ def reconcile_gaps(
                     parent.state,
                 )
             )
-    opened = sum(
-        1 for g in gaps if not any(o.from_seq <= g.to_seq and g.from_seq <= o.to_seq for o in old)
-    )
     closed = sum(1 for g in old if id(g) not in inherited)
     return GapChange(stream, tuple(gaps), opened, closed)
+
+
+def parent_gap(old: Iterable[Gap], lo: int, hi: int) -> Gap | None:
+    """The open or held gap of ``old`` that the missing range ``lo``-``hi`` lies in (a range
+    only shrinks or splits as events arrive, so it overlaps one at most): the record it
+    inherits, and, in the stores, whose schedule it takes as stored."""
+    return next(
+        (g for g in old if g.state != "skipped" and g.from_seq <= hi and lo <= g.to_seq), None
+    )
 
 
 @dataclass(frozen=True, slots=True)

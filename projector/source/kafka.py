@@ -197,8 +197,8 @@ class KafkaSource:
         latency whenever fewer than ``max_messages`` are waiting). Offsets held back by the
         commit interval go out here once it has passed, so an idle projection's committed
         offsets catch up with its store."""
-        if self._uncommitted and self._clock() >= self._next_commit:
-            self._send_commit(self.assigned)
+        if self._uncommitted:
+            self._commit_if_due()
         out: list[RawMessage] = []
         for msg in _available(self._consumer, max_messages, timeout):
             err = msg.error()
@@ -237,19 +237,18 @@ class KafkaSource:
         commit went ``COMMIT_INTERVAL`` ago, else by a later commit or poll, or on revoke.
         Best effort: the store's checkpoint, not this, decides where reading resumes."""
         self._uncommitted.update(offsets)
+        self._commit_if_due()
+
+    def _commit_if_due(self) -> None:
         if self._clock() >= self._next_commit:
             self._send_commit(self.assigned)
 
     def _send_commit(self, partitions: set[TopicPartition]) -> None:
-        """Send the offsets not sent yet of ``partitions`` still assigned (asynchronously)."""
-        tps = [
-            KafkaTopicPartition(t, p, o)
-            for (t, p), o in self._uncommitted.items()
-            if (t, p) in partitions and (t, p) in self.assigned
-        ]
-        for tp in tps:
-            del self._uncommitted[(tp.topic, tp.partition)]
-        self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in self.assigned}
+        """Send the offsets not sent yet of ``partitions`` still assigned (asynchronously);
+        those of partitions no longer assigned are dropped."""
+        held = {tp: o for tp, o in self._uncommitted.items() if tp in self.assigned}
+        tps = [KafkaTopicPartition(t, p, o) for (t, p), o in held.items() if (t, p) in partitions]
+        self._uncommitted = {tp: o for tp, o in held.items() if tp not in partitions}
         if not tps:
             return
         self._next_commit = self._clock() + COMMIT_INTERVAL

@@ -26,7 +26,7 @@ from projector.core import json_codec
 from projector.core.correlate import InputTime, Pending
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
-from projector.core.gaps import Gap
+from projector.core.gaps import Gap, parent_gap
 from projector.core.message import RawMessage
 from projector.core.seq_ranges import SeqRanges
 from projector.core.sequencer import SequenceRules, StreamPosition
@@ -622,20 +622,23 @@ class PgBatch:
             self._gaps_after.setdefault(g.stream, []).append(g)
         if not names:
             return
-        rows = [
-            [
-                g.stream,
-                g.from_seq,
-                g.to_seq,
-                _ts(g.first_seen),
-                g.attempts,
-                _ts(g.last_request_at),
-                _ts(g.next_request_at),
-                g.state,
-                self._parent_of(g),
-            ]
-            for g in gaps
-        ]
+        rows = []
+        for g in gaps:
+            # The row it stays as or was carved out of: its schedule is taken as stored.
+            parent = parent_gap(self._gaps.get(g.stream, ()), g.from_seq, g.to_seq)
+            rows.append(
+                [
+                    g.stream,
+                    g.from_seq,
+                    g.to_seq,
+                    _ts(g.first_seen),
+                    g.attempts,
+                    _ts(g.last_request_at),
+                    _ts(g.next_request_at),
+                    g.state,
+                    None if parent is None else parent.from_seq,
+                ]
+            )
         if rows:
             self.conn.execute(
                 self._q(
@@ -664,13 +667,6 @@ class PgBatch:
             ),
             (self.projection, _json_list(names), _json_list([r[:2] for r in rows])),
         )
-
-    def _parent_of(self, gap: Gap) -> int | None:
-        """The first seq of the gap as read that ``gap`` is (it stays) or was carved out of."""
-        for g in self._gaps.get(gap.stream, ()):
-            if g.state != "skipped" and g.from_seq <= gap.to_seq and gap.from_seq <= g.to_seq:
-                return g.from_seq
-        return None
 
     def dead_letter(self, letters: Iterable[DeadLetter]) -> None:
         self._sending()

@@ -76,7 +76,7 @@ from projector.core import json_codec
 from projector.core.correlate import InputTime, Pending, watermark
 from projector.core.dead_letter import DeadLetter
 from projector.core.event import Event
-from projector.core.gaps import Gap
+from projector.core.gaps import Gap, parent_gap
 from projector.core.message import RawMessage
 from projector.core.sequencer import SequenceRules, StreamPosition
 from projector.store import redis_outbox
@@ -936,10 +936,7 @@ class RedisBatch:
                 staying.add(g.from_seq)
                 continue
             ops.append(["ZADD", k.gaps, _score(g.first_seen), member])
-            parent = next(
-                (o for o in before.values() if o.from_seq <= g.to_seq and g.from_seq <= o.to_seq),
-                None,
-            )
+            parent = parent_gap(before.values(), g.from_seq, g.to_seq)
             held = "1" if g.state == "held" else "0"
             score = _score(g.next_request_at)
             if parent is None:
