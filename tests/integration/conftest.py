@@ -19,6 +19,7 @@ from tests.integration.harness import (
     projection,
     write_config,
 )
+from tests.integration.redis_server import RedisServers
 from tests.integration.views import PgViews, RedisViews, Views
 
 
@@ -31,6 +32,14 @@ def _restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def redis_servers(tmp_path: Path) -> Iterator[RedisServers]:
+    """Private redis-servers for this test (``redis_servers.start(*args)``), stopped after."""
+    servers = RedisServers(tmp_path / "redis")
+    yield servers
+    servers.close()
 
 
 @dataclass

@@ -230,6 +230,10 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
 
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)

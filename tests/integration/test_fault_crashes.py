@@ -280,13 +280,6 @@ class RedisProbe:
         self.monitor.close()
 
 
-@pytest.fixture
-def redis_servers(tmp_path: Path) -> Iterator[RedisServers]:
-    servers = RedisServers(tmp_path / "redis")
-    yield servers
-    servers.close()
-
-
 HANDLERS = {
     "postgres": ["handlers.customers", "handlers.game"],
     "redis": ["handlers.customers_redis", "handlers.game_redis"],
@@ -299,20 +292,19 @@ def store_config(
     pg_dsn: str,
     redis_servers: RedisServers,
     shop: dict[str, Any],
-    tmp_path: Path,
-) -> tuple[Path, StoreProbe]:
-    """The daemon's config file and a probe of its store: PostgreSQL (the test's database on
-    the shared server, migrated), or a private redis-server (AOF; no postgres section)."""
+) -> tuple[dict[str, Any], StoreProbe]:
+    """The daemon's config and a probe of its store: PostgreSQL (the test's database on the
+    shared server, migrated), or a private redis-server (AOF; no postgres section)."""
     source = shop["topics"][0]
     if kind == "postgres":
         data = config_dict(services, pg_dsn, [shop])
         migrate_all(parse_config(data, env={}))
-        return write_config(tmp_path / "config.yaml", data), PgProbe(pg_dsn, source)
+        return data, PgProbe(pg_dsn, source)
     server = redis_servers.start(*AOF)
     prefix = unique("t")
     data = config_dict(Services(services.kafka, pg_dsn, server.url), pg_dsn, [shop], prefix)
     del data["postgres"]
-    return write_config(tmp_path / "config.yaml", data), RedisProbe(server, prefix, source)
+    return data, RedisProbe(server, prefix, source)
 
 
 @dataclass
@@ -385,7 +377,8 @@ def test_twenty_kill_9_at_random_moments_lose_nothing_and_apply_nothing_twice(
         replay={"channel": "kafka", "topic": requests, "max_interval": "2s"},
         replay_topic=replays,
     )
-    path, probe = store_config(kind, services, pg_dsn, redis_servers, shop, tmp_path)
+    data, probe = store_config(kind, services, pg_dsn, redis_servers, shop)
+    path = write_config(tmp_path / "config.yaml", data)
 
     # Kill moments spread over the run whatever the machine's speed: each once a target is
     # committed, then a little later at random, so it falls anywhere in a batch's life.

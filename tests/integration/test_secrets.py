@@ -8,7 +8,7 @@ import random
 import signal
 import socket
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -35,13 +35,6 @@ from tests.integration.views import RedisViews
 pytestmark = pytest.mark.integration
 
 CANARY = "canary-Zq81x7-secret"
-
-
-@pytest.fixture
-def redis_servers(tmp_path: Path) -> Iterator[RedisServers]:
-    servers = RedisServers(tmp_path / "redis")
-    yield servers
-    servers.close()
 
 
 def free_port() -> int:

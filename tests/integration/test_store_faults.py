@@ -35,14 +35,6 @@ Wire = dict[str, Any]
 REDIS_HANDLERS = ["handlers.customers_redis", "handlers.game_redis"]
 
 
-@pytest.fixture
-def redis_servers(tmp_path: Path) -> Iterator[RedisServers]:
-    """Private redis-servers for this test, stopped afterwards."""
-    servers = RedisServers(tmp_path / "redis")
-    yield servers
-    servers.close()
-
-
 def shop_log(rng: random.Random, customers: int, games: int) -> tuple[list[Wire], list[Wire]]:
     """Customers and games interleaved (each stream in order when sorted by seq), and that
     log as delivered: shuffled within windows and 3% duplicated."""
