@@ -195,7 +195,7 @@ def _measure_store(
             two_consumers = replace(ctx, consumers=2)
             name = f"{short} reordered, 2 consumers"
             results.runs.append(run_projector(two_consumers, name, store, mixed, reordered))
-        if "two" in parts and store == "postgres":
+        if "two" in parts:
             run = run_projector(
                 ctx, f"{short} two processes", store, published(reordered), reordered, 2
             )

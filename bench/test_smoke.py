@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
 def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
     """Proves the harness end to end on 3,000 events over 300 streams: projector on both
-    stores (reordered, in order, 2 consumers; on PostgreSQL also two processes, and replays
-    after a longer gap_timeout), the three baselines, the peer (Quix Streams, whose view is right
+    stores (reordered, in order, 2 consumers, two processes; on PostgreSQL also replays after
+    a longer gap_timeout), the three baselines, the peer (Quix Streams, whose view is right
     in order) and both latency runs finish, each view of projector equals the workload's
     answer, and the figures land in results.json."""
     args = ["--events", "3000", "--streams", "300", "--out", str(tmp_path), "--gap-timeout", "1"]
@@ -38,6 +38,7 @@ def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
         "redis reordered",
         "redis in-order",
         "redis reordered, 2 consumers",
+        "redis two processes",
     }
     assert all(r["events_per_s"] > 0 and not r["problems"] for r in results["runs"])
     assert {b["name"] for b in results["baselines"]["postgres"]} >= {
