@@ -28,6 +28,7 @@ from projector.runner.gap_timer import ProjectionFailed
 from projector.runner.identity import instance_id
 from projector.runner.ops_server import OpsServer
 from projector.runner.outbox import OutboxPublisher, build_publisher
+from projector.runner.replay_layout import kafka_partitions, warn_if_replays_land_elsewhere
 from projector.runner.worker import ProjectionWorker, load_handlers
 from projector.store.connect import StoreSet
 
@@ -69,6 +70,11 @@ class Daemon:
             policies = kafka_policies(config, timeout=5.0)  # brokers away: start anyway
             for proj in selected:  # a compacted correlation topic (docs/correlation.md, 8)
                 warn_if_compacted(proj, policies)
+        if any(p.replay_topic is not None for p in selected):
+            counts = kafka_partitions(config, timeout=5.0)  # brokers away: start anyway
+            strategy = str(config.kafka.consumer.get("partition.assignment.strategy", ""))
+            for proj in selected:  # replays applied by another member (docs/replay.md)
+                warn_if_replays_land_elsewhere(proj, counts, strategy)
         self.workers = [
             ProjectionWorker(
                 config,

@@ -56,3 +56,25 @@ def cleanup_policies(
         if entry is not None and entry.value is not None:
             out[resource.name] = str(entry.value)
     return out
+
+
+def partition_counts(
+    conf: Mapping[str, Any], topics: Sequence[str], timeout: float = 10.0
+) -> dict[str, int]:
+    """Each topic's number of partitions, from the cluster's metadata. A topic that cannot
+    be read (missing, not authorised, brokers away) is left out and logged at info."""
+    if not topics:
+        return {}
+    try:
+        meta = AdminClient(dict(conf)).list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        log.info("cannot read the topics' partitions: %s", exc)
+        return {}
+    out: dict[str, int] = {}
+    for topic in sorted(set(topics)):
+        found = meta.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            log.info("cannot read the partitions of topic %s", topic)
+            continue
+        out[topic] = len(found.partitions)
+    return out

@@ -63,13 +63,19 @@ def responder_running(responder: ReplayResponder, channel: str) -> Iterator[str 
 
 @pytest.mark.parametrize("channel", ["kafka", "http"])
 def test_withheld_events_are_served_only_through_replay(
-    channel: str, services: Services, pg_dsn: str, new_topic: Callable[..., str]
+    channel: str,
+    services: Services,
+    pg_dsn: str,
+    new_topic: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Proves the replay loop closes: 10k events over 500 streams, shuffled and 1% duplicated,
     with 0.5% withheld from the topic (but in the write side's event store); gaps open, the
     requests reach the responder, the re-published events fill them, and the run ends with no
     gap, nothing parked and every view row equal to the oracle. Kafka channel: replays come on
-    a separate replay topic; HTTP channel: on the source topic itself."""
+    a separate replay topic, whose one partition against the source's three the daemon warns
+    about at start (read from the cluster's metadata); HTTP channel: on the source topic
+    itself, and nothing is said."""
     rng = random.Random(21)
     log = scenarios.account_log(rng, accounts=500, events_per_account=20)
     # A missing event shows only when a later one of its stream arrives: a stream's newest
@@ -103,7 +109,14 @@ def test_withheld_events_are_served_only_through_replay(
         )
         config = make_config(services, pg_dsn, [proj])
         migrate_all(config)
-        assert run_until_caught_up(config) == 0
+        with caplog.at_level("WARNING", logger="projector.runner.replay_layout"):
+            assert run_until_caught_up(config) == 0
+    layout = [r.getMessage() for r in caplog.records if r.name.endswith("replay_layout")]
+    if channel == "kafka":
+        [said] = layout
+        assert f"replay topic {replay_topic} has 1 partition(s) and the source 3" in said
+    else:
+        assert layout == []
     assert len(withheld) == 50
     assert rows(pg_dsn, "select count(*) from projector.gaps") == [(0,)]
     assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
