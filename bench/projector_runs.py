@@ -151,7 +151,9 @@ def _slug(name: str) -> str:
 
 
 def _configure(ctx: Context, res: Resources, name: str, store: str, topic: str) -> Config:
-    requests, replayed = res.topic(1), res.topic(1)
+    # The replay topic partitioned like the source (docs/replay.md, "Several instances"), so
+    # that with several instances a stream's replays reach its own member.
+    requests, replayed = res.topic(1), res.topic(ctx.partitions)
     dsn = res.database() if store == "postgres" else None
     prefix = res.redis_prefix() if store == "redis" else None
     data = projector_config(ctx, store, topic, dsn=dsn, prefix=prefix, replay=(requests, replayed))
