@@ -197,16 +197,30 @@ class Run:
         assert self.work.withheld and sum(1 for n in requested.values() if n) >= 2, requested
 
 
-@pytest.mark.fault
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("kind", ["postgres", "redis"])
-def test_three_instances_killed_and_frozen_again_and_again_while_replays_fill_gaps(
-    kind: str,
+MakeRun = Callable[[str, int, Workload, int], Run]
+
+
+@pytest.fixture
+def make_run(
     services: Services,
     pg_dsn: str,
     new_topic: Callable[..., str],
     tmp_path: Path,
     redis_servers: RedisServers,
+) -> MakeRun:
+    """``make_run(kind, seed, work, faults)``: a ``Run`` on the test's services."""
+
+    def make(kind: str, seed: int, work: Workload, faults: int) -> Run:
+        return Run(kind, seed, work, faults, services, pg_dsn, new_topic, tmp_path, redis_servers)
+
+    return make
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_three_instances_killed_and_frozen_again_and_again_while_replays_fill_gaps(
+    kind: str, make_run: MakeRun
 ) -> None:
     """Proves exactly-once with several instances under repeated faults and replays, on
     each store: about 40,000 customer and game events (about 4,000 streams) reach a
@@ -221,17 +235,13 @@ def test_three_instances_killed_and_frozen_again_and_again_while_replays_fill_ga
     asked for, by more than one instance."""
     seed = SEED + (10 if kind == "postgres" else 11)
     work = shop_workload(seed, customers=3600, games=300, duplicates=0.01, withheld=0.002)
-    run = Run(kind, seed, work, FAULTS, services, pg_dsn, new_topic, tmp_path, redis_servers)
+    run = make_run(kind, seed, work, FAULTS)
     run.check(run.go(f"instances[{kind}]"))
 
 
 @pytest.mark.timeout(300)
 def test_three_redis_instances_killed_and_frozen_while_replays_fill_gaps(
-    services: Services,
-    pg_dsn: str,
-    new_topic: Callable[..., str],
-    tmp_path: Path,
-    redis_servers: RedisServers,
+    make_run: MakeRun,
 ) -> None:
     """The scenario above, short, for the default suite, on Redis (whose instances refuse
     each other's batches planned on stale stream hashes; PostgreSQL's share the partitions
@@ -239,5 +249,5 @@ def test_three_redis_instances_killed_and_frozen_while_replays_fill_gaps(
     published in five parts, four faults."""
     seed = SEED + 12
     work = shop_workload(seed, customers=900, games=75, duplicates=0.01, withheld=0.005)
-    run = Run("redis", seed, work, 4, services, pg_dsn, new_topic, tmp_path, redis_servers)
+    run = make_run("redis", seed, work, 4)
     run.check(run.go("instances-short[redis]"))
