@@ -20,10 +20,11 @@ from bench.services import ROOT, Resources, Services, unique
 from bench.workload import Row, Workload
 from projector.config import Config, parse_config
 from projector.core.message import RawMessage
-from projector.runner.batch import BatchApplier, BatchResult, decode_all, hash_ahead
+from projector.runner.batch import BatchApplier, BatchResult, decode_all
 from projector.runner.worker import build_applier, build_decoders, load_handlers
 from projector.store.base import Store
 from projector.store.connect import open_store, view_migrations
+from projector.store.errors import NotPrepared
 from projector.store.migrate import migrate
 
 PROJECTION = "accounts"
@@ -187,9 +188,9 @@ Apply = Callable[[Sequence[RawMessage]], BatchResult]
 def batch_feeder(config: Config, topic: str) -> Iterator[tuple[Store, Apply]]:
     """The store, and a function applying a batch of messages (partition 0 of ``topic``,
     claimed here) through the projection's batch applier, as ``projector run`` does after a
-    poll: the batch is decoded (and, on a store that plans ahead, planned) while the previous
-    one's commit is in flight, then applied, its own commit left in flight. For the tools that
-    feed it from memory."""
+    poll: the batch is decoded and planned while the previous one's commit is in flight, which
+    then lands, and its own commit is left in flight. For the tools that feed it from
+    memory."""
     projection = config.projections[0]
     store = open_store(config, projection)
     try:
@@ -198,17 +199,22 @@ def batch_feeder(config: Config, topic: str) -> Iterator[tuple[Store, Apply]]:
         applier = build_applier(config, projection, store, time.time)
         assert isinstance(applier, BatchApplier)
         decoders = build_decoders(projection)
-        pipelined = store.commits_in_flight
 
         def apply(messages: Sequence[RawMessage]) -> BatchResult:
             decoded = decode_all(messages, decoders)
-            if not store.plans_ahead:
-                hash_ahead(decoded)  # as the worker does, while the previous commit is in flight
+
+            def applied() -> BatchResult:
+                pipelined = store.commits_in_flight
+                return applier.apply(messages, decoders, epochs, None, decoded, pipelined)
+
+            try:
+                result = applied()
+            except NotPrepared:  # the one in flight failed, say: it lands, then this goes
                 store.wait_commit()
-            result = applier.apply(messages, decoders, epochs, None, decoded, pipelined)
-            if store.plans_ahead:  # planned while the previous one ran: that one lands first
-                store.wait_commit()
-                store.send_commit()
+                result = applied()
+            store.wait_commit()  # planned while the previous one ran: that one lands first
+            while not store.send_commit():
+                result = applied()
             return result
 
         yield store, apply

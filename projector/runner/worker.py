@@ -35,7 +35,6 @@ from projector.runner.batch import (
     Clock,
     Decoded,
     decode_all,
-    hash_ahead,
 )
 from projector.runner.correlate_step import CorrelationStep
 from projector.runner.gap_timer import GapTimer
@@ -44,7 +43,7 @@ from projector.runner.progress import PartitionProgress
 from projector.source.kafka import KafkaSource, TopicPartition, consumer_config
 from projector.store.base import Store
 from projector.store.connect import open_store
-from projector.store.errors import Fenced, WriteConflict, is_transient
+from projector.store.errors import Fenced, NotPrepared, WriteConflict, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +184,9 @@ class ProjectionWorker:
         self.clock = clock
         self.exit_when_caught_up = exit_when_caught_up
         self.store = open_store(config, projection)
+        # The gap timer and back-pressure work on a connection of their own: on the batches'
+        # they would wait for the commit in flight, and undo the batch built behind it.
+        self.side_store = open_store(config, projection)
         self.applier = build_applier(config, projection, self.store, clock)
         self.decoders = build_decoders(projection)
         self.channel = open_channel(
@@ -193,16 +195,21 @@ class ProjectionWorker:
         # Merge mode has no sequence, so no gaps to time.
         self.gap_timer = (
             GapTimer(
-                projection, self.store, self.applier, self.channel, clock, self._count_requests
+                projection,
+                self.side_store,
+                self.applier,
+                self.channel,
+                clock,
+                self._count_requests,
             )
             if isinstance(self.applier, BatchApplier)
             else None
         )
-        self.backpressure = BackPressure(projection, self.store, clock)
+        self.backpressure = BackPressure(projection, self.side_store, clock)
         self.progress = PartitionProgress()
         self.epochs: dict[TopicPartition, int] = {}
         self._in_flight: InFlight | None = None  # the batch whose commit is in flight
-        self._retry: Retrying | None = None  # see _retrying
+        self._retries: dict[int, Retrying] = {}  # see _retrying
         self.stats = WorkerStats()
         self.heartbeat = time.monotonic()  # real time: a stalled loop is a real-time matter
         self._next_sweep = 0.0
@@ -283,6 +290,7 @@ class ProjectionWorker:
             if self.channel is not None:
                 self.channel.close()
             self.store.close()
+            self.side_store.close()
             if self._figures_store is not None:
                 self.metrics.correlation_figures.remove(self.projection.name)
                 self._figures_store.close()
@@ -297,18 +305,21 @@ class ProjectionWorker:
         """One poll and its batch; True when the worker should stop (caught up, burst mode).
 
         The previous batch's commit may still be in flight (a pipelined batch): this batch is
-        polled and decoded meanwhile, and on a store that plans ahead (Redis) planned too (on
-        the others, its streams' new hashes computed: ``hash_ahead``).
+        polled, decoded and planned meanwhile (on PostgreSQL, sent too, all but its COMMIT).
         Then the previous one lands (its Kafka offsets, its metrics) before this one's commit
-        is sent, and before anything else touches the store."""
+        is sent. A batch that could not be prepared so is applied after the landing."""
         in_flight = self._in_flight is not None
         # In flight, only what is there already: waiting for more on a quiet topic would
         # delay the landing (Kafka offsets, metrics, readiness) by the poll's timeout.
         polled, decoded = self._poll(source, 0.0 if in_flight else None)
-        if in_flight and decoded is not None and not self.store.plans_ahead:
-            hash_ahead(decoded)
         ahead = in_flight and bool(polled) and self._pipelined and self.store.plans_ahead
-        prepared = self._prepare(source, polled, decoded) if ahead else None
+        prepared = None
+        if ahead:
+            try:
+                prepared = self._prepare(source, polled, decoded)
+            except NotPrepared as exc:
+                log.info("projection %s: %s; applying it after that one", self.projection.name, exc)
+                ahead = False
         self._land(source)
         if in_flight and not polled:
             polled, decoded = self._poll(source, None)
@@ -317,9 +328,9 @@ class ProjectionWorker:
         if idle:
             self._idle_tick(source)
         if self.gap_timer is not None:
-            self._retrying()(self.gap_timer.tick)
+            self._retrying(self.side_store)(self.gap_timer.tick)
         self._sweep_tombstones()
-        self._retrying()(self.backpressure.update, source)
+        self._retrying(self.side_store)(self.backpressure.update, source)
         self.metrics.backpressure.labels(self.projection.name).set(int(self.backpressure.active))
         if prepared is not None:
             self._send(source, prepared)
@@ -412,7 +423,9 @@ class ProjectionWorker:
 
     def _waiting_for_replays(self) -> bool:
         """Open gaps a replay can still fill keep a burst run going."""
-        return self.channel is not None and self.store.count_open_gaps(self.projection.name) > 0
+        return (
+            self.channel is not None and self.side_store.count_open_gaps(self.projection.name) > 0
+        )
 
     @property
     def _pipelined(self) -> bool:
@@ -554,14 +567,18 @@ class ProjectionWorker:
     def _wait(self, seconds: float) -> None:
         self.stop.wait(seconds)  # a stop request cuts a backoff short
 
-    def _retrying(self) -> Retrying:
-        """The worker's retry policy: one object for the worker's life, used by its thread
-        alone and never nested. A new one for each call left 16 objects of cyclic garbage
-        (tenacity's actions refer back to their Retrying), three calls a loop turn: a daemon
-        under a light load, turning often, gave Python's collector 100,000 to walk every
-        few seconds, and each such pause (130 ms, measured) delayed a batch."""
-        if self._retry is not None:
-            return self._retry
+    def _retrying(self, store: Store | None = None) -> Retrying:
+        """The worker's retry policy for work on ``store`` (the batches' by default), whose
+        connection a transient error replaces: one object per store for the worker's life,
+        used by its thread alone and never nested. A new one for each call left 16 objects
+        of cyclic garbage (tenacity's actions refer back to their Retrying), three calls a
+        loop turn: a daemon under a light load, turning often, gave Python's collector
+        100,000 to walk every few seconds, and each such pause (130 ms, measured) delayed a
+        batch."""
+        store = store or self.store
+        found = self._retries.get(id(store))
+        if found is not None:
+            return found
 
         def before_sleep(state: RetryCallState) -> None:
             exc = _failure(state)
@@ -571,9 +588,9 @@ class ProjectionWorker:
             log.warning(
                 "projection %s: transient store error, retrying: %s", self.projection.name, exc
             )
-            self.store.close()  # a fresh connection for the retry
+            store.close()  # a fresh connection for the retry
 
-        self._retry = Retrying(
+        retrying = self._retries[id(store)] = Retrying(
             retry=retry_if_exception(is_transient),
             wait=retry_wait,
             stop=lambda _state: self.stop.is_set(),
@@ -581,7 +598,7 @@ class ProjectionWorker:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return self._retry
+        return retrying
 
 
 _BACKOFF = wait_exponential(multiplier=0.05, max=10)

@@ -227,9 +227,16 @@ class Store(Protocol):
 
     @property
     def plans_ahead(self) -> bool:
-        """Whether a pipelined batch's block ends with its commit prepared, not sent (Redis):
-        the next batch can then be planned before this one is sent, and while the previous
-        one's commit is in flight, since planning needs no answer from the store."""
+        """Whether a pipelined batch's block ends with its commit prepared, not sent: the
+        next batch can then be planned while the previous one's commit is in flight (Redis
+        plans on what it read before; PostgreSQL builds it behind that commit, on the same
+        connection), and sent once that one has landed."""
+
+    @property
+    def traces_in_pipeline(self) -> bool:
+        """Whether a pipelined batch finds a failing handler's event itself (Redis). If not
+        (PostgreSQL: no savepoint in a pipeline), a pipelined batch that fails is run again
+        step by step."""
 
     def close(self) -> None: ...
 
@@ -243,14 +250,15 @@ class Store(Protocol):
         self, projection: str, view_schema: str, pipelined: bool = False
     ) -> AbstractContextManager[StoreBatch]:
         """A batch, applied when the block exits normally. ``pipelined``: a store may leave the
-        commit in flight at the exit (PostgreSQL does), or only prepare it (``plans_ahead``:
-        Redis); :meth:`send_commit` sends a prepared one, :meth:`wait_commit` waits for it."""
+        commit only prepared at the exit (``plans_ahead``); :meth:`send_commit` sends it,
+        :meth:`wait_commit` waits for it. A batch begun behind one in flight that fails
+        before its block ends may raise :class:`~projector.store.errors.NotPrepared`."""
 
     def send_commit(self) -> bool:
         """Send the commit the last pipelined batch prepared (``plans_ahead``), leaving it in
-        flight; nothing to send (a store that sends at the block's exit): returns at once.
-        False: what the batch was planned on has changed since (the batch before it failed
-        where it landed, say), so it was not sent: plan it again."""
+        flight; nothing to send (a batch applied step by step): returns at once. False: what
+        the batch was planned on has changed since (the batch before it failed where it
+        landed, say), so it was not sent: plan it again."""
 
     def wait_commit(self) -> None:
         """Wait for a batch's commit left in flight, raising what it failed with (nothing to

@@ -35,6 +35,13 @@ class Fenced(StoreError):
         super().__init__(f"fenced: another instance owns {names}")
 
 
+class NotPrepared(StoreError):
+    """A batch built behind one whose commit was in flight (``Store.plans_ahead``) failed
+    before it was prepared: its own error, or the one ahead's, which the store keeps for
+    ``wait_commit``. It was rolled back. Land the batch in flight, then apply this one as
+    usual, where its own error shows again and is dealt with (a dead letter, a fence)."""
+
+
 class SchemaBehind(StoreError):
     """The database schema is older than this version of projector."""
 

@@ -42,7 +42,13 @@ from projector.store.base import (
     StreamReport,
     TopicPartition,
 )
-from projector.store.errors import Fenced, StoreUnavailable, TransientStoreError, WriteConflict
+from projector.store.errors import (
+    Fenced,
+    NotPrepared,
+    StoreUnavailable,
+    TransientStoreError,
+    WriteConflict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +168,9 @@ class PgView:
             return cur.execute(query, params).fetchone()
 
 
+# A partition and the cursor of its checkpoint's compare-and-set.
+_FenceRow = tuple[TopicPartition, "psycopg.Cursor[TupleRow]"]
+
 # How many streams' positions a store keeps in memory (PositionCache), about half a kilobyte
 # each: with more streams than that in use, the least recently written are read again.
 CACHED_POSITIONS = 100_000
@@ -223,9 +232,11 @@ class PgBatch:
     """One batch transaction of one projection. Methods are called in the order the runner's
     batch applier documents: fence → lock → load → handlers → write.
 
-    ``pipelined``: from the handlers on, statements are sent in pipeline mode without waiting
-    for each (:meth:`PostgresStore.batch`); the handlers then run without a savepoint, so a
-    handler that fails leaves the batch to be run again without pipelining."""
+    ``pipelined``: the connection is in pipeline mode for the whole batch
+    (:meth:`PostgresStore.batch`): statements are sent without waiting for each, and only a
+    read waits, for its answer and everything sent before it. The fence's answer is checked
+    last, before the COMMIT. The handlers run without a savepoint, so a handler that fails
+    leaves the batch to be run again without pipelining."""
 
     def __init__(
         self,
@@ -241,7 +252,8 @@ class PgBatch:
         self.pipelined = pipelined
         self.cache = cache
         self.version: int | None = None  # this transaction's id, read with the fence
-        self.pipeline: ExitStack | None = None  # pipeline mode, entered at the first write
+        # A pipelined batch's fence, sent and not yet checked: its txid and update cursors.
+        self._fence: tuple[psycopg.Cursor[TupleRow], list[_FenceRow]] | None = None
         self._s = sql.Identifier(schema)
         self._view_schema = view_schema
         self._created: list[str] = []  # correlation rows lock_correlations created
@@ -261,13 +273,7 @@ class PgBatch:
         self._state_written: set[str] = set()
         self._gaps_after: dict[str, list[Gap]] = {}
         self.written: dict[str, StreamPosition] = {}  # what finish() wrote
-
-    def _sending(self) -> None:
-        """Before a write of a pipelined batch: enter pipeline mode (once). The reads that
-        planning waits on are all done by then."""
-        if self.pipelined and self.pipeline is None:
-            self.pipeline = ExitStack()
-            self.pipeline.enter_context(self.conn.pipeline())
+        self.cached = False  # what it wrote is in the position cache (committed, or assumed)
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -282,10 +288,12 @@ class PgBatch:
         commit, so a new owner's claim waits for this batch and then sees its checkpoint. The
         first batch ever of a partition records where its history starts (``starts``: the
         batch's first offsets). A checkpoint of ``None`` moves nothing (``greatest`` ignores
-        nulls). Raises :class:`Fenced` naming the partitions this instance no longer owns."""
+        nulls). Raises :class:`Fenced` naming the partitions this instance no longer owns;
+        a pipelined batch, from :meth:`finish`, where its answer is read (the statements
+        after the fence ran under its row locks all the same, and are rolled back)."""
         starts = starts or {}
-        sent: list[tuple[TopicPartition, psycopg.Cursor[TupleRow]]] = []
-        with self.conn.pipeline():  # one round trip for all the batch's partitions
+        sent: list[_FenceRow] = []
+        with ExitStack() if self.pipelined else self.conn.pipeline():  # one round trip
             txid = self.conn.execute("select txid_current()")
             for (topic, part), offset in sorted(checkpoints.items()):
                 cur = self.conn.execute(
@@ -306,10 +314,21 @@ class PgBatch:
                     ),
                 )
                 sent.append(((topic, part), cur))
+        self._fence = (txid, sent)
+        if not self.pipelined:
+            self._check_fence()
+
+    def _check_fence(self) -> None:
+        """The fence's answer (read now if it is not in yet): raise :class:`Fenced` if it
+        lost a partition, else keep the transaction's id as its version."""
+        if self._fence is None:
+            return
+        txid, sent = self._fence
+        self._fence = None
+        row = txid.fetchone()
         lost = [tp for tp, cur in sent if cur.rowcount != 1]
         if lost:
             raise Fenced(lost)
-        row = txid.fetchone()
         self.version = None if row is None else row[0]
 
     def hold(self, epochs: Mapping[TopicPartition, int]) -> None:
@@ -330,7 +349,8 @@ class PgBatch:
         # Only a pipelined batch plans on the cache. A handler may fail on a view row another
         # writer moved past a stale cached position; a pipelined batch that fails runs again
         # step by step, on locked rows, and only there is a failure traced to its event.
-        if self.pipelined and self.cache is not None and self.cache.usable and self.version:
+        fenced = self.version is not None or self._fence is not None
+        if self.pipelined and self.cache is not None and self.cache.usable and fenced:
             names = self._from_cache(names, found)
             if not names:
                 return found
@@ -373,7 +393,7 @@ class PgBatch:
         gap records with, for each stream that has any, its highest parked seq: what
         held_seqs and load_gaps answer from."""
         streams = _json_list(names)
-        with self.conn.pipeline():
+        with ExitStack() if self.pipelined else self.conn.pipeline():
             # Locked one by one in the order of ``names``, sorted.
             locking = self.conn.execute(
                 self._q(
@@ -509,7 +529,6 @@ class PgBatch:
         if not events:
             return
         if self.pipelined:
-            self._sending()
             self._run_handlers(handlers, events)
             return
         with self.conn.transaction(), self.conn.pipeline():
@@ -538,11 +557,12 @@ class PgBatch:
         positions; the cached streams it planned on, checked to still hold the version this
         store wrote (``positions_current`` fails the batch otherwise); and every stream whose
         parked events or gaps it wrote. Each gets this transaction's version, so a store that
-        cached any of them finds out."""
+        cached any of them finds out. Before it, the fence's answer is checked: a batch
+        fenced out never sends its COMMIT."""
+        self._check_fence()
         names = sorted(set(self._positions) | set(self._expected) | self._state_written)
         if not names:
             return
-        self._sending()
         expected = self._expected
         rows = []
         for s in names:
@@ -575,7 +595,6 @@ class PgBatch:
         }
 
     def park(self, events: Iterable[Event]) -> None:
-        self._sending()
         rows = [e.to_json() for e in events]
         self._read.difference_update(r["stream"] for r in rows)
         self._state_written.update(r["stream"] for r in rows)
@@ -590,7 +609,6 @@ class PgBatch:
             )
 
     def unpark(self, keys: Iterable[tuple[str, int]]) -> None:
-        self._sending()
         keys = list(keys)
         self._read.difference_update(stream for stream, _ in keys)
         self._state_written.update(stream for stream, _ in keys)
@@ -611,7 +629,6 @@ class PgBatch:
         as this batch read them: another instance's gap timer updates gap rows without the
         positions' locks, and a schedule written back as read made it ask for the gap again
         at once. The gaps that went are deleted by their keys after."""
-        self._sending()
         names = sorted(set(streams))
         gaps = list(gaps)
         self._read.difference_update(names)
@@ -669,7 +686,6 @@ class PgBatch:
         )
 
     def dead_letter(self, letters: Iterable[DeadLetter]) -> None:
-        self._sending()
         rows = []
         for d in letters:
             e, m = d.event, d.message
@@ -852,7 +868,10 @@ class PostgresStore:
     """One connection (autocommit, explicit transaction blocks) per projection worker."""
 
     commits_in_flight = True
-    plans_ahead = False  # a batch is planned on rows it reads, locked, once the previous landed
+    # A batch is built behind the one whose COMMIT is in flight, on the same connection: the
+    # server runs it after that COMMIT, so its reads see what the batch ahead wrote.
+    plans_ahead = True
+    traces_in_pipeline = False  # a pipelined batch that fails is run again step by step
 
     def __init__(
         self,
@@ -866,60 +885,123 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_in_transaction_timeout
         self._conn: psycopg.Connection[TupleRow] | None = None
-        # A batch's COMMIT in flight: its pipeline, the cursor that will hold its answer, and
-        # the batch (what it leaves in the position caches once committed).
-        self._in_flight: tuple[ExitStack, psycopg.Cursor[TupleRow], PgBatch] | None = None
+        # Pipeline mode, from a pipelined batch's BEGIN until something else needs the
+        # connection: it spans the batch in flight and the one prepared behind it.
+        self._pipeline: ExitStack | None = None
+        # A batch's COMMIT in flight: the cursor that will hold its answer, and the batch
+        # (what it leaves in the position caches once committed).
+        self._in_flight: tuple[psycopg.Cursor[TupleRow], PgBatch] | None = None
+        # A pipelined batch sent up to its COMMIT, which send_commit sends; _replan: one was
+        # rolled back instead (the batch ahead of it failed), so send_commit answers False.
+        self._prepared: PgBatch | None = None
+        self._replan = False
         self._caches: dict[str, PositionCache] = {}  # per projection
         self._late_error: Exception | None = None  # what it failed with, for wait_commit
 
     @property
     def conn(self) -> psycopg.Connection[TupleRow]:
-        if self._in_flight is not None:
-            # Anything else on this connection (a claim in a rebalance) comes after the
-            # batch whose commit is in flight; what it failed with waits for wait_commit.
+        # Anything else on this connection (a claim in a rebalance) comes after the batch
+        # whose commit is in flight, whose error waits for wait_commit; a batch prepared
+        # behind it is rolled back, to be planned again.
+        if self._prepared is not None:
+            self._discard_prepared()
+        if self._pipeline is not None:
             self._settle()
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = self._connect()
         return self._conn
 
-    def _settle(self) -> None:
+    def _settle(self, error: Exception | None = None) -> None:
+        """Leave pipeline mode, every answer read: the batch in flight is committed, or what
+        it failed with is kept for :meth:`wait_commit`. An error of what was sent after its
+        COMMIT (a batch being built behind it) is left to that batch's caller. ``error``:
+        the first the pipeline answered with, raised already (in the batch built behind)."""
         in_flight, self._in_flight = self._in_flight, None
+        held, self._pipeline = self._pipeline, None
+        if not isinstance(error, psycopg.Error):
+            error = None
+        if held is not None:
+            try:
+                held.close()
+            except Exception as exc:
+                error = error or exc
         if in_flight is None:
             return
-        pipeline, commit, tx = in_flight
-        try:
-            pipeline.close()  # leaves pipeline mode: every result read, the first error raised
-            if commit.statusmessage != "COMMIT":
-                # Never taken for done unless the server said so (a connection that closes
-                # may end the pipeline with no error and no answer).
-                raise TransientStoreError(
-                    f"the batch's COMMIT was answered {commit.statusmessage!r}, not COMMIT"
-                )
-        except Exception as exc:
-            self._late_error = _as_conflict(exc)
-            self.close()  # its transaction's state is unknown: a fresh connection after
-            if tx.cache is not None and _contended(exc):
-                tx.cache.clear(contended=True)
+        commit, tx = in_flight
+        if commit.statusmessage == "COMMIT":
+            self._committed(tx)
             return
-        self._committed(tx)
+        # Never taken for done unless the server said so (a connection that closes may end
+        # the pipeline with no error and no answer).
+        self._late_error = (
+            _as_conflict(error)
+            if error is not None
+            else TransientStoreError(
+                f"the batch's COMMIT was answered {commit.statusmessage!r}, not COMMIT"
+            )
+        )
+        self.close()  # its transaction's state is unknown: a fresh connection after
+        if tx.cache is not None and error is not None and _contended(error):
+            tx.cache.clear(contended=True)
 
     def _committed(self, tx: PgBatch) -> None:
-        """What a committed batch leaves in its projection's position cache."""
-        if tx.cache is None:
+        """What a committed batch leaves in its projection's position cache (once: a batch
+        built behind it may have put it there already, as if committed)."""
+        if tx.cache is None or tx.cached:
             return
+        tx.cached = True
         if tx.version is None:  # not fenced (a command's batch): its versions are unknown
             tx.cache.forget(tx.written)
         else:
             tx.cache.update(tx.written, tx.left_clean(), tx.version)
 
+    def _discard_prepared(self) -> None:
+        """Roll back the batch prepared behind the one in flight: :meth:`send_commit` will
+        answer False, and it is planned again."""
+        self._prepared = None
+        self._replan = True
+        self._settle()
+        self._rollback()
+
+    def _rollback(self) -> None:
+        """End a batch's transaction that will not commit (pipeline mode left already)."""
+        if self._conn is None or self._conn.closed:
+            return
+        try:
+            self._conn.execute("ROLLBACK")
+        except psycopg.Error:
+            self.close()
+
     def send_commit(self) -> bool:
-        """Nothing to send: a pipelined batch's COMMIT went out at the block's exit."""
+        """Send the COMMIT of the batch prepared last, leaving it in flight. False if that
+        batch was rolled back since (the batch ahead of it failed, or something else needed
+        the connection): plan it again."""
+        if self._replan:
+            self._replan = False
+            return False
+        tx, self._prepared = self._prepared, None
+        if tx is None:  # applied step by step: committed already
+            return True
+        commit = tx.conn.execute("COMMIT", prepare=False)
+        self._in_flight = (commit, tx)
+        try:
+            # The server answers at once instead of at the next Sync: the answer is on its
+            # way, or in, should the connection drop meanwhile.
+            tx.conn.pgconn.send_flush_request()
+            tx.conn.pgconn.flush()
+        except psycopg.Error:
+            pass  # a lost connection: wait_commit says so, and whether it committed is read
         return True
 
     def wait_commit(self) -> None:
-        """Wait for the COMMIT of a pipelined batch (see :meth:`batch`); raise what the batch
-        failed with, if it did (a handler's write, a lost connection)."""
-        self._settle()
+        """Wait for the COMMIT in flight; raise what its batch failed with, if it did (a
+        handler's write, a lost connection). A batch prepared behind it stays prepared if
+        it committed, and is rolled back if not (:meth:`send_commit` then answers False)."""
+        if self._in_flight is not None:
+            if self._prepared is not None:
+                self._land_ahead_of_prepared()
+            else:
+                self._settle()
         error, self._late_error = self._late_error, None
         if error is not None:
             try:
@@ -928,6 +1010,17 @@ class PostgresStore:
                 # Its traceback holds this frame: through ``error`` the two would be a cycle,
                 # kept with the failed batch's objects until the garbage collector came.
                 error = None
+
+    def _land_ahead_of_prepared(self) -> None:
+        """Land the COMMIT in flight, staying in pipeline mode for the batch prepared behind
+        it. Its answer is in: that batch's fence check read it, at the latest."""
+        assert self._in_flight is not None
+        commit, tx = self._in_flight
+        if commit.statusmessage == "COMMIT":
+            self._in_flight = None
+            self._committed(tx)
+        else:
+            self._discard_prepared()  # and _settle keeps the failure for wait_commit
 
     def _connect(self) -> psycopg.Connection[TupleRow]:
         try:
@@ -955,6 +1048,10 @@ class PostgresStore:
         if self._in_flight is not None:  # closed unanswered: it may or may not have committed
             self._in_flight = None
             self._late_error = TransientStoreError("the store was closed with a commit in flight")
+        if self._prepared is not None:
+            self._prepared = None
+            self._replan = True
+        self._pipeline = None  # ends with the connection
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -1045,11 +1142,15 @@ class PostgresStore:
     ) -> Iterator[PgBatch]:
         """A batch transaction; commits when the block exits normally.
 
-        ``pipelined``: the handlers' statements, the batch's own writes and the COMMIT are
-        sent without waiting for them, and the block exits with the COMMIT in flight, so
-        that the caller can decode its next batch meanwhile (a fifth more events/s,
-        measured); :meth:`wait_commit` waits for it and raises what failed. Until then the
-        batch is not committed: its Kafka offsets wait too."""
+        ``pipelined``: the batch's statements are sent in pipeline mode without waiting for
+        them (a read waits for its answer only), and the block exits with all sent but the
+        COMMIT, which :meth:`send_commit` sends; :meth:`wait_commit` waits for it and raises
+        what failed. Until then the batch is not committed: its Kafka offsets wait too.
+        A pipelined batch begun while another's COMMIT is in flight is built behind it, on
+        the same connection, so the caller plans and sends it meanwhile: it waits at its
+        first read, for that COMMIT's answer. If it fails before the block's end, for any
+        reason, it is rolled back and :class:`NotPrepared` raised: land the one in flight,
+        then apply this one again."""
         cache = self._cache(projection)
         if not pipelined:
             try:
@@ -1064,38 +1165,38 @@ class PostgresStore:
                 raise error from exc
             self._committed(tx)
             return
-        conn = self.conn
+        if self._prepared is not None:
+            raise RuntimeError("a prepared batch was neither sent nor rolled back")
+        self._replan = False
+        ahead = self._in_flight
+        if ahead is not None:
+            # Behind the COMMIT in flight, in the same pipeline (no Sync between): should
+            # that batch fail, the server skips this one's statements too. Its positions
+            # are planned on as if it committed; if not, the cache is emptied with it.
+            conn = self._conn
+            assert conn is not None
+            self._committed(ahead[1])
+        else:
+            conn = self.conn
+            self._pipeline = ExitStack()
+            self._pipeline.enter_context(conn.pipeline())
         conn.execute("BEGIN", prepare=False)
         tx = PgBatch(conn, self.schema, projection, view_schema, pipelined=True, cache=cache)
         try:
             yield tx
             tx.finish()
-            tx._sending()
-            commit = conn.execute("COMMIT", prepare=False)
-            # The server answers at once instead of at the next Sync (when the batch lands):
-            # the answer is on its way, or in, should the connection drop meanwhile.
-            conn.pgconn.send_flush_request()
-            conn.pgconn.flush()
         except BaseException as exc:
-            self._abandon(tx)
-            error = _refused(cache, exc)  # the refusal can come back while the COMMIT is sent
+            # The batch ahead lands, or its error (raised in this block, maybe) waits for
+            # wait_commit.
+            self._settle(exc if isinstance(exc, Exception) else None)
+            self._rollback()
+            if ahead is not None and isinstance(exc, Exception):
+                raise NotPrepared(f"a batch built behind one in flight failed: {exc}") from exc
+            error = _refused(cache, exc)
             if error is exc:
                 raise
             raise error from exc
-        assert tx.pipeline is not None
-        self._in_flight = (tx.pipeline, commit, tx)
-
-    def _abandon(self, tx: PgBatch) -> None:
-        """Roll a pipelined batch back after an error in its block."""
-        try:
-            if tx.pipeline is not None:
-                tx.pipeline.close()
-        except Exception:
-            pass  # a statement sent failed: the rollback below says the rest
-        try:
-            tx.conn.execute("ROLLBACK")
-        except psycopg.Error:
-            self.close()
+        self._prepared = tx
 
     def checkpoints(self, projection: str) -> dict[TopicPartition, int | None]:
         rows = self.conn.execute(

@@ -1076,6 +1076,8 @@ class RedisStore:
     def plans_ahead(self) -> bool:
         return self._batches >= self._contended_until
 
+    traces_in_pipeline = True  # the batch script applies all or nothing; culprits found here
+
     def __init__(
         self,
         url: str,

@@ -1,8 +1,9 @@
-"""A sequence-mode batch on PostgreSQL sends its handlers' writes, its own writes and its
-COMMIT without waiting for them, and the daemon decodes its next batch meanwhile: the commit
-is in flight when the batch's block exits, and lands (``wait_commit``) before anything else
-uses the connection. What can go wrong in flight: the database refuses a handler's write at
-the COMMIT, the connection dies, another call needs the connection first."""
+"""A sequence-mode batch on PostgreSQL sends its statements without waiting for them, all but
+its COMMIT, which ``send_commit`` sends; the daemon builds its next batch meanwhile, behind
+that COMMIT on the same connection, and lands the first (``wait_commit``) before sending the
+second's. What can go wrong in flight: the database refuses a handler's write at the COMMIT,
+the connection dies, another call needs the connection first, the batch ahead of one built
+behind it fails."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from projector.core.decode import Decoder
 from projector.core.message import RawMessage
 from projector.runner.batch import BatchApplier
 from projector.runner.worker import build_applier, build_decoders
-from projector.store.errors import is_transient
+from projector.store.errors import Fenced, NotPrepared, is_transient
 from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration.harness import (
@@ -57,6 +58,12 @@ class Setup:
     epochs: dict[tuple[str, int], int]
 
     def apply(self, messages: list[RawMessage], pipelined: bool = True) -> None:
+        """Apply a batch, as the daemon does: pipelined, its COMMIT sent and left in flight."""
+        self.prepare(messages, pipelined)
+        assert self.store.send_commit()
+
+    def prepare(self, messages: list[RawMessage], pipelined: bool = True) -> None:
+        """Apply a batch up to its COMMIT (pipelined), behind the one in flight if any."""
         self.applier.apply(messages, self.decoders, self.epochs, pipelined=pipelined)
 
 
@@ -100,14 +107,14 @@ def apply_in_thread(setup: Setup, messages: list[RawMessage]) -> threading.Threa
     return worker
 
 
-def test_the_block_exits_with_the_commit_in_flight_and_wait_commit_lands_it(
+def test_the_commit_is_sent_without_waiting_and_wait_commit_lands_it(
     setup: Setup, pg_dsn: str, row_locked: psycopg.Connection
 ) -> None:
     """Proves the commit is left in flight: with account 1's row locked by another
-    transaction, so that the batch's upsert waits in the database, applying the batch still
-    returns (it waited on nothing sent after the handlers' read), and the batch is not
-    committed yet; once the lock goes, ``wait_commit`` returns and the deposit and the
-    checkpoint are there."""
+    transaction, so that the batch's upsert waits in the database, applying the batch and
+    sending its COMMIT still return (they waited on nothing sent after the handlers' read and
+    the fence), and the batch is not committed yet; once the lock goes, ``wait_commit``
+    returns and the deposit and the checkpoint are there."""
     worker = apply_in_thread(setup, [wire("account:1", 2, 1)])
     assert not worker.is_alive(), "applying a pipelined batch waited for its writes"
     assert balance_and_checkpoint(pg_dsn) == (0, 1)
@@ -247,3 +254,97 @@ def test_a_write_refused_at_the_commit_becomes_a_dead_letter(
         w for w in log if w["type"] == "DEPOSITED" and w["stream"] != "account:7"
     ] + [w for w in before_victim if w["type"] == "DEPOSITED"]
     assert tags == len(applied_deposits)
+
+
+def test_a_batch_built_behind_a_commit_in_flight_reads_what_that_one_wrote(
+    setup: Setup, pg_dsn: str, row_locked: psycopg.Connection
+) -> None:
+    """Proves a batch is built behind the COMMIT in flight, not after it landed, and plans on
+    what that batch wrote: with account 1's row locked, the first deposit's upsert waits in
+    the database, so the second batch, built in a thread, waits too, at its read; once the
+    lock goes it is prepared, though nothing landed the first. Planned on the first's
+    position (seq 2, from memory) and its row (balance 100), it deposits on top: 200, the
+    checkpoint past both, nothing parked."""
+    setup.apply([wire("account:1", 2, 1)])
+    worker = threading.Thread(target=setup.prepare, args=([wire("account:1", 3, 2)],))
+    worker.start()
+    worker.join(1)
+    assert worker.is_alive(), "the second batch did not wait behind the first's writes"
+    row_locked.rollback()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert balance_and_checkpoint(pg_dsn) == (100, 2), "the first landed; the second is open"
+
+    setup.store.wait_commit()  # the first
+    assert setup.store.send_commit()
+    setup.store.wait_commit()
+
+    assert balance_and_checkpoint(pg_dsn) == (200, 3)
+    assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
+
+
+def test_when_the_batch_in_flight_fails_the_one_built_behind_it_writes_nothing(
+    setup: Setup, pg_dsn: str
+) -> None:
+    """Proves a batch built behind a COMMIT that the database refuses (a deferred foreign
+    key) never commits: building it raises ``NotPrepared``, ``wait_commit`` raises the
+    refusal, once, and neither batch wrote anything. Applied again in order, the fixed first
+    and the second deposit once each."""
+    setup.apply([wire("account:1", 2, 1, tag="unknown")])
+    with pytest.raises(NotPrepared):
+        setup.prepare([wire("account:1", 3, 2, tag="ok")])
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        setup.store.wait_commit()
+    setup.store.wait_commit()  # reported once
+    assert balance_and_checkpoint(pg_dsn) == (0, 1)
+
+    setup.apply([wire("account:1", 2, 1, tag="ok")])
+    setup.prepare([wire("account:1", 3, 2, tag="ok")])
+    setup.store.wait_commit()
+    assert setup.store.send_commit()
+    setup.store.wait_commit()
+    assert balance_and_checkpoint(pg_dsn) == (200, 3)
+    assert rows(pg_dsn, "select count(*) from accounts.deposit_tags") == [(2,)]
+
+
+def test_a_batch_prepared_behind_is_rolled_back_when_the_connection_is_needed(
+    setup: Setup, pg_dsn: str
+) -> None:
+    """Proves a prepared batch is never committed by accident nor left holding its locks
+    when another call needs the connection before its COMMIT is sent (the worker never does
+    this; a store must stay right if it did): the call lands the batch in flight, the
+    prepared one is rolled back, and ``send_commit`` answers False, so it is planned again."""
+    setup.apply([wire("account:1", 2, 1)])
+    setup.prepare([wire("account:1", 3, 2)])
+    assert setup.store.checkpoints("accounts") == {TP: 2}
+    setup.store.wait_commit()
+    assert not setup.store.send_commit(), "a rolled-back batch's COMMIT was sent"
+    assert balance_and_checkpoint(pg_dsn) == (100, 2)
+
+    setup.apply([wire("account:1", 3, 2)])
+    setup.store.wait_commit()
+    assert balance_and_checkpoint(pg_dsn) == (200, 3)
+
+
+def test_a_batch_built_behind_finds_itself_fenced_before_its_commit(
+    setup: Setup, pg_dsn: str
+) -> None:
+    """Proves the fence of a batch built behind a commit in flight holds though its answer is
+    read only at the batch's end: another instance claims the partition between the two
+    batches; the second is not prepared, and applied again after the first landed it
+    raises ``Fenced``. The first committed (it was fenced before the claim); the second
+    wrote nothing."""
+    setup.apply([wire("account:1", 2, 1)])
+    setup.store.wait_commit()
+    other = PostgresStore(pg_dsn)
+    try:
+        setup.apply([wire("account:1", 3, 2)])
+        other.claim("accounts", [TP], "y")
+        with pytest.raises(NotPrepared):
+            setup.prepare([wire("account:1", 4, 3)])
+        setup.store.wait_commit()
+        with pytest.raises(Fenced):
+            setup.prepare([wire("account:1", 4, 3)])
+    finally:
+        other.close()
+    assert balance_and_checkpoint(pg_dsn) == (200, 3)

@@ -51,14 +51,16 @@ class Writer:
         self.statements: list[str] = []
 
     def apply(self, *events: tuple[str, int], pipelined: bool = True) -> None:
-        """Apply a batch of these events, as the daemon does (pipelined: its commit waited
-        for at once); step by step, a batch plans on positions read under their locks."""
+        """Apply a batch of these events, as the daemon does (pipelined: its commit sent and
+        waited for at once); step by step, a batch plans on positions read under their
+        locks."""
         messages = []
         for stream, seq in events:
             messages.append(wire(stream, seq, self.topic, self.offset))
             self.offset += 1
         self.applier.apply(messages, self.decoders, self.epochs, pipelined=pipelined)
         if pipelined:
+            assert self.store.send_commit()
             self.store.wait_commit()
 
     def recording(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
