@@ -318,7 +318,17 @@ class ProjectionWorker:
             try:
                 prepared = self._prepare(source, polled, decoded)
             except NotPrepared as exc:
-                log.info("projection %s: %s; applying it after that one", self.projection.name, exc)
+                # A lost connection says so here (the landing may find the batch ahead
+                # committed); the batch ahead's own failure is told where it lands.
+                cause = exc.__cause__
+                lost = isinstance(cause, Exception) and is_transient(cause)
+                lost &= not isinstance(cause, WriteConflict)
+                log.log(
+                    logging.WARNING if lost else logging.INFO,
+                    "projection %s: %s; applying it after that one",
+                    self.projection.name,
+                    exc,
+                )
                 ahead = False
         self._land(source)
         if in_flight and not polled:
