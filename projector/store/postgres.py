@@ -982,7 +982,17 @@ class PostgresStore:
         tx, self._prepared = self._prepared, None
         if tx is None:  # applied step by step: committed already
             return True
-        commit = tx.conn.execute("COMMIT", prepare=False)
+        try:
+            commit = tx.conn.execute("COMMIT", prepare=False)
+        except Exception as exc:
+            # An answer read while sending it says the batch failed (a refusal of its
+            # position update, say): it did not commit, and wait_commit says so.
+            self._settle()
+            self._rollback()
+            if tx.cache is not None:
+                tx.cache.clear(_contended(exc))
+            self._late_error = _as_conflict(exc)
+            return True
         self._in_flight = (commit, tx)
         try:
             # The server answers at once instead of at the next Sync: the answer is on its
@@ -1180,9 +1190,10 @@ class PostgresStore:
             conn = self.conn
             self._pipeline = ExitStack()
             self._pipeline.enter_context(conn.pipeline())
-        conn.execute("BEGIN", prepare=False)
         tx = PgBatch(conn, self.schema, projection, view_schema, pipelined=True, cache=cache)
         try:
+            # Behind a commit in flight, even this may raise what that batch failed with.
+            conn.execute("BEGIN", prepare=False)
             yield tx
             tx.finish()
         except BaseException as exc:

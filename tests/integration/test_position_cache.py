@@ -6,6 +6,7 @@ parked on it) refuses the batch, which then runs again on locked rows and ends r
 from __future__ import annotations
 
 import json
+import select
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ from projector.core.message import RawMessage
 from projector.runner.batch import BatchApplier
 from projector.runner.worker import build_applier, build_decoders
 from projector.store.errors import WriteConflict
-from projector.store.postgres import CONTENDED_BATCHES, PgBatch, PostgresStore
+from projector.store.postgres import CONTENDED_BATCHES, PostgresStore
 from tests.conftest import Services
 from tests.integration.harness import make_config, migrate_all, projection, rows
 
@@ -179,17 +180,21 @@ def test_an_event_another_writer_parked_refuses_a_batch_planned_without_it(
     stays: b parks x's seq 4 (x at 2 in a's cache); a's batch with x's 3 would otherwise
     apply 3 and leave 4 parked, the gap record 3-3 standing; it is refused and, run again,
     drains 4. The refusal is a write conflict however soon PostgreSQL's answer comes back:
-    when the batch lands, or already while its COMMIT is sent (made certain here by waiting
-    for the position update's answer first)."""
+    when the batch lands, or already while its COMMIT is sent (made certain here: before
+    the COMMIT goes, the answers asked for are waited for on the socket, so sending the
+    COMMIT reads the refusal)."""
     if answered == "while the commit is sent":
-        finish = PgBatch.finish
+        send_commit = PostgresStore.send_commit
 
-        def finish_and_wait(tx: PgBatch) -> None:
-            finish(tx)
-            with tx.conn.pipeline() as pipeline:
-                pipeline.sync()
+        def answered_first(store: PostgresStore) -> bool:
+            tx = store._prepared
+            if tx is not None:
+                tx.conn.pgconn.send_flush_request()
+                tx.conn.pgconn.flush()
+                select.select([tx.conn.pgconn.socket], [], [], 10)
+            return send_commit(store)
 
-        monkeypatch.setattr(PgBatch, "finish", finish_and_wait)
+        monkeypatch.setattr(PostgresStore, "send_commit", answered_first)
     a, b = writers
     a.apply(("account:x", 1), ("account:x", 2))
     b.apply(("account:x", 4))
