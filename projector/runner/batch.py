@@ -290,6 +290,13 @@ class BatchApplier:
         incoming = group_by_stream(events)
         for stream in overrides:
             incoming.setdefault(stream, [])
+        # The streams whose positions are known without a read (clean: nothing parked, no
+        # gaps) are planned while the store reads the others: behind a commit in flight,
+        # that read waits for the commit.
+        known = {} if overrides else tx.read_ahead(incoming)
+        early = {
+            s: sequence_stream(p, {}, incoming[s], self.rules, (), ()) for s, p in known.items()
+        }
         stored = tx.lock_positions(incoming, self.rules)
         positions = {s: overrides[s](p) if s in overrides else p for s, p in stored.items()}
         seqs, skipped = tx.held_seqs(incoming)
@@ -304,7 +311,7 @@ class BatchApplier:
         }
         parked = tx.load_parked({s: w for s, w in wanted.items() if w})
         state = Loaded(positions, seqs, parked, skipped, stored)
-        plans, touched, culprits = self._plan_and_run(tx, incoming, state)
+        plans, touched, culprits = self._plan_and_run(tx, incoming, state, early)
         self._write(tx, plans, touched, state, culprits, result)
 
     def skip_gap(self, tx: StoreBatch, gap: Gap, result: BatchResult) -> list[tuple[int, int]]:
@@ -330,15 +337,20 @@ class BatchApplier:
         tx: StoreBatch,
         incoming: Mapping[str, list[Event]],
         state: Loaded,
+        early: Mapping[str, StreamPlan],
     ) -> tuple[dict[str, StreamPlan], list[str], dict[str, DeadLetter]]:
-        """The streams' plans, with the handlers run on what they apply; the streams whose
-        gaps the plans rewrite; the dead letters of handler errors."""
+        """The streams' plans (``early``: some made already), with the handlers run on what
+        they apply; the streams whose gaps the plans rewrite; the dead letters of handler
+        errors."""
         culprits: dict[str, DeadLetter] = {}
         while True:
             plans = {}
             for stream, arrived in incoming.items():
                 pos, evs = state.positions[stream], arrived
                 letter = culprits.get(stream)
+                if letter is None and stream in early:
+                    plans[stream] = early[stream]
+                    continue
                 if letter is not None and letter.event is not None:
                     pos = pos._replace(blocked_seq=letter.event.seq)
                     evs = [e for e in arrived if e is not letter.event]

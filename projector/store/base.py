@@ -138,6 +138,11 @@ class StoreBatch(Protocol):
         """Fence without moving any checkpoint (an idle tick): the partitions' rows are held
         on their epochs; raises ``Fenced`` naming those this instance no longer owns."""
 
+    def read_ahead(self, streams: Iterable[str]) -> dict[str, StreamPosition]:
+        """Start reading what :meth:`lock_positions` of these streams will return, and give
+        the positions known without a read (none, on a store that has no such), to plan
+        on while the reads are answered."""
+
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules
     ) -> dict[str, StreamPosition]:

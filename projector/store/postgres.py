@@ -170,6 +170,8 @@ class PgView:
 
 # A partition and the cursor of its checkpoint's compare-and-set.
 _FenceRow = tuple[TopicPartition, "psycopg.Cursor[TupleRow]"]
+# The cursors of the position locks and gap reads a batch sent (None: nothing to read).
+_Reads = tuple["psycopg.Cursor[TupleRow]", "psycopg.Cursor[TupleRow]"] | None
 
 # How many streams' positions a store keeps in memory (PositionCache), about half a kilobyte
 # each: with more streams than that in use, the least recently written are read again.
@@ -274,6 +276,9 @@ class PgBatch:
         self._gaps_after: dict[str, list[Gap]] = {}
         self.written: dict[str, StreamPosition] = {}  # what finish() wrote
         self.cached = False  # what it wrote is in the position cache (committed, or assumed)
+        # What read_ahead did, for lock_positions: the streams, those known from the cache,
+        # and the lock and gap reads sent for the others.
+        self._ahead: tuple[list[str], dict[str, StreamPosition], list[str], _Reads] | None = None
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -335,6 +340,26 @@ class PgBatch:
         """The fence of a batch that moves no offset (a correlation's idle tick)."""
         self.fence(dict.fromkeys(epochs), epochs)
 
+    def read_ahead(self, streams: Iterable[str]) -> dict[str, StreamPosition]:
+        """A pipelined batch: send the reads :meth:`lock_positions` will wait for, and return
+        the positions it can plan on meanwhile, those of the cache (behind a commit in
+        flight, the reads wait for it)."""
+        if not self.pipelined:
+            return {}
+        names = sorted(set(streams))
+        found: dict[str, StreamPosition] = {}
+        left = self._from_cache(names, found) if self._plans_on_cache else names
+        self._ahead = (names, found, left, self._send_lock(left))
+        return dict(found)
+
+    @property
+    def _plans_on_cache(self) -> bool:
+        """Only a pipelined batch plans on the cache. A handler may fail on a view row
+        another writer moved past a stale cached position; a pipelined batch that fails runs
+        again step by step, on locked rows, and only there is a failure traced to its event."""
+        fenced = self.version is not None or self._fence is not None
+        return self.pipelined and self.cache is not None and self.cache.usable and fenced
+
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules
     ) -> dict[str, StreamPosition]:
@@ -346,15 +371,17 @@ class PgBatch:
         if not names:
             return {}
         found: dict[str, StreamPosition] = {}
-        # Only a pipelined batch plans on the cache. A handler may fail on a view row another
-        # writer moved past a stale cached position; a pipelined batch that fails runs again
-        # step by step, on locked rows, and only there is a failure traced to its event.
-        fenced = self.version is not None or self._fence is not None
-        if self.pipelined and self.cache is not None and self.cache.usable and fenced:
-            names = self._from_cache(names, found)
-            if not names:
-                return found
-        found.update(self._lock_positions(names))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == names:
+            _, cached, names, reads = ahead
+            found.update(cached)
+        else:
+            if self._plans_on_cache:
+                names = self._from_cache(names, found)
+            reads = self._send_lock(names)
+        if not names:
+            return found
+        found.update(self._take_lock(names, reads))
         missing = [n for n in names if n not in found]
         if missing:
             self.conn.execute(
@@ -389,9 +416,14 @@ class PgBatch:
         return left
 
     def _lock_positions(self, names: list[str]) -> dict[str, StreamPosition]:
+        return self._take_lock(names, self._send_lock(names))
+
+    def _send_lock(self, names: list[str]) -> _Reads:
         """Lock the rows and, in the same round trip and under the locks, read the streams'
         gap records with, for each stream that has any, its highest parked seq: what
-        held_seqs and load_gaps answer from."""
+        held_seqs and load_gaps answer from (:meth:`_take_lock`)."""
+        if not names:
+            return None
         streams = _json_list(names)
         with ExitStack() if self.pipelined else self.conn.pipeline():
             # Locked one by one in the order of ``names``, sorted.
@@ -412,6 +444,12 @@ class PgBatch:
                 ),
                 (streams, self.projection),
             )
+        return locking, reading
+
+    def _take_lock(self, names: list[str], reads: _Reads) -> dict[str, StreamPosition]:
+        """The answers of :meth:`_send_lock` (waited for if not in yet)."""
+        assert reads is not None
+        locking, reading = reads
         for stream in names:
             self._gaps.pop(stream, None)
             self._top_parked.pop(stream, None)

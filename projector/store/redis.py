@@ -631,6 +631,9 @@ class RedisBatch:
             ]
         )
 
+    def read_ahead(self, streams: Iterable[str]) -> dict[str, StreamPosition]:
+        return {}  # planned before the batch ahead lands: nothing waits for its reads
+
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules
     ) -> dict[str, StreamPosition]:

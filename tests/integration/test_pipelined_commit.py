@@ -14,14 +14,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from projector import scenarios
+from projector.core import sequencer
 from projector.core.decode import Decoder
 from projector.core.message import RawMessage
+from projector.core.sequencer import StreamPlan, StreamPosition
+from projector.runner import batch
 from projector.runner.batch import BatchApplier
 from projector.runner.worker import build_applier, build_decoders
 from projector.store.errors import Fenced, NotPrepared, is_transient
@@ -348,3 +352,36 @@ def test_a_batch_built_behind_finds_itself_fenced_before_its_commit(
     finally:
         other.close()
     assert balance_and_checkpoint(pg_dsn) == (200, 3)
+
+
+def test_streams_known_from_memory_are_planned_while_the_read_of_the_others_waits(
+    setup: Setup, pg_dsn: str, row_locked: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves a batch built behind a commit in flight plans the streams whose positions it
+    knows from memory before its read of the others is answered: with account 1's row
+    locked, the first batch's write waits in the database, and so does the second batch's
+    read of account 2 (new, read and locked); account 1 (written by the first batch) is
+    planned meanwhile, account 2 once the read is answered."""
+    setup.apply([wire("account:1", 2, 1)])
+    planned: list[str] = []
+    plan = sequencer.sequence_stream
+
+    def recorded(position: StreamPosition, *args: Any) -> StreamPlan:
+        planned.append(position.stream)
+        return plan(position, *args)
+
+    monkeypatch.setattr(batch, "sequence_stream", recorded)
+    second = [wire("account:1", 3, 2), wire("account:2", 1, 3)]
+    worker = threading.Thread(target=setup.prepare, args=(second,), daemon=True)
+    worker.start()
+    worker.join(1)
+    assert worker.is_alive(), "the second batch's read did not wait behind the first"
+    assert planned == ["account:1"]
+
+    row_locked.rollback()
+    worker.join(10)
+    assert planned == ["account:1", "account:2"]
+    setup.store.wait_commit()
+    assert setup.store.send_commit()
+    setup.store.wait_commit()
+    assert balance_and_checkpoint(pg_dsn) == (200, 4)
