@@ -70,6 +70,13 @@ class Setup:
         """Apply a batch up to its COMMIT (pipelined), behind the one in flight if any."""
         self.applier.apply(messages, self.decoders, self.epochs, pipelined=pipelined)
 
+    def land_both(self) -> None:
+        """As the worker goes on: land the batch in flight, then send the COMMIT of the one
+        prepared behind it and land that too."""
+        self.store.wait_commit()
+        assert self.store.send_commit()
+        self.store.wait_commit()
+
 
 @pytest.fixture
 def setup(services: Services, pg_dsn: str) -> Iterator[Setup]:
@@ -279,9 +286,7 @@ def test_a_batch_built_behind_a_commit_in_flight_reads_what_that_one_wrote(
     assert not worker.is_alive()
     assert balance_and_checkpoint(pg_dsn) == (100, 2), "the first landed; the second is open"
 
-    setup.store.wait_commit()  # the first
-    assert setup.store.send_commit()
-    setup.store.wait_commit()
+    setup.land_both()
 
     assert balance_and_checkpoint(pg_dsn) == (200, 3)
     assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
@@ -304,9 +309,7 @@ def test_when_the_batch_in_flight_fails_the_one_built_behind_it_writes_nothing(
 
     setup.apply([wire("account:1", 2, 1, tag="ok")])
     setup.prepare([wire("account:1", 3, 2, tag="ok")])
-    setup.store.wait_commit()
-    assert setup.store.send_commit()
-    setup.store.wait_commit()
+    setup.land_both()
     assert balance_and_checkpoint(pg_dsn) == (200, 3)
     assert rows(pg_dsn, "select count(*) from accounts.deposit_tags") == [(2,)]
 
@@ -381,7 +384,5 @@ def test_streams_known_from_memory_are_planned_while_the_read_of_the_others_wait
     row_locked.rollback()
     worker.join(10)
     assert planned == ["account:1", "account:2"]
-    setup.store.wait_commit()
-    assert setup.store.send_commit()
-    setup.store.wait_commit()
+    setup.land_both()
     assert balance_and_checkpoint(pg_dsn) == (200, 4)
