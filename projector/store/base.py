@@ -140,8 +140,8 @@ class StoreBatch(Protocol):
 
     def read_ahead(self, streams: Iterable[str]) -> dict[str, StreamPosition]:
         """Start reading what :meth:`lock_positions` of these streams will return, and give
-        the positions known without a read (none, on a store that has no such), to plan
-        on while the reads are answered."""
+        the positions known without a read of those with nothing parked and no gap record
+        (none, on a store that has no such), to plan on while the reads are answered."""
 
     def lock_positions(
         self, streams: Iterable[str], rules: SequenceRules

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -176,55 +176,112 @@ _Reads = tuple["psycopg.Cursor[TupleRow]", "psycopg.Cursor[TupleRow]"] | None
 # How many streams' positions a store keeps in memory (PositionCache), about half a kilobyte
 # each: with more streams than that in use, the least recently written are read again.
 CACHED_POSITIONS = 100_000
+# A stream with parked events is cached with them (and its gap records) if it has at most
+# this many, and while the cache holds fewer than CACHED_PARKED in all (about a kilobyte
+# each): a stream far behind, or a backlog, is read from the store as before.
+CACHED_PARKED_PER_STREAM = 32
+CACHED_PARKED = 20_000
 # Batches planned on locked positions, not on the cache, after a refused one: another writer
 # is at the same streams, and guesses would keep failing while it is.
 CONTENDED_BATCHES = 100
 
 
+class HeldState(NamedTuple):
+    """What a stream holds besides its position, as this store last wrote it: its parked
+    events and its gap records (exactly the seqs missing below its highest parked one)."""
+
+    parked: Mapping[int, Event]
+    gaps: tuple[Gap, ...]
+
+
+# A cached stream: its position, the version it was written at, and what it holds (None:
+# nothing parked, no gap record).
+CachedStream = tuple[StreamPosition, int, HeldState | None]
+
+
 class PositionCache:
     """The positions of one projection's streams as this store last wrote them, with the
-    version it wrote (its transaction's id), for the streams it left clean: nothing parked, no
-    gap record, not blocked. A batch on those streams reads and locks nothing before it plans;
-    its position update checks instead that each still holds that version, and a stream that
-    another writer (another instance, a replay, a command, a rebuild's swap) wrote since fails
-    the whole batch as a serialization failure, which runs it again on positions read under
-    their locks, the cache emptied. So an entry is a guess that costs a rerun when wrong, never
-    a wrong write. Least recently written first out."""
+    version it wrote (its transaction's id), for the streams it left clean (nothing parked,
+    no gap record, not blocked) or holding a few parked events, which are kept with their
+    gap records. A batch on those streams reads and locks nothing before it plans, nor loads
+    the parked events it drains; its position update checks instead that each still holds
+    that version, and a stream that another writer (another instance, a replay, a command,
+    a rebuild's swap) wrote since fails the whole batch as a serialization failure, which
+    runs it again on positions read under their locks, the cache emptied. Every write of a
+    stream's parked events or gaps moves its version (``PgBatch.finish``); a gap timer's
+    new schedule does not, and need not: a batch writes a gap's schedule as stored. So an
+    entry is a guess that costs a rerun when wrong, never a wrong write. Least recently
+    written first out."""
 
-    def __init__(self, size: int = CACHED_POSITIONS) -> None:
+    def __init__(
+        self,
+        size: int = CACHED_POSITIONS,
+        parked_size: int = CACHED_PARKED,
+        parked_per_stream: int = CACHED_PARKED_PER_STREAM,
+    ) -> None:
         self.size = size
-        self._entries: OrderedDict[str, tuple[StreamPosition, int]] = OrderedDict()
+        self.parked_size = parked_size
+        self.parked_per_stream = parked_per_stream
+        self._entries: OrderedDict[str, CachedStream] = OrderedDict()
+        self._parked = 0  # parked events held by the entries
         self._resting = 0  # batches left before the cache is planned on again
 
     @property
     def usable(self) -> bool:
         return self._resting == 0
 
-    def get(self, stream: str) -> tuple[StreamPosition, int] | None:
+    def get(self, stream: str) -> CachedStream | None:
         return self._entries.get(stream)
 
-    def update(self, written: Mapping[str, StreamPosition], clean: set[str], version: int) -> None:
-        """After a commit: the streams it wrote, at ``version``; those not left clean out."""
+    def update(
+        self,
+        written: Mapping[str, StreamPosition],
+        left: Mapping[str, HeldState | None],
+        version: int,
+    ) -> None:
+        """After a commit: the streams it wrote, at ``version``; of those, the ones in
+        ``left`` are kept, with what each holds (``None``: clean), the others dropped."""
         if self._resting:
             self._resting -= 1
         entries = self._entries
         for stream, position in written.items():
-            entries.pop(stream, None)
-            if stream in clean:
-                entries[stream] = (position, version)
+            old = entries.pop(stream, None)
+            if old is not None and old[2] is not None:
+                self._parked -= len(old[2].parked)
+            if stream not in left:
+                continue
+            held = left[stream]
+            if held is not None:
+                count = len(held.parked)
+                if count > self.parked_per_stream or self._parked + count > self.parked_size:
+                    continue
+                self._parked += count
+            entries[stream] = (position, version, held)
         while len(entries) > self.size:
-            entries.popitem(last=False)
+            self._drop(entries.popitem(last=False)[1])
+
+    def _drop(self, entry: CachedStream) -> None:
+        if entry[2] is not None:
+            self._parked -= len(entry[2].parked)
 
     def forget(self, streams: Iterable[str]) -> None:
         for stream in streams:
-            self._entries.pop(stream, None)
+            entry = self._entries.pop(stream, None)
+            if entry is not None:
+                self._drop(entry)
 
     def clear(self, contended: bool = False) -> None:
         """Forget every entry; ``contended``: a batch was refused on a stale one, so the next
         :data:`CONTENDED_BATCHES` batches lock what they plan on."""
         self._entries.clear()
+        self._parked = 0
         if contended:
             self._resting = CONTENDED_BATCHES
+
+    @property
+    def parked(self) -> int:
+        """How many parked events the entries hold."""
+        return self._parked
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -266,6 +323,13 @@ class PgBatch:
         self._gaps: dict[str, list[Gap]] = {}
         self._top_parked: dict[str, int] = {}
         self._read: set[str] = set()
+        # Every parked event of a stream, where the batch knows them all (from the cache, or
+        # loaded, then as it parks and drains): what it leaves in the cache once committed.
+        # ``_unknown``: streams with parked events not all loaded. A stream in neither has
+        # nothing parked. ``_seqs``: the parked seqs held_seqs found for the unknown ones.
+        self._held: dict[str, dict[int, Event]] = {}
+        self._unknown: set[str] = set()
+        self._seqs: dict[str, SeqRanges] = {}
         # The position update, sent by finish(): the streams' new positions; the cached
         # streams planned on, with the version each must still hold; the streams whose parked
         # events or gaps the batch wrote (their version moves too); the gap records each of
@@ -342,15 +406,16 @@ class PgBatch:
 
     def read_ahead(self, streams: Iterable[str]) -> dict[str, StreamPosition]:
         """A pipelined batch: send the reads :meth:`lock_positions` will wait for, and return
-        the positions it can plan on meanwhile, those of the cache (behind a commit in
-        flight, the reads wait for it)."""
+        the positions it can plan on meanwhile, those of the cache with nothing parked
+        (behind a commit in flight, the reads wait for it)."""
         if not self.pipelined:
             return {}
         names = sorted(set(streams))
         found: dict[str, StreamPosition] = {}
         left = self._from_cache(names, found) if self._plans_on_cache else names
         self._ahead = (names, found, left, self._send_lock(left))
-        return dict(found)
+        held = self._held  # at this point: the cached streams holding parked events
+        return {s: p for s, p in found.items() if s not in held}
 
     @property
     def _plans_on_cache(self) -> bool:
@@ -396,21 +461,28 @@ class PgBatch:
         return found
 
     def _from_cache(self, names: list[str], found: dict[str, StreamPosition]) -> list[str]:
-        """Take the cached streams' positions (clean: nothing parked, no gaps), with the
-        version finish() will check; the names left to lock."""
+        """Take the cached streams' positions, with the version finish() will check, and
+        what they hold (parked events, gap records); the names left to lock."""
         assert self.cache is not None
         get, locked, expected = self.cache.get, self._locked, self._expected
         left = []
+        holding: dict[str, HeldState] = {}
         for name in names:
             hit = get(name)
             if hit is None or name in locked:
                 left.append(name)
             else:
-                found[name], expected[name] = hit
-        if self._gaps or self._top_parked:  # read for a stream earlier in this batch
+                found[name], expected[name], held = hit
+                if held is not None:
+                    holding[name] = held
+        if self._gaps or self._top_parked or self._held:  # from earlier in this batch
             for name in found:
                 self._gaps.pop(name, None)
                 self._top_parked.pop(name, None)
+                self._held.pop(name, None)
+        for name, held in holding.items():
+            self._gaps[name] = list(held.gaps)
+            self._held[name] = dict(held.parked)  # a copy: the batch parks and drains in it
         locked.update(found)
         self._read.update(found)
         return left
@@ -453,11 +525,14 @@ class PgBatch:
         for stream in names:
             self._gaps.pop(stream, None)
             self._top_parked.pop(stream, None)
+            self._held.pop(stream, None)
+            self._unknown.discard(stream)
         self._read.update(names)
         for r in reading.fetchall():
             self._gaps.setdefault(r[0], []).append(_gap(r))
             if r[8] is not None:
                 self._top_parked[r[0]] = r[8]
+                self._unknown.add(r[0])
         return {r[0]: StreamPosition(r[0], r[1], r[2], r[3], r[4]) for r in locking.fetchall()}
 
     def held_seqs(self, streams: Iterable[str]) -> HeldSeqs:
@@ -479,6 +554,8 @@ class PgBatch:
         blocked = [
             s for s in names if self._locked[s].blocked_seq is not None and s not in self._gaps
         ]
+        for s in blocked:
+            self._unknown.add(s)  # its parked events, if any, are read below, not loaded
         if blocked:
             tops = tops | dict(
                 self.conn.execute(
@@ -489,11 +566,17 @@ class PgBatch:
                     (self.projection, sorted(blocked)),
                 ).fetchall()
             )
+        held = self._held
         for stream in names:
             gaps = self._gaps.get(stream, ())
             for g in gaps:
                 if g.state == "skipped":
                     skipped.setdefault(stream, []).append((g.from_seq, g.to_seq))
+            known = held.get(stream)
+            if known is not None:  # every parked event known (the cache's)
+                if known:
+                    parked[stream] = SeqRanges.of(known)
+                continue
             top = tops.get(stream)
             if top is None:
                 continue
@@ -505,6 +588,7 @@ class PgBatch:
                 seqs.discard(position.blocked_seq)
             if seqs:
                 parked[stream] = seqs
+                self._seqs[stream] = seqs
         return parked, skipped
 
     def _current(self, streams: Iterable[str]) -> set[str]:
@@ -515,8 +599,16 @@ class PgBatch:
         return names
 
     def load_parked(self, wanted: Mapping[str, Iterable[int]]) -> dict[str, dict[int, Event]]:
-        pairs = [[stream, seq] for stream, seqs in wanted.items() for seq in seqs]
+        """The parked events asked for: those of streams whose every parked event is known
+        (from the cache) from memory, the others read."""
         parked: dict[str, dict[int, Event]] = {}
+        pairs = []
+        for stream, seqs in wanted.items():
+            known = self._held.get(stream)
+            if known is None:
+                pairs += [[stream, seq] for seq in seqs]
+            else:
+                parked[stream] = {seq: known[seq] for seq in seqs if seq in known}
         if not pairs:
             return parked
         rows = self.conn.execute(
@@ -528,6 +620,11 @@ class PgBatch:
         ).fetchall()
         for stream, seq, event in rows:
             parked.setdefault(stream, {})[seq] = Event.from_json(event)
+        for stream, seqs in self._seqs.items():
+            events = parked.get(stream)
+            if events is not None and len(events) == len(seqs) and stream in self._unknown:
+                self._held[stream] = dict(events)  # all of them loaded
+                self._unknown.discard(stream)
         return parked
 
     def load_gaps(self, streams: Iterable[str]) -> dict[str, list[Gap]]:
@@ -621,19 +718,33 @@ class PgBatch:
             (_json_list(rows), self.projection, len(rows)),
         )
 
-    def left_clean(self) -> set[str]:
-        """Of the streams :meth:`finish` wrote, those left with nothing parked, no gap
-        record and no dead letter: what the store may cache once the batch commits. (Every
-        write of a stream keeps its gaps as exactly the seqs missing up to its highest
-        parked one, so a stream with no gap record and no blocked seq has nothing parked.)"""
-        return {
-            s
-            for s, p in self.written.items()
-            if p.blocked_seq is None and not self._gaps_after.get(s, self._gaps.get(s))
-        }
+    def left_cached(self) -> dict[str, HeldState | None]:
+        """Of the streams :meth:`finish` wrote, those the store may cache once the batch
+        commits, with what each holds: the streams left with no dead letter and either no
+        gap record (``None``: every write of a stream keeps its gaps as exactly the seqs
+        missing up to its highest parked one, so such a stream has nothing parked) or open
+        gaps only and every parked event known."""
+        out: dict[str, HeldState | None] = {}
+        gaps_after, gaps_read, held = self._gaps_after, self._gaps, self._held
+        for s, p in self.written.items():
+            if p.blocked_seq is not None:
+                continue
+            gaps = gaps_after.get(s, gaps_read.get(s))
+            if not gaps:
+                out[s] = None
+                continue
+            parked = held.get(s)
+            if parked and s not in self._unknown and all(g.state != "skipped" for g in gaps):
+                out[s] = HeldState(parked, tuple(gaps))
+        return out
 
     def park(self, events: Iterable[Event]) -> None:
+        events = list(events)
         rows = [e.to_json() for e in events]
+        held, unknown = self._held, self._unknown
+        for e in events:
+            if e.seq is not None and e.stream not in unknown:
+                held.setdefault(e.stream, {})[e.seq] = e
         self._read.difference_update(r["stream"] for r in rows)
         self._state_written.update(r["stream"] for r in rows)
         if rows:
@@ -648,6 +759,10 @@ class PgBatch:
 
     def unpark(self, keys: Iterable[tuple[str, int]]) -> None:
         keys = list(keys)
+        for stream, seq in keys:
+            known = self._held.get(stream)
+            if known is not None:
+                known.pop(seq, None)
         self._read.difference_update(stream for stream, _ in keys)
         self._state_written.update(stream for stream, _ in keys)
         pairs = [list(k) for k in keys]
@@ -991,7 +1106,7 @@ class PostgresStore:
         if tx.version is None:  # not fenced (a command's batch): its versions are unknown
             tx.cache.forget(tx.written)
         else:
-            tx.cache.update(tx.written, tx.left_clean(), tx.version)
+            tx.cache.update(tx.written, tx.left_cached(), tx.version)
 
     def _discard_prepared(self) -> None:
         """Roll back the batch prepared behind the one in flight: :meth:`send_commit` will

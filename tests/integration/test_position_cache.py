@@ -9,11 +9,13 @@ import json
 import select
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from projector.core.decode import Decoder
+from projector.core.gaps import Gap
 from projector.core.message import RawMessage
 from projector.runner.batch import BatchApplier
 from projector.runner.worker import build_applier, build_decoders
@@ -107,24 +109,85 @@ def locks(statements: list[str]) -> list[str]:
     return [s for s in statements if "for update" in s]
 
 
+def parked_reads(statements: list[str]) -> list[str]:
+    return [s for s in statements if "h.event" in s]
+
+
 def test_a_batch_on_streams_its_store_wrote_last_reads_and_locks_none_of_them(
     writers: tuple[Writer, Writer], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Proves the round trip saved: once a store has written x and y (left clean), its next
-    batch on them sends no read or lock of their positions (in a 2,000-event batch that lock
-    was the largest statement), while z, which has an event parked, is still read under its
-    lock; and every event is applied right."""
+    """Proves the round trips saved: once a store has written x and y (left clean) and z
+    (its event 3 parked, gap 2-2), its next batches on them send no read or lock of their
+    positions (in a 2,000-event batch that lock was the largest statement), nor a read of
+    z's parked event, which drains from memory; w, with more events parked than the cache
+    keeps a stream with, is still read under its lock; and every event is applied right."""
     a, _ = writers
-    a.apply(("account:x", 1), ("account:y", 1), ("account:z", 1), ("account:z", 3))
+    a.store._cache("accounts").parked_per_stream = 1
+    a.apply(*[("account:x", 1), ("account:y", 1), ("account:z", 1), ("account:z", 3)])
+    a.apply(*[("account:w", 1), ("account:w", 3), ("account:w", 4)])
     statements = a.recording(monkeypatch)
     a.apply(("account:x", 2), ("account:y", 2))
     assert locks(statements) == []
     a.apply(("account:x", 3), ("account:z", 2))
-    [lock] = locks(statements)  # z's, which has its event 3 parked
-    assert "account:z" in lock and "account:x" not in lock
+    assert locks(statements) == [] and parked_reads(statements) == []
+    a.apply(("account:w", 2))
+    [lock] = locks(statements)
+    assert "account:w" in lock and "account:z" not in lock
+    assert len(parked_reads(statements)) == 1
     assert account(pg_dsn, "account:x") == (5, 3, 3)
     assert account(pg_dsn, "account:y") == (2, 2, 2)
     assert account(pg_dsn, "account:z") == (5, 3, 3)
+    assert account(pg_dsn, "account:w") == (9, 4, 4)
+    assert rows(pg_dsn, "select count(*) from projector.holding") == [(0,)]
+    assert rows(pg_dsn, "select count(*) from projector.gaps") == [(0,)]
+
+
+def test_a_stream_kept_with_its_parked_event_that_another_writer_changed_refuses_the_batch(
+    writers: tuple[Writer, Writer], pg_dsn: str
+) -> None:
+    """Proves the parked events and gap records kept in memory are a guess, checked as the
+    position is: a holds x at 1 with 3 parked (gap 2-2); b parks x's 5 (gap 4-4). a's batch
+    with x's 2, planned from memory, would drain 3 and delete x's gaps, leaving 5 parked
+    with no gap record, whose replay nothing would ever ask for; it is refused, and run
+    again on what it reads under x's lock it leaves 5 parked behind its gap 4-4."""
+    a, b = writers
+    a.apply(("account:x", 1), ("account:x", 3))
+    b.apply(("account:x", 5))
+    with pytest.raises(WriteConflict):
+        a.apply(("account:x", 2))
+    a.offset -= 1
+    a.apply(("account:x", 2))
+    assert account(pg_dsn, "account:x") == (5, 3, 3)
+    assert rows(pg_dsn, "select stream, seq from projector.holding") == [("account:x", 5)]
+    assert rows(pg_dsn, "select from_seq, to_seq from projector.gaps") == [(4, 4)]
+
+
+def test_a_gap_kept_in_memory_keeps_the_replay_schedule_the_gap_timer_stored(
+    writers: tuple[Writer, Writer], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves a gap record kept in memory never writes back its schedule: a parks x's 5
+    (gap 2-4) and keeps it; the gap timer then asks for it (attempt 1, the next request in
+    ten minutes), which moves no version; a's batch with x's 3 plans from memory, where the
+    gap is at attempt 0, and splits it: 2-2 and 4-4 both keep the timer's schedule
+    (written back as planned, they would be asked for again at once)."""
+    a, _ = writers
+    a.apply(("account:x", 1), ("account:x", 5))
+    now = time.time()
+
+    def asked(gap: Gap) -> tuple[str, Gap]:
+        return "request", replace(gap, attempts=1, last_request_at=now, next_request_at=now + 600)
+
+    assert len(a.store.claim_due_gaps("accounts", now + 3600, 10, asked)) == 1
+    statements = a.recording(monkeypatch)
+    a.apply(("account:x", 3))
+    assert locks(statements) == []
+    found = rows(
+        pg_dsn,
+        "select from_seq, to_seq, attempts, next_request_at from projector.gaps order by 1",
+    )
+    assert [(lo, hi, n) for lo, hi, n, _ in found] == [(2, 2, 1), (4, 4, 1)]
+    assert [due.timestamp() for *_, due in found] == pytest.approx([now + 600] * 2, abs=1)
+    assert rows(pg_dsn, "select seq from projector.holding order by seq") == [(3,), (5,)]
 
 
 def test_a_stream_another_writer_moved_refuses_the_batch_which_then_runs_right(
