@@ -162,6 +162,29 @@ def test_a_stream_kept_with_its_parked_event_that_another_writer_changed_refuses
     assert rows(pg_dsn, "select from_seq, to_seq from projector.gaps") == [(4, 4)]
 
 
+def test_a_stream_is_kept_with_its_parked_events_only_when_the_batch_knew_them_all(
+    writers: tuple[Writer, Writer], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves a stream is kept in memory with its parked events only if the batch knew every
+    one: b leaves x at 1 with 4 and 6 parked; a reads x under its lock for a batch with x's
+    2 and 8, which loads neither 4 nor 6 (neither can drain) and parks 8. Kept as holding
+    only 8, x's next batch would apply 3 from memory, drain nothing, and record 4-7 as
+    missing while 4 sits parked. Instead a reads x again, drains 4, and leaves 6 and 8
+    parked behind the gaps 5-5 and 7-7."""
+    a, b = writers
+    b.apply(("account:x", 1), ("account:x", 4), ("account:x", 6))
+    a.apply(("account:x", 2), ("account:x", 8))
+    statements = a.recording(monkeypatch)
+    a.apply(("account:x", 3))
+    assert len(locks(statements)) == 1
+    assert account(pg_dsn, "account:x") == (9, 4, 4)
+    assert rows(pg_dsn, "select seq from projector.holding order by seq") == [(6,), (8,)]
+    assert rows(pg_dsn, "select from_seq, to_seq from projector.gaps order by 1") == [
+        (5, 5),
+        (7, 7),
+    ]
+
+
 def test_a_gap_kept_in_memory_keeps_the_replay_schedule_the_gap_timer_stored(
     writers: tuple[Writer, Writer], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
