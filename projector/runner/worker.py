@@ -346,11 +346,17 @@ class ProjectionWorker:
             self._send(source, prepared)
         elif not idle and not ahead:
             self._apply(source, polled, decoded)
-        if self.progress.refresh(source, force=idle and self.exit_when_caught_up):
+        # A burst run ends when caught up with nothing left to wait for. Open gaps are
+        # asked about first: while a replay can still fill them, the broker is not (its
+        # exact lag waits behind each partition's fetch, ~0.1 s apiece, during which the
+        # loop would neither apply replays nor send the requests falling due).
+        ending = idle and self.exit_when_caught_up and self.progress.assignment_seen
+        waiting = ending and self._waiting_for_replays()
+        if self.progress.refresh(source, force=ending and not waiting):
             self.metrics.set_lag(self.projection.name, self.progress.lag, self.progress.ages())
-        if not (idle and self.exit_when_caught_up and self.progress.assignment_seen):
+        if not ending or waiting:
             return False
-        return all(n == 0 for n in self.progress.lag.values()) and not self._waiting_for_replays()
+        return all(n == 0 for n in self.progress.lag.values())
 
     def _poll(
         self, source: KafkaSource, timeout: float | None

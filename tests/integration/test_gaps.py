@@ -8,6 +8,7 @@ import functools
 import logging
 import random
 import signal
+import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
@@ -19,8 +20,10 @@ import pytest
 from projector import scenarios
 from projector.config import Config
 from projector.runner.batch import BatchApplier
+from projector.runner.daemon import run
 from projector.runner.gap_timer import GapTimer
 from projector.runner.worker import build_applier
+from projector.source.kafka import KafkaSource
 from projector.store.postgres import PostgresStore
 from tests.conftest import Services
 from tests.integration.gaps_harness import FakeClock, RequestReader, daemon_thread, wait_until
@@ -311,6 +314,60 @@ def test_burst_run_waits_for_replays_only_when_a_channel_can_bring_them(
     config = gap_config(services, pg_dsn, [source])
     assert run_until_caught_up(config) == 0
     assert count(pg_dsn, "select count(*) from projector.gaps where state = 'open'") == 2
+
+
+def test_a_burst_run_waiting_for_a_replay_asks_the_broker_for_its_lag_only_at_the_end(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves a burst run (--exit-when-caught-up) that waits for a replay does not ask the
+    broker for its exact lag meanwhile: that answer waits behind each partition's fetch
+    (~0.1 s apiece), and on every idle poll it held up the loop, the replays it was waiting
+    for and the requests falling due (in the bench's replay tail, one request a second
+    instead of four). Here the run idles with two gaps open, the clock passes gap_timeout,
+    the requests go out, the missing events are published again; the run ends, having asked
+    the broker only once no gap was open."""
+    _, delivered, withheld = split_log(accounts=2, events=4, withheld_seqs={2})
+    source, requests = new_topic(), new_topic()
+    publish(services.kafka, source, delivered)
+    replay = {"channel": "kafka", "topic": requests}
+    config = gap_config(services, pg_dsn, [source], gap_timeout="10s", replay=replay)
+    open_gaps = "select count(*) from projector.gaps where state = 'open'"
+    asked: list[int] = []  # the open gaps each time the broker was asked
+    idle_polls: list[int] = []
+    lag, poll = KafkaSource.lag, KafkaSource.poll
+
+    def counted_lag(self: KafkaSource, cached: bool = True) -> dict[tuple[str, int], int]:
+        if not cached:
+            asked.append(count(pg_dsn, open_gaps))
+        return lag(self, cached)
+
+    def counted_poll(self: KafkaSource, max_messages: int, timeout: float) -> list[Any]:
+        polled = poll(self, max_messages, timeout)
+        if not polled:
+            idle_polls.append(1)
+        return polled
+
+    monkeypatch.setattr(KafkaSource, "lag", counted_lag)
+    monkeypatch.setattr(KafkaSource, "poll", counted_poll)
+    clock, reader = FakeClock(), RequestReader(services.kafka, requests)
+    outcome: dict[str, int] = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(code=run(config, exit_when_caught_up=True, clock=clock))
+    )
+    thread.start()
+    try:
+        wait_until(lambda: count(pg_dsn, open_gaps) == 2, "both gaps")
+        idle_from = len(idle_polls)
+        wait_until(lambda: len(idle_polls) >= idle_from + 5, "idle polls with the gaps open")
+        clock.advance(10.5)
+        assert len(reader.read(2)) == 2
+        publish(services.kafka, source, withheld)
+    finally:
+        thread.join(timeout=60)
+        reader.close()
+    assert outcome == {"code": 0}
+    assert asked and set(asked) == {0}, f"the broker was asked with gaps open: {asked}"
+    assert count(pg_dsn, "select count(*) from projector.holding") == 0
 
 
 def test_a_gap_keeps_its_age_across_a_kill_9_and_is_requested_on_time(
