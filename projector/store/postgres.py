@@ -9,6 +9,7 @@ and checkpoints. Driver errors are translated into :mod:`projector.store.errors`
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -184,6 +185,9 @@ CACHED_PARKED = 20_000
 # Batches planned on locked positions, not on the cache, after a refused one: another writer
 # is at the same streams, and guesses would keep failing while it is.
 CONTENDED_BATCHES = 100
+# Seconds a store's connection stays in pipeline mode, batch behind batch, before it lets
+# one land first and goes idle for a moment (PostgresStore.plans_ahead).
+IDLE_EVERY = 5.0
 
 
 class HeldState(NamedTuple):
@@ -1021,9 +1025,6 @@ class PostgresStore:
     """One connection (autocommit, explicit transaction blocks) per projection worker."""
 
     commits_in_flight = True
-    # A batch is built behind the one whose COMMIT is in flight, on the same connection: the
-    # server runs it after that COMMIT, so its reads see what the batch ahead wrote.
-    plans_ahead = True
     traces_in_pipeline = False  # a pipelined batch that fails is run again step by step
 
     def __init__(
@@ -1050,6 +1051,20 @@ class PostgresStore:
         self._replan = False
         self._caches: dict[str, PositionCache] = {}  # per projection
         self._late_error: Exception | None = None  # what it failed with, for wait_commit
+        self.idle_every = IDLE_EVERY
+        self._idle_at = time.monotonic()  # when pipeline mode was last left
+
+    @property
+    def plans_ahead(self) -> bool:
+        """A batch is built behind the one whose COMMIT is in flight, on the same
+        connection: the server runs it after that COMMIT, so its reads see what the batch
+        ahead wrote. Not when pipeline mode has gone ``idle_every`` seconds unbroken: then
+        the batch in flight lands first and the connection goes idle for a moment, which is
+        when PostgreSQL reports what its session wrote to the statistics that autovacuum
+        acts on. A session that never goes idle reports none: under a sustained load the
+        holding and gap tables (a twentieth of a reordered topic's events is inserted and
+        deleted there) would go unvacuumed for as long as the load lasts."""
+        return self._pipeline is None or time.monotonic() - self._idle_at < self.idle_every
 
     @property
     def conn(self) -> psycopg.Connection[TupleRow]:
@@ -1074,6 +1089,7 @@ class PostgresStore:
         if not isinstance(error, psycopg.Error):
             error = None
         if held is not None:
+            self._idle_at = time.monotonic()
             try:
                 held.close()
             except Exception as exc:
