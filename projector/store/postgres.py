@@ -1052,7 +1052,7 @@ class PostgresStore:
         self._caches: dict[str, PositionCache] = {}  # per projection
         self._late_error: Exception | None = None  # what it failed with, for wait_commit
         self.idle_every = IDLE_EVERY
-        self._idle_at = time.monotonic()  # when pipeline mode was last left
+        self._pipelined_since = 0.0  # when pipeline mode was entered (time.monotonic)
 
     @property
     def plans_ahead(self) -> bool:
@@ -1064,7 +1064,8 @@ class PostgresStore:
         acts on. A session that never goes idle reports none: under a sustained load the
         holding and gap tables (a twentieth of a reordered topic's events is inserted and
         deleted there) would go unvacuumed for as long as the load lasts."""
-        return self._pipeline is None or time.monotonic() - self._idle_at < self.idle_every
+        since = self._pipelined_since
+        return self._pipeline is None or time.monotonic() - since < self.idle_every
 
     @property
     def conn(self) -> psycopg.Connection[TupleRow]:
@@ -1089,7 +1090,6 @@ class PostgresStore:
         if not isinstance(error, psycopg.Error):
             error = None
         if held is not None:
-            self._idle_at = time.monotonic()
             try:
                 held.close()
             except Exception as exc:
@@ -1358,6 +1358,7 @@ class PostgresStore:
         else:
             conn = self.conn
             self._pipeline = ExitStack()
+            self._pipelined_since = time.monotonic()
             self._pipeline.enter_context(conn.pipeline())
         tx = PgBatch(conn, self.schema, projection, view_schema, pipelined=True, cache=cache)
         try:
