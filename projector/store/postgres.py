@@ -250,8 +250,8 @@ class PositionCache:
         entries = self._entries
         for stream, position in written.items():
             old = entries.pop(stream, None)
-            if old is not None and old[2] is not None:
-                self._parked -= len(old[2].parked)
+            if old is not None:
+                self._drop(old)
             if stream not in left:
                 continue
             held = left[stream]
@@ -419,7 +419,7 @@ class PgBatch:
         left = self._from_cache(names, found) if self._plans_on_cache else names
         self._ahead = (names, found, left, self._send_lock(left))
         held = self._held  # at this point: the cached streams holding parked events
-        return {s: p for s, p in found.items() if s not in held}
+        return {s: p for s, p in found.items() if s not in held} if held else dict(found)
 
     @property
     def _plans_on_cache(self) -> bool:
@@ -531,6 +531,7 @@ class PgBatch:
             self._top_parked.pop(stream, None)
             self._held.pop(stream, None)
             self._unknown.discard(stream)
+            self._seqs.pop(stream, None)
         self._read.update(names)
         for r in reading.fetchall():
             self._gaps.setdefault(r[0], []).append(_gap(r))
