@@ -4,7 +4,7 @@ It takes replay requests (JSON ``{projection, stream, from_seq, to_seq, attempt,
 from a Kafka topic or HTTP POSTs, reads the range from an event-store table in PostgreSQL
 (``event_store(stream text, seq bigint, payload jsonb, primary key (stream, seq))``) and
 re-publishes each stored payload as it is, keyed by stream, on a topic the projection consumes.
-At least once: publish, flush, then commit the request (or answer 202). A range the store lacks
+At least once: publish, flush, then commit the requests (or answer 202). A range the store lacks
 is logged as missing, a malformed request is logged and skipped, an unreachable store means
 "read it again" (Kafka) or 503 (HTTP). See docs/replay.md; ``projector replay-responder``.
 """
@@ -23,7 +23,14 @@ from itertools import pairwise
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -56,6 +63,14 @@ def append_events(
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(sql.SQL(_INSERT).format(sql.Identifier(schema, table)), rows)
     return len(rows)
+
+
+def _next_offsets(batch: Sequence[Message]) -> list[TopicPartition]:
+    """The offsets to commit after ``batch``: per partition, the one after its last message."""
+    after: dict[tuple[str, int], int] = {}
+    for msg in batch:
+        after[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
+    return [TopicPartition(t, p, o) for (t, p), o in after.items()]
 
 
 def parse_request(raw: bytes | None) -> ReplayRequest:
@@ -134,22 +149,35 @@ class ReplayResponder:
 
     def serve(self, req: ReplayRequest) -> Served:
         """Publish the stored events of the request's range; return once Kafka has them all."""
+        served, errors = self._publish(req)
+        self._flush([(req, errors)])
+        return served
+
+    def _publish(self, req: ReplayRequest) -> tuple[Served, list[KafkaError | None]]:
+        """Hand the range's stored events to the producer, unflushed; the list fills with one
+        delivery report per message (None when delivered)."""
         stored = self._read(req)
-        errors: list[KafkaError | None] = []  # one per message: None when delivered
+        errors: list[KafkaError | None] = []
         for _seq, payload in stored:
             if len(self._producer) >= 50_000:  # keep the local queue short of its bound
                 self._producer.flush(30)
             self._producer.produce(
                 self.target_topic, payload, req.stream, on_delivery=lambda e, _: errors.append(e)
             )
-        if self._producer.flush(30) > 0 or any(errors):
-            failed = [e for e in errors if e] or "timeout"
-            raise KafkaException(f"replay of {req.stream} not published: {failed}")
         missing = missing_ranges(req.from_seq, req.to_seq, [s for s, _ in stored])
         if missing:
             log.warning("%s: the event store has no %s of %s", req.projection, missing, req.stream)
         log.info("%s: replayed %d event(s) of %s", req.projection, len(stored), req.stream)
-        return Served(req, len(stored), missing)
+        return Served(req, len(stored), missing), errors
+
+    def _flush(self, published: Sequence[tuple[ReplayRequest, list[KafkaError | None]]]) -> None:
+        """Wait until Kafka has every message handed over; raise naming a request that it
+        does not have."""
+        timed_out = self._producer.flush(30) > 0
+        for req, errors in published:
+            if timed_out or any(errors):
+                failed = [e for e in errors if e] or "timeout"
+                raise KafkaException(f"replay of {req.stream} not published: {failed}")
 
     def answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """HTTP: 202 once published, 400 if malformed, 503 if it cannot be served now."""
@@ -162,27 +190,58 @@ class ReplayResponder:
         return 202, {"published": served.published, "missing": served.missing}
 
     def serve_one_batch(self, timeout: float = 1.0, max_requests: int = 100) -> list[Served]:
-        """Serve up to ``max_requests`` requests, until none comes within ``timeout``. Each is
-        committed once published; on a store or Kafka failure it is rewound to, and raised."""
+        """Serve the requests waiting (up to ``max_requests``; the first may take ``timeout``
+        to come): their events are published and flushed together, then the requests are
+        committed together. On a store or Kafka failure nothing of the batch is committed: it
+        is rewound to, read again and served again (duplicates are harmless), and raised."""
         assert self._consumer is not None, "this responder has no requests topic"
+        batch = self._take(timeout, max_requests)
+        if not batch:
+            return []
+        self._touch()
         served: list[Served] = []
-        for _ in range(max_requests):
-            if (msg := self._consumer.poll(timeout)) is None:
-                break
+        published: list[tuple[ReplayRequest, list[KafkaError | None]]] = []
+        try:
+            for msg in batch:
+                try:
+                    req = parse_request(msg.value())
+                except ValueError as exc:
+                    log.warning(
+                        "skip %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc
+                    )
+                    continue
+                done, errors = self._publish(req)
+                served.append(done)
+                published.append((req, errors))
+            self._flush(published)
+        except (StoreUnavailable, KafkaException):
+            self._rewind(batch)
+            raise
+        # One commit for the batch: a commit per request cost the broker more than serving it.
+        self._consumer.commit(offsets=_next_offsets(batch), asynchronous=False)
+        return served
+
+    def _take(self, timeout: float, max_requests: int) -> list[Message]:
+        """The first request within ``timeout``, then those already fetched behind it."""
+        assert self._consumer is not None
+        batch: list[Message] = []
+        wait = timeout
+        while len(batch) < max_requests and (msg := self._consumer.poll(wait)) is not None:
+            wait = 0
             if msg.error():
                 log.warning("Kafka: %s", msg.error())
                 continue
-            self._touch()
-            where = TopicPartition(msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
-            try:
-                served.append(self.serve(parse_request(msg.value())))
-            except ValueError as exc:
-                log.warning("skip %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
-            except (StoreUnavailable, KafkaException):
-                self._consumer.seek(where)
-                raise
-            self._consumer.commit(message=msg, asynchronous=False)
-        return served
+            batch.append(msg)
+        return batch
+
+    def _rewind(self, batch: Sequence[Message]) -> None:
+        """Seek each partition of ``batch`` back to its first request in it."""
+        assert self._consumer is not None
+        first: dict[tuple[str, int], int] = {}
+        for msg in batch:
+            first.setdefault((msg.topic() or "", msg.partition() or 0), msg.offset() or 0)
+        for (topic, partition), offset in first.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
 
     def run(self, stop: threading.Event, idle_exit: float | None = None) -> None:
         """Serve requests until ``stop`` is set, or ``idle_exit`` seconds pass without one."""
