@@ -952,10 +952,11 @@ class RedisBatch:
                     ["GAPCOPY", k.gapsched, k.gapdue, k.gapheld, member, score, held, origin]
                 )
         gone = [_member(stream, f) for f in before if f not in staying]
-        for index in (k.gaps, k.gapdue):
-            ops += _chunks("ZREM", index, gone, 1)
-        ops += _chunks("SREM", k.gapheld, gone, 1)
-        ops += _chunks("HDEL", k.gapsched, gone, 1)
+        if gone:
+            for index in (k.gaps, k.gapdue):
+                ops += _chunks("ZREM", index, gone, 1)
+            ops += _chunks("SREM", k.gapheld, gone, 1)
+            ops += _chunks("HDEL", k.gapsched, gone, 1)
         if s.gaps:
             s.set("gaps", _dumps([_gap_json(g) for g in s.gaps]))
         else:
