@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.harness import main
+from bench.responder import main as responder_main
 
 pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
@@ -51,3 +52,14 @@ def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
     assert "3.28.1, reordered" in peer
     assert [lat["store"] for lat in results["latency"]] == ["postgres", "redis"]
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_the_responder_benchmark_serves_every_request_both_ways(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Proves ``python -m bench.responder`` runs at a tiny scale: 30 waiting requests served
+    one at a time and together (each loop ends only once every request was served), and a
+    line of figures per round."""
+    assert responder_main(["--requests", "30", "--rounds", "1"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("round 1:")]
+    assert "29 requests one at a time" in line and "the broker's CPU" in line

@@ -268,9 +268,9 @@ def test_waiting_requests_are_published_with_one_flush_and_committed_with_one_co
 ) -> None:
     """Proves the requests waiting on the request topic (two partitions) are served together:
     a flush and a synchronous commit per request cost the broker more CPU than serving it
-    (bench: 1,000 requests took 7.3 s and 2.5 s of Kafka's CPU one by one, 0.5 s and 0.25 s
-    together). All 40 are published and committed on both partitions, with a handful of
-    flushes and commits, not 40."""
+    (`python -m bench.responder`: 27-32x the time and the broker's CPU one by one). All 40
+    are published and committed on both partitions, with a handful of flushes and commits,
+    not 40."""
     streams = [f"account:{i}" for i in range(40)]
     store_events(pg_dsn, [wire(s, q) for s in streams for q in (1, 2)])
     requests_topic, target = new_topic(partitions=2), new_topic()
