@@ -154,9 +154,13 @@ def topics(new_topic: Callable[..., str]) -> tuple[str, str]:
 
 
 def kafka_responder(
-    services: Services, dsn: str, topics: tuple[str, str], group: str
+    services: Services,
+    dsn: str,
+    topics: tuple[str, str],
+    group: str,
+    kind: type[ReplayResponder] = ReplayResponder,
 ) -> ReplayResponder:
-    return ReplayResponder(
+    return kind(
         services.kafka,
         dsn,
         topics[1],
@@ -304,31 +308,23 @@ def test_a_batch_failing_midway_commits_nothing_and_is_served_again_whole(
     publish(services.kafka, topics[0], [request(f"account:{i}", 1, 1) for i in range(3)])
     group = unique("responder")
 
-    class LosesItsStoreOnTheThirdRead(ReplayResponder):
-        reads = 0
+    reads: list[ReplayRequest] = []
 
+    class LosesItsStoreOnTheThirdRead(ReplayResponder):
         def _read(self, req: ReplayRequest) -> list[tuple[int, str]]:
-            self.reads += 1
-            if self.reads == 3 and self._conn is not None:
+            reads.append(req)
+            if len(reads) == 3 and self._conn is not None:
                 with psycopg.connect(pg_dsn, autocommit=True) as admin:
                     admin.execute("select pg_terminate_backend(%s)", (self._conn.info.backend_pid,))
             return super()._read(req)
 
-    responder = LosesItsStoreOnTheThirdRead(
-        services.kafka,
-        pg_dsn,
-        topics[1],
-        requests_topic=topics[0],
-        group=group,
-        schema=SCHEMA,
-        table=TABLE,
-    )
+    responder = kafka_responder(services, pg_dsn, topics, group, LosesItsStoreOnTheThirdRead)
     try:
         deadline = time.monotonic() + 30
         with pytest.raises(StoreUnavailable):
             while time.monotonic() < deadline:
                 responder.serve_one_batch(timeout=0.5)
-        assert responder.reads == 3
+        assert len(reads) == 3
         assert committed(services.kafka, group, topics[0]) < 0
         again = serve_until(responder, 3)
     finally:
