@@ -149,9 +149,9 @@ class ReplayResponder:
 
     def serve(self, req: ReplayRequest) -> Served:
         """Publish the stored events of the request's range; return once Kafka has them all."""
-        served, errors = self._publish(req)
-        self._flush([(req, errors)])
-        return served
+        published = self._publish(req)
+        self._flush([published])
+        return published[0]
 
     def _publish(self, req: ReplayRequest) -> tuple[Served, list[KafkaError | None]]:
         """Hand the range's stored events to the producer, unflushed; the list fills with one
@@ -167,17 +167,20 @@ class ReplayResponder:
         missing = missing_ranges(req.from_seq, req.to_seq, [s for s, _ in stored])
         if missing:
             log.warning("%s: the event store has no %s of %s", req.projection, missing, req.stream)
-        log.info("%s: replayed %d event(s) of %s", req.projection, len(stored), req.stream)
         return Served(req, len(stored), missing), errors
 
-    def _flush(self, published: Sequence[tuple[ReplayRequest, list[KafkaError | None]]]) -> None:
+    def _flush(self, published: Sequence[tuple[Served, list[KafkaError | None]]]) -> None:
         """Wait until Kafka has every message handed over; raise naming a request that it
         does not have."""
         timed_out = self._producer.flush(30) > 0
-        for req, errors in published:
+        for served, errors in published:
+            req = served.request
             if timed_out or any(errors):
                 failed = [e for e in errors if e] or "timeout"
                 raise KafkaException(f"replay of {req.stream} not published: {failed}")
+        for served, _ in published:
+            req = served.request
+            log.info("%s: replayed %d event(s) of %s", req.projection, served.published, req.stream)
 
     def answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """HTTP: 202 once published, 400 if malformed, 503 if it cannot be served now."""
@@ -199,8 +202,7 @@ class ReplayResponder:
         if not batch:
             return []
         self._touch()
-        served: list[Served] = []
-        published: list[tuple[ReplayRequest, list[KafkaError | None]]] = []
+        published: list[tuple[Served, list[KafkaError | None]]] = []
         try:
             for msg in batch:
                 try:
@@ -210,16 +212,14 @@ class ReplayResponder:
                         "skip %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc
                     )
                     continue
-                done, errors = self._publish(req)
-                served.append(done)
-                published.append((req, errors))
+                published.append(self._publish(req))
             self._flush(published)
         except (StoreUnavailable, KafkaException):
             self._rewind(batch)
             raise
         # One commit for the batch: a commit per request cost the broker more than serving it.
         self._consumer.commit(offsets=_next_offsets(batch), asynchronous=False)
-        return served
+        return [served for served, _ in published]
 
     def _take(self, timeout: float, max_requests: int) -> list[Message]:
         """The first request within ``timeout``, then those already fetched behind it."""
