@@ -249,7 +249,7 @@ class ReplayResponder:
             try:
                 self.serve_one_batch(timeout=0.5)
             except (StoreUnavailable, KafkaException) as exc:
-                log.warning("%s; serving the request again shortly", exc)
+                log.warning("%s; serving the batch again shortly", exc)
                 stop.wait(1.0)
 
     def close(self) -> None:
