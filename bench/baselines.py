@@ -138,7 +138,7 @@ _FROM_STAGE = f"""
     insert into accounts as a ({_COLUMNS}, rejected)
     select {_COLUMNS}, 0 from stage {_ON_CONFLICT}
 """
-_STAGE = """
+STAGE = """
     create temporary table stage (
         id text, owner text, balance bigint, deposits bigint, withdrawals bigint,
         applied_events bigint, last_seq bigint
@@ -146,7 +146,7 @@ _STAGE = """
 """
 
 
-def _fresh_table(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+def fresh_table(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     conn.execute("drop table if exists accounts")
     conn.execute(MIGRATIONS[0])
 
@@ -157,20 +157,20 @@ def pg_store_only(res: Resources, w: Workload, count: int, batch: int) -> list[B
     dsn = res.database()
     out = []
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(_STAGE)
-        for name, write in (("COPY + upsert", _copy_batch), ("executemany pipeline", _pipeline)):
-            _fresh_table(conn)
+        conn.execute(STAGE)
+        for name, write in (("COPY + upsert", copy_batch), ("executemany pipeline", _pipeline)):
+            fresh_table(conn)
             started = time.perf_counter()
             for start in range(0, count, batch):
                 with conn.transaction():
                     write(conn, fold(w, start, min(count, start + batch)))
             seconds = time.perf_counter() - started
             out.append(Baseline("(b) store-only", count, seconds, name))
-            _check_pg(conn, w, count)
+            check_pg_view(conn, w, count)
     return out
 
 
-def _copy_batch(conn: psycopg.Connection[tuple[object, ...]], changes: list[Change]) -> None:
+def copy_batch(conn: psycopg.Connection[tuple[object, ...]], changes: list[Change]) -> None:
     with conn.cursor() as cur:
         with cur.copy(f"copy stage ({_COLUMNS}) from stdin") as copy:
             for change in changes:
@@ -183,7 +183,7 @@ def _pipeline(conn: psycopg.Connection[tuple[object, ...]], changes: list[Change
         cur.executemany(_UPSERT, changes)
 
 
-def _check_pg(conn: psycopg.Connection[tuple[object, ...]], w: Workload, count: int) -> None:
+def check_pg_view(conn: psycopg.Connection[tuple[object, ...]], w: Workload, count: int) -> None:
     if pg_rows_wrong(conn, w.expected(count)):
         raise AssertionError("store-only baseline wrote wrong rows")
 
@@ -227,7 +227,7 @@ def redis_store_only(res: Resources, w: Workload, count: int, batch: int) -> lis
                     _multi_exec(client, base, changes)
             seconds = time.perf_counter() - started
             out.append(Baseline("(b) store-only", count, seconds, name))
-            _check_redis(client, base, w, count)
+            check_redis_view(client, base, w, count)
     finally:
         client.close()
     return out
@@ -243,7 +243,7 @@ def _multi_exec(client: redis.Redis, base: str, changes: list[Change]) -> None:
         pipe.execute()
 
 
-def _check_redis(client: redis.Redis, base: str, w: Workload, count: int) -> None:
+def check_redis_view(client: redis.Redis, base: str, w: Workload, count: int) -> None:
     expected = w.expected(count)
     with client.pipeline(transaction=False) as pipe:
         for aid in expected:
@@ -260,12 +260,12 @@ def pg_naive(res: Resources, topic: str, count: int) -> Baseline:
     """One autocommitted upsert (one transaction, one durable commit) per consumed event."""
     dsn = res.database()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        _fresh_table(conn)
+        fresh_table(conn)
         started, done = 0.0, 0
         for values in _messages(res.svc, topic, count):
             started = started or time.perf_counter()
             for value in values:
-                conn.execute(_UPSERT, _change(orjson.loads(value)))
+                conn.execute(_UPSERT, change_of(orjson.loads(value)))
             done += len(values)
         seconds = time.perf_counter() - started
     return Baseline("(c) naive", done, seconds, "a transaction per event")
@@ -280,7 +280,7 @@ def redis_naive(res: Resources, topic: str, count: int) -> Baseline:
         for values in _messages(res.svc, topic, count):
             started = started or time.perf_counter()
             for value in values:
-                _multi_exec(client, base, [_change(orjson.loads(value))])
+                _multi_exec(client, base, [change_of(orjson.loads(value))])
             done += len(values)
         seconds = time.perf_counter() - started
     finally:
@@ -288,7 +288,7 @@ def redis_naive(res: Resources, topic: str, count: int) -> Baseline:
     return Baseline("(c) naive", done, seconds, "a MULTI/EXEC per event")
 
 
-def _change(event: dict[str, object]) -> Change:
+def change_of(event: dict[str, object]) -> Change:
     data = event["data"]
     assert isinstance(data, dict)
     aid = str(event["stream"]).removeprefix("account:")

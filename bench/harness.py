@@ -3,8 +3,9 @@
 Per store (PostgreSQL, then Redis), on topics of their own: the reordered workload (late,
 duplicated, withheld and filled by replay) and the in-order one, through projector as a real
 process; one process with two ``consumers`` on the reordered workload; for PostgreSQL also two
-processes in one consumer group; then the limits (a) consume-only, (b) store-only, (c) naive;
-and on PostgreSQL (d) the peer, Quix Streams, on both topics. Then produce→view latency at
+processes in one consumer group; then the limits (a) consume-only, (b) store-only, (c) naive,
+(e) the bare pipeline in one and two processes; and on PostgreSQL (d) the peer, Quix Streams,
+on both topics. Then produce→view latency at
 half the single-process throughput of each store. Every run gets its own topics, database
 and Redis prefix, removed after it. Prints the tables; writes ``results.json``,
 ``bench.png`` and ``table.txt`` to ``--out``.
@@ -22,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from bench import baselines, cpu, report
+from bench.bare import bare_pipeline
 from bench.context import EVENT_STORE, Context
 from bench.latency import measure_latency
 from bench.peer import quix_peer
@@ -229,4 +231,6 @@ def _store_baselines(
             found = baselines.redis_store_only(res, ctx.workload, count, args.batch)
             ctx.say(f"{store}: (c) naive on {naive:,} events")
             found.append(baselines.redis_naive(res, ordered, naive))
+        ctx.say(f"{store}: (e) the bare pipeline on the in-order topic, one process and two")
+        found += bare_pipeline(res, store, ordered, ctx.workload)
     return found

@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
+from bench.bare import NAME as BARE
+from bench.bare import TWO as BARE_TWO
 from bench.baselines import Baseline
 from bench.latency import LatencyResult
 from bench.projector_runs import SAMPLE_SECONDS, RunResult
@@ -147,6 +149,7 @@ def bar_rows(results: Results) -> list[tuple[str, str, str, bool | None]]:
         if main and two:
             ratio = two.rate / main.rate
             rows.append((f"{store}: two processes / one", f"{ratio:.2f}", ">= 1.4", ratio >= 1.4))
+        rows += _bare_rows(results, store, main, ordered, a, b)
     if results.runs:
         rss = max(r.peak_rss_mb for r in results.runs)
         parked = max(r.peak_parked for r in results.runs)
@@ -154,6 +157,31 @@ def bar_rows(results: Results) -> list[tuple[str, str, str, bool | None]]:
     for lat in results.latency:
         ok = lat.p99_ms <= 250 and not lat.unseen
         rows.append((f"{lat.store}: produce→view p99 ms", f"{lat.p99_ms:.0f}", "<= 250", ok))
+    return rows
+
+
+def _bare_rows(
+    results: Results,
+    store: str,
+    main: RunResult | None,
+    ordered: RunResult | None,
+    a: Baseline | None,
+    b: Baseline | None,
+) -> list[tuple[str, str, str, bool | None]]:
+    """Projector and the bar beside (e), the bare pipeline: what share of a consumer that keeps
+    no order the daemon reaches and the bar asks for, and what two processes of it gain."""
+    e, e2 = results.baseline(store, BARE), results.baseline(store, BARE_TWO)
+    rows: list[tuple[str, str, str, bool | None]] = []
+    if not e or e.rate <= 0:
+        return rows
+    for label, run in (("projector", main), ("in-order", ordered)):
+        if run:
+            rows.append((f"{store}: {label} / e", f"{run.rate / e.rate:.2f}", "-", None))
+    if a and b:
+        share = 0.5 * min(a.rate, b.rate) / e.rate
+        rows.append((f"{store}: the bar's 0.5 x min(a, b) / e", f"{share:.2f}", "-", None))
+    if e2:
+        rows.append((f"{store}: e, two processes / one", f"{e2.rate / e.rate:.2f}", "-", None))
     return rows
 
 

@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.bench]
 def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
     """Proves the harness end to end on 3,000 events over 300 streams: projector on both
     stores (reordered, in order, 2 consumers, two processes; on PostgreSQL also replays after
-    a longer gap_timeout), the three baselines, the peer (Quix Streams, whose view is right
-    in order) and both latency runs finish, each view of projector equals the workload's
-    answer, and the figures land in results.json."""
+    a longer gap_timeout), the three baselines, the bare pipeline in one process and in two,
+    the peer (Quix Streams, whose view is right in order) and both latency runs finish, each
+    view of projector equals the workload's answer, and the figures land in results.json."""
     args = ["--events", "3000", "--streams", "300", "--out", str(tmp_path), "--gap-timeout", "1"]
     args += ["--parked-gap-timeout", "2"]
     args += ["--baseline-events", "3000", "--naive-events", "300", "--latency-seconds", "2"]
@@ -42,11 +42,21 @@ def test_every_measurement_runs_and_every_view_is_right(tmp_path: Path) -> None:
         "redis two processes",
     }
     assert all(r["events_per_s"] > 0 and not r["problems"] for r in results["runs"])
-    assert {b["name"] for b in results["baselines"]["postgres"]} >= {
-        "(a) consume-only",
-        "(b) store-only",
-        "(c) naive",
-    }
+    for store in ("postgres", "redis"):
+        found = {b["name"]: b for b in results["baselines"][store]}
+        assert found.keys() >= {
+            "(a) consume-only",
+            "(b) store-only",
+            "(c) naive",
+            "(e) bare pipeline",
+            "(e) bare pipeline, two processes",
+        }
+        # The bare pipeline read the whole in-order topic, in one process and in two (its
+        # view is checked inside: a wrong row raises).
+        assert found["(e) bare pipeline"]["events"] == 3000
+        assert found["(e) bare pipeline, two processes"]["events"] == 3000
+    bar = {row["ratio"] for row in results["bar"]}
+    assert {"postgres: projector / e", "redis: e, two processes / one"} <= bar
     peer = {b["detail"]: b for b in results["baselines"]["postgres"] if "Quix" in b["name"]}
     assert peer["3.28.1, in order"]["view"] == "ok" and peer["3.28.1, in order"]["events_per_s"] > 0
     assert "3.28.1, reordered" in peer
