@@ -31,6 +31,7 @@ import psycopg
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from bench import cpu
 from bench.baselines import (
     STAGE,
     Baseline,
@@ -46,6 +47,7 @@ from bench.workload import Workload
 
 NAME = "(e) bare pipeline"
 TWO = "(e) bare pipeline, two processes"
+SERVICE = {"postgres": "pg", "redis": "redis"}  # as bench.cpu names them
 
 Offsets = dict[int, int]  # partition -> the next offset to read
 WriteBatch = Callable[[list[Change], Offsets], None]
@@ -89,6 +91,7 @@ def bare_pipeline(res: Resources, store: str, topic: str, w: Workload) -> list[B
     """The bare pipeline on the whole in-order ``topic``, in one process then in two, each on
     a fresh view that is checked against the workload's answer."""
     ends = end_offsets(res.svc.kafka, topic)
+    ports = cpu.ports(res.svc.kafka, res.svc.pg_dsn, res.svc.redis_url)
     out = []
     for name, processes in ((NAME, 1), (TWO, 2)):
         target = _fresh_view(res, store)
@@ -96,9 +99,14 @@ def bare_pipeline(res: Resources, store: str, topic: str, w: Workload) -> list[B
             Share(res.svc, store, topic, sorted(ends)[k::processes], ends, target)
             for k in range(processes)
         ]
-        events, seconds = _run(shares)
+        before = cpu.snapshot(ports)
+        events, seconds, own = _run(shares)
+        on_store = cpu.used(before, cpu.snapshot(ports))[SERVICE[store]]
         _check_view(res, store, target, w)
-        detail = "consume, decode, fold, write with the offsets; no order kept"
+        detail = (
+            f"no order kept; CPU per event: Python {1e6 * own / events:.1f} us,"
+            f" {store} {1e6 * on_store / events:.1f} us"
+        )
         out.append(Baseline(name, events, seconds, detail))
     return out
 
@@ -125,17 +133,18 @@ def _check_view(res: Resources, store: str, target: str, w: Workload) -> None:
             check_pg_view(conn, w, len(w))
 
 
-def _run(shares: list[Share]) -> tuple[int, float]:
-    """Run one process per share; they start consuming together. Returns the events and
-    the seconds from the first batch of any to the last commit of all."""
+def _run(shares: list[Share]) -> tuple[int, float, float]:
+    """Run one process per share; they start consuming together. Returns the events, the
+    seconds from the first batch of any to the last commit of all, and the CPU seconds the
+    processes used (librdkafka's threads included)."""
     spawn = multiprocessing.get_context("spawn")  # no copy of the harness's Kafka threads
     start = spawn.Event()
-    done: multiprocessing.Queue[tuple[float, float, int]] = spawn.Queue()
+    done: multiprocessing.Queue[tuple[float, float, int, float]] = spawn.Queue()
     procs = [spawn.Process(target=_process, args=(s, start, done)) for s in shares]
     for p in procs:
         p.start()
     start.set()
-    found: list[tuple[float, float, int]] = []
+    found: list[tuple[float, float, int, float]] = []
     deadline = time.monotonic() + 600
     while len(found) < len(procs):
         try:
@@ -148,9 +157,9 @@ def _run(shares: list[Share]) -> tuple[int, float]:
                 raise RuntimeError(f"the bare pipeline failed (exit codes {failed})") from None
     for p in procs:
         p.join(30)
-    return sum(n for _s, _e, n in found), max(e for _s, e, _n in found) - min(
-        s for s, _e, _n in found
-    )
+    events = sum(f[2] for f in found)
+    seconds = max(f[1] for f in found) - min(f[0] for f in found)
+    return events, seconds, sum(f[3] for f in found)
 
 
 def _process(share: Share, start: StartSignal, done: multiprocessing.Queue[Any]) -> None:
@@ -168,6 +177,7 @@ def _process(share: Share, start: StartSignal, done: multiprocessing.Queue[Any])
     want = sum(share.ends[p] for p in share.partitions)
     with _writer(share) as write:
         start.wait(60)
+        cpu_before = time.process_time()  # not the imports and connecting
         seen, started = 0, 0.0
         deadline = time.monotonic() + 600
         while seen < want and time.monotonic() < deadline:
@@ -200,7 +210,7 @@ def _process(share: Share, start: StartSignal, done: multiprocessing.Queue[Any])
                 asynchronous=True,
             )
             seen += len(messages)
-        done.put((started, time.time(), seen))
+        done.put((started, time.time(), seen, time.process_time() - cpu_before))
     consumer.close()
 
 
