@@ -20,13 +20,18 @@ import orjson
 # search cost a fifth of a regular expression); digits inside strings count too, which only
 # costs the slower parser.
 _DIGITS_AS_ZERO = bytes(48 if 48 <= b <= 57 else b for b in range(256))
-_TWENTY_DIGITS, _MINUS_NINETEEN = b"0" * 20, b"-" + b"0" * 19
+_NINETEEN_DIGITS, _TWENTY_DIGITS = b"0" * 19, b"0" * 20
+_MINUS_NINETEEN = b"-" + _NINETEEN_DIGITS
 
 
 def may_hold_big_int(raw: bytes) -> bool:
     """Whether ``raw`` may hold an integer orjson cannot read exactly."""
     zeroed = raw.translate(_DIGITS_AS_ZERO)
-    return _TWENTY_DIGITS in zeroed or _MINUS_NINETEEN in zeroed
+    # Both cases hold nineteen digits in a row, so one search rules out nearly every message.
+    # ``find`` rather than ``in``: on bytes it costs about half as much here.
+    if zeroed.find(_NINETEEN_DIGITS) < 0:
+        return False
+    return zeroed.find(_TWENTY_DIGITS) >= 0 or zeroed.find(_MINUS_NINETEEN) >= 0
 
 
 def loads(raw: bytes | str) -> Any:

@@ -37,6 +37,16 @@ def test_big_integers_keep_every_digit() -> None:
         assert json_codec.dumps({"n": number}) == f'{{"n":{number}}}'.encode()
 
 
+def test_the_guard_sends_only_long_integers_to_the_exact_parser() -> None:
+    """Proves the big-integer guard's edges: twenty digits, or a minus sign and nineteen, go
+    to the exact parser; nineteen digits alone (at most 10**19 - 1, which orjson reads exactly)
+    and a minus sign with eighteen stay on the fast path, wherever they stand."""
+    slow = [b"18446744073709551616", b'{"n":-9223372036854775809}', b'"x12345678901234567890"']
+    fast = [b"1234567890123456789", b'{"n":-922337203685477580}', b'{"ts":1735689600005}']
+    assert all(json_codec.may_hold_big_int(raw) for raw in slow)
+    assert not any(json_codec.may_hold_big_int(raw) for raw in fast)
+
+
 def test_sorted_keys_make_one_canonical_form() -> None:
     """Proves the payload hash's form: key order never matters, nested objects included."""
     a = {"b": 1, "a": {"y": [1, {"d": 1, "c": 2}], "x": None}}
