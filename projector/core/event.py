@@ -118,6 +118,8 @@ _stream, _seq, _ts, _type, _data, _id, _source, _meta, _hash_slot = (
 )
 
 HASH_PREFIX = "b2:"
+# Copied for each hash: a quarter cheaper than a new one, whose parameters are parsed each time.
+_BLAKE2B_16 = hashlib.blake2b(digest_size=16)
 
 
 def payload_hash(type_: str, data: dict[str, Any]) -> str:
@@ -125,8 +127,9 @@ def payload_hash(type_: str, data: dict[str, Any]) -> str:
     conflicting one that reuses an id: BLAKE2b of the canonical JSON (keys sorted). Every
     applied event's hash is kept, so it must be cheap; the prefix tells it from the older
     :func:`legacy_payload_hash` that positions written before it still hold."""
-    canonical = json_codec.dumps([type_, data], sort_keys=True)
-    return HASH_PREFIX + hashlib.blake2b(canonical, digest_size=16).hexdigest()
+    digest = _BLAKE2B_16.copy()
+    digest.update(json_codec.dumps([type_, data], sort_keys=True))
+    return HASH_PREFIX + digest.hexdigest()
 
 
 def legacy_payload_hash(type_: str, data: dict[str, Any]) -> str:

@@ -269,6 +269,16 @@ def test_a_position_hashed_by_an_older_version_still_tells_duplicates_from_confl
     assert payload_hash(applied.type, applied.data).startswith(HASH_PREFIX)
 
 
+def test_the_payload_hash_is_the_one_stored_positions_hold() -> None:
+    """Proves the payload hash does not change between versions: positions and parked events
+    written by earlier ones hold it, and a different value would turn every later duplicate of
+    their events into a conflict. Key order does not count; the value is pinned."""
+    data = {"amount": 125, "owner": "Ada", "nested": {"b": [1, 2.5, None], "a": True}}
+    reordered = {"nested": {"a": True, "b": [1, 2.5, None]}, "owner": "Ada", "amount": 125}
+    assert payload_hash("DEPOSITED", data) == "b2:8966b281d3c0a6a3a8cf08a6bbc0fad6"
+    assert payload_hash("DEPOSITED", reordered) == payload_hash("DEPOSITED", data)
+
+
 @given(
     last=st.integers(min_value=0, max_value=10),
     parked=st.sets(st.integers(min_value=1, max_value=25), max_size=10),
