@@ -85,24 +85,36 @@ def decode_all(messages: Sequence[RawMessage], decoders: Mapping[str, Decoder]) 
             continue
         if event is None:
             ignored += 1
-        elif msg.value is not None and b"\\u" in msg.value and not _valid_unicode(event):
-            reason = (
-                "the event holds a lone UTF-16 surrogate (an escape such as \\ud800), not Unicode"
-            )
-            letters.append(DeadLetter("decode", reason, message=msg))
+        # Only a JSON escape (\\u...) can put what no store holds into a string.
+        elif msg.value is not None and b"\\u" in msg.value and (why := _unstorable(event)):
+            letters.append(DeadLetter("decode", why, message=msg))
         else:
             events.append(event)
     return Decoded(events, letters, ignored, partition_spans(messages))
 
 
-def _valid_unicode(event: Event) -> bool:
-    """Whether every string of the event encodes as UTF-8 (JSON escapes can produce lone
-    surrogates, which neither PostgreSQL's jsonb nor Redis's scripts accept)."""
+def _unstorable(event: Event) -> str | None:
+    """Why the event's strings cannot be stored, if they cannot: a lone UTF-16 surrogate is
+    not Unicode (neither PostgreSQL's jsonb nor Redis's scripts take it), and PostgreSQL's
+    jsonb and text refuse the NUL character. Such an event stays out of every store alike."""
+    value = event.to_json()
     try:
-        json.dumps(event.to_json(), ensure_ascii=False).encode("utf-8")
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return "the event holds a lone UTF-16 surrogate (an escape such as \\ud800), not Unicode"
+    if _holds_nul(value):
+        return "the event holds a NUL character (\\u0000), which PostgreSQL's text and jsonb refuse"
+    return None
+
+
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 @dataclass(frozen=True)
