@@ -10,7 +10,8 @@ from projector.core.message import RawMessage
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """``kind`` is one of: decode, seq_jump, seq_below_first, conflict, handler.
+    """``kind`` is one of: decode, seq_jump, seq_below_first, conflict, handler; in merge
+    mode also no_timestamp and merge (an event no merge takes); correlation_rule.
     Undecodable messages have only ``message``; the others have the decoded ``event``."""
 
     kind: str

@@ -134,13 +134,17 @@ class MergeApplier:
         ]
         by_stream = group_by_stream(timed)
         stored = tx.lock_documents(by_stream)
-        changes, states = self._merge(by_stream, stored, result)
+        changes, states, malformed = self._merge(by_stream, stored, result)
         failed = self._run_handlers(tx, changes)
-        letters = untimed + [
-            DeadLetter("handler", reason, event=e)
-            for change, reason in failed
-            for e in change.events
-        ]
+        letters = (
+            untimed
+            + malformed
+            + [
+                DeadLetter("handler", reason, event=e)
+                for change, reason in failed
+                for e in change.events
+            ]
+        )
         failed_streams = {c.stream for c, _ in failed}
         kept = {s: state for s, state in states.items() if s not in failed_streams}
         tx.write_documents(kept, self.clock())
@@ -189,18 +193,31 @@ class MergeApplier:
         by_stream: Mapping[str, list[Event]],
         stored: Mapping[str, dict[str, Any] | None],
         result: BatchResult,
-    ) -> tuple[list[DocumentChange], dict[str, dict[str, Any]]]:
+    ) -> tuple[list[DocumentChange], dict[str, dict[str, Any]], list[DeadLetter]]:
+        """Each document's events merged into its stored state: the changed documents, their
+        new states, and the events no merge takes (dead letters; the others merge without
+        them, order not mattering)."""
         changes: list[DocumentChange] = []
         states: dict[str, dict[str, Any]] = {}
-        for stream, evs in by_stream.items():
+        malformed: list[DeadLetter] = []
+        for stream, arrived in by_stream.items():
             raw = stored.get(stream)
-            merged = merge_events(None if raw is None else DocState.from_json(raw), evs, self.rules)
+            state = None if raw is None else DocState.from_json(raw)
+            evs = arrived
+            try:
+                merged = merge_events(state, evs, self.rules)
+            except (ValueError, RecursionError):
+                evs, refused = _mergeable(state, arrived, self.rules)
+                malformed += refused
+                if not evs:
+                    continue
+                merged = merge_events(state, evs, self.rules)
             if not merged.changed:
                 result.duplicates += len(evs)  # stale or repeated: nothing new for the view
                 continue
             changes.append(DocumentChange(stream, merged.document, tuple(evs)))
             states[stream] = merged.state.to_json()
-        return changes, states
+        return changes, states, malformed
 
     def _run_handlers(
         self, tx: StoreBatch, changes: list[DocumentChange]
@@ -266,3 +283,26 @@ def _purged(raw: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     purged = purge_tombstones(DocState.from_json(raw), older_than=2**63)
     return None if purged == DocState() else purged.to_json()
+
+
+def _mergeable(
+    state: DocState | None, events: list[Event], rules: MergeRules
+) -> tuple[list[Event], list[DeadLetter]]:
+    """The events that merge into ``state`` one by one, and a dead letter for each that does
+    not: a malformed list of removed fields, or data nested deeper than the merge can walk.
+    Such an event would fail every batch that holds it, and with it the daemon."""
+    good: list[Event] = []
+    refused: list[DeadLetter] = []
+    for event in events:
+        try:
+            merge_events(state, [event], rules)
+        except ValueError as exc:
+            refused.append(DeadLetter("merge", f"the merge refused the event: {exc}", event=event))
+        except RecursionError:
+            reason = "the event's data nests deeper than the merge can walk"
+            refused.append(DeadLetter("merge", reason, event=event))
+        else:
+            good.append(event)
+    for letter in refused:
+        log.warning("dead letter: document %s: %s", letter.stream, letter.reason)
+    return good, refused

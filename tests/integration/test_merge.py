@@ -190,6 +190,48 @@ def test_a_bad_document_is_a_dead_letter_and_retry_merges_it(
     assert json.dumps(docs(pg_dsn), sort_keys=True)
 
 
+def test_an_event_no_merge_takes_is_a_dead_letter_and_its_document_merges_the_rest(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves the daemon never exits on an event the merge itself refuses: a list of removed
+    fields that is a string, or holds a number, and objects nested 400 levels deep (which the
+    decoder reads, but deeper than the merge's recursion goes) each become a dead letter of
+    kind ``merge`` with its reason, and the other events of the same documents merge as if
+    they had never come."""
+    deep: Any = "bottom"
+    for _ in range(400):  # objects, which the merge walks field by field (arrays are values)
+        deep = {"x": deep}
+    topic = new_topic()
+    publish(
+        services.kafka,
+        topic,
+        [
+            {"id": 4, "ts": T1, "name": "kept"},
+            {"id": 4, "ts": T2, "$removed": "name"},
+            {"id": 4, "ts": T3, "$removed": [1]},
+            {"id": 5, "ts": T1, "x": deep},
+            {"id": 5, "ts": T2, "name": "also kept"},
+        ],
+        key_of="id",
+    )
+    config = make_config(services, pg_dsn, [merge_projection([topic])])
+    migrate_all(config)
+    assert run_until_caught_up(config) == 0
+    assert docs(pg_dsn) == {
+        "person:4": {"id": 4, "ts": T1, "name": "kept"},
+        "person:5": {"id": 5, "ts": T2, "name": "also kept"},
+    }
+    letters = rows(pg_dsn, "select kind, stream, reason from projector.dead_letters order by id")
+    assert sorted((k, s) for k, s, _ in letters) == [
+        ("merge", "person:4"),
+        ("merge", "person:4"),
+        ("merge", "person:5"),
+    ]
+    reasons = " | ".join(r for _, _, r in letters)
+    assert "must be a list" in reasons and "is not a field path" in reasons
+    assert "nests deeper than the merge can walk" in reasons
+
+
 def test_tombstones_are_forgotten_after_the_retention(
     services: Services, pg_dsn: str, new_topic: Callable[..., str]
 ) -> None:
