@@ -133,8 +133,8 @@ class DocState:
 
 @dataclass(frozen=True, slots=True)
 class MergeRules:
-    """``delete_types``: event types that remove the whole document (Debezium's op ``d`` is
-    decoded as ``delete``); ``removed_field``: the data field that lists removed field paths
+    """``delete_types``: event types that remove the whole document (Debezium's op ``d``,
+    decoded as ``delete``, removes it whatever they are); ``removed_field``: the data field that lists removed field paths
     (``None``: no such field). The timestamp is ``Event.ts``; the decoder decides where it
     comes from."""
 
@@ -169,7 +169,9 @@ def event_state(event: Event, rules: MergeRules) -> DocState:
     """What one event says, as a state of its own."""
     if event.ts is None:
         raise ValueError(f"event {event.id} of stream {event.stream} has no ts (merge mode)")
-    if event.type in rules.delete_types:
+    # Debezium's op d deletes whatever the configured delete types are: a projection that
+    # names its own domain's delete types still follows its CDC topics' deletes.
+    if event.type in rules.delete_types or event.meta.get("op") == "d":
         return DocState(Node(Mark(event.ts, event.id, Kind.DELETE)))
     data = dict(event.data)
     removed = data.pop(rules.removed_field, None) if rules.removed_field else None

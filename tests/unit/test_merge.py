@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from projector.core.decode import load_decoder
 from projector.core.event import Event
 from projector.core.merge import (
     DocState,
@@ -25,6 +26,7 @@ from projector.core.merge import (
     merge_states,
     purge_tombstones,
 )
+from projector.core.message import RawMessage
 
 RULES = MergeRules()
 
@@ -172,6 +174,27 @@ def test_configured_delete_types_remove_the_document() -> None:
     assert every_order(gone, rules) is None
     kept = [ev(1, {"name": "Sam"}), ev(2, {"reason": "x"}, "x", "delete")]
     assert every_order(kept, rules) == {"name": "Sam", "reason": "x"}
+
+
+def test_a_debezium_delete_removes_the_document_whatever_the_delete_types() -> None:
+    """Proves a CDC delete (Debezium's op d) removes the document even when the projection
+    configures its own delete types, which do not name the decoder's ``delete``, and that an
+    older change arriving after it does not bring the row back."""
+    decoder = load_decoder("debezium", {})
+
+    def cdc(op: str, lsn: int, row: dict[str, Any]) -> Event:
+        source = {"connector": "postgresql", "schema": "public", "table": "student", "lsn": lsn}
+        before, after = (row, None) if op == "d" else (None, row)
+        value = {"before": before, "after": after, "source": source, "op": op, "ts_ms": 1}
+        raw = RawMessage("cdc.student", 0, lsn, b'{"id": 42}', json.dumps(value).encode())
+        event = decoder.decode(raw)
+        assert event is not None
+        return event
+
+    rules = MergeRules(delete_types=frozenset({"StudentExpelled"}))
+    row = {"id": 42, "name": "Jhon"}
+    assert every_order([cdc("c", 10, row), cdc("d", 20, row)], rules) is None
+    assert every_order([cdc("c", 10, row), cdc("d", 20, row), cdc("u", 15, row)], rules) is None
 
 
 def test_removed_field_paths_are_tombstoned_nested_too() -> None:
