@@ -122,20 +122,29 @@ class Due:
 def decide(gap: Gap, schedule: ReplaySchedule, now: float) -> Due:
     """The next step for a gap whose ``next_request_at`` has passed. Past ``give_up_after``,
     ``skip`` and ``fail`` act, ``hold`` keeps the gap open, visible as held, and keeps asking
-    at the longest interval."""
-    given_up = schedule.give_up_after is not None and now - gap.first_seen >= schedule.give_up_after
-    if given_up and schedule.on_give_up != "hold":
+    at the longest interval. Before it, the next request comes no later than the give-up
+    time, so the policy acts on time, not up to ``max_interval`` late."""
+    give_up_at = None if schedule.give_up_after is None else gap.first_seen + schedule.give_up_after
+    given_up = give_up_at is not None and now >= give_up_at
+    if given_up and schedule.on_give_up == "skip":
         # Moved out of the way so no other instance takes it while this one acts; if the
         # action fails (a crash), the gap comes due again then.
-        return Due(schedule.on_give_up, replace(gap, next_request_at=now + schedule.max_interval))
+        return Due("skip", replace(gap, next_request_at=now + schedule.max_interval))
+    if given_up and schedule.on_give_up == "fail":
+        # Left due: every instance, and this one after a restart, stops on it at once, until
+        # its events come or an operator skips it (``projector gaps skip``).
+        return Due("fail", gap)
     attempt = gap.attempts + 1
+    next_request_at = now + schedule.interval_after(attempt)
+    if give_up_at is not None and not given_up:
+        next_request_at = min(next_request_at, give_up_at)
     return Due(
         "request",
         replace(
             gap,
             attempts=attempt,
             last_request_at=now,
-            next_request_at=now + schedule.interval_after(attempt),
+            next_request_at=next_request_at,
             state="held" if given_up else gap.state,
         ),
     )

@@ -210,7 +210,8 @@ def test_fail_policy_stops_the_projection_loudly(
     services: Services, pg_dsn: str, new_topic: Callable[..., str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Proves on_give_up: fail: past give_up_after the daemon stops with exit code 1 and a
-    message naming the projection, the stream and the range."""
+    message naming the projection, the stream and the range; restarted, with no time passing,
+    it stops again on that gap at once instead of running on as if nothing were wrong."""
     _, delivered, _ = split_log(accounts=1, events=4, withheld_seqs={2})
     source = new_topic()
     publish(services.kafka, source, delivered)
@@ -227,6 +228,9 @@ def test_fail_policy_stops_the_projection_loudly(
         "gap 2-2 of stream account:" in r.getMessage() and "on_give_up: fail" in r.getMessage()
         for r in caplog.records
     )
+    with daemon_thread(config, clock) as restarted:
+        wait_until(lambda: "code" in restarted, "the restarted daemon to stop", limit=30)
+    assert restarted["code"] == 1
 
 
 def test_max_parked_pauses_the_source_and_resumes_when_gaps_fill(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from projector.core.gaps import Gap, ReplaySchedule, decide, reconcile_gaps
+from projector.core.gaps import Gap, GiveUpPolicy, ReplaySchedule, decide, reconcile_gaps
 
 
 def test_new_gap_is_scheduled_after_the_timeout() -> None:
@@ -50,7 +50,43 @@ def test_give_up_policies() -> None:
 
 
 def test_a_gap_given_up_on_is_moved_out_of_the_way_while_acted_on() -> None:
-    """Proves a gap decided skip (or fail) gets a later next request time, so a second
-    instance does not take it again while the first one applies the skip."""
+    """Proves a gap decided skip gets a later next request time, so a second instance does
+    not take it again while the first one applies the skip."""
     due = decide(Gap("s", 3, 4, 0.0, 5), ReplaySchedule(10, 60, 100, "skip"), now=100)
     assert due.gap.next_request_at == 160
+
+
+def test_a_gap_failed_on_stays_due_so_a_restart_fails_at_once() -> None:
+    """Proves on_give_up: fail keeps the gap due: the daemon restarted after the failure (or
+    another instance) stops on it at its first check, instead of running on for up to
+    max_interval as if nothing were wrong."""
+    gap = Gap("s", 3, 4, 0.0, 5, 90.0, 100.0)
+    due = decide(gap, ReplaySchedule(10, 600, 100, "fail"), now=100)
+    assert due.action == "fail" and due.gap == gap
+    assert decide(due.gap, ReplaySchedule(10, 600, 100, "fail"), now=101).action == "fail"
+
+
+def test_the_policy_acts_at_give_up_after_not_at_the_next_backoff() -> None:
+    """Proves the give-up time bounds the schedule: gap_timeout 2 s and give_up_after 10 s ask
+    at 2, 4 and 8 s, then act at 10 s (the backoff alone would say 16 s), for every policy:
+    skip and fail act, hold marks the gap held."""
+    cases: list[tuple[GiveUpPolicy, str]] = [
+        ("skip", "skip"),
+        ("fail", "fail"),
+        ("hold", "request"),
+    ]
+    for policy, action in cases:
+        schedule = ReplaySchedule(
+            gap_timeout=2, max_interval=600, give_up_after=10, on_give_up=policy
+        )
+        gap = Gap("s", 3, 4, first_seen=0.0, next_request_at=2.0)
+        asked = []
+        while True:
+            assert gap.next_request_at is not None
+            due = decide(gap, schedule, now=gap.next_request_at)
+            if due.action != "request" or due.gap.state == "held":
+                break
+            asked.append(gap.next_request_at)
+            gap = due.gap
+        assert asked == [2.0, 4.0, 8.0]
+        assert (due.action, gap.next_request_at) == (action, 10.0)
