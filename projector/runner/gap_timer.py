@@ -116,16 +116,19 @@ class GapTimer:
                 )
             self.report("no_channel", len(requests), None)
             return
-        failed = self.channel.send(requests)
+        self.channel.send(requests, self._requested)
+
+    def _requested(self, delivered: int, failed: int) -> None:
+        """One send's outcome: on the HTTP channel, from its own threads, once the POSTs end."""
         if failed:
-            self.report("failed", len(failed), None)
-        if len(requests) > len(failed):
-            self.report("sent", len(requests) - len(failed), None)
+            self.report("failed", failed, None)
+        if delivered:
+            self.report("sent", delivered, None)
         log.info(
             "projection %s: requested replay of %d gap(s), %d failed",
             self.projection.name,
-            len(requests),
-            len(failed),
+            delivered + failed,
+            failed,
         )
 
     def _skip(self, gap: Gap, now: float) -> None:

@@ -8,6 +8,7 @@ import functools
 import logging
 import random
 import signal
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -97,6 +98,34 @@ def test_requests_back_off_while_nobody_answers_then_the_fill_drains(
     assert len(by_stream) == 5
     assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
     assert count(pg_dsn, "select count(*) from projector.holding") == 0
+
+
+def test_an_http_endpoint_that_never_answers_does_not_hold_up_the_loop(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str]
+) -> None:
+    """Proves the HTTP channel sends off the poll loop: 100 gaps fall due while the write
+    side's endpoint accepts connections and never answers (1 s timeout each, so 100 s in a
+    row in the loop). Once the requests are claimed, the withheld events, published on the
+    source topic, still fill every gap within seconds and the views equal the oracle."""
+    log, delivered, withheld = split_log(accounts=100, events=4, withheld_seqs={2})
+    source = new_topic(partitions=2)
+    publish(services.kafka, source, delivered)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(512)  # connections wait in the backlog; none is ever accepted
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/replay"
+        replay = {"channel": "http", "url": url, "timeout": "1s"}
+        config = gap_config(services, pg_dsn, [source], gap_timeout="10s", replay=replay)
+        clock = FakeClock()
+        gaps = "select count(*) from projector.gaps"
+        with daemon_thread(config, clock):
+            wait_until(lambda: count(pg_dsn, gaps) == 100, "100 gaps")
+            clock.advance(11)
+            claimed = f"{gaps} where attempts = 1"
+            wait_until(lambda: count(pg_dsn, claimed) == 100, "the requests claimed")
+            publish(services.kafka, source, withheld)
+            wait_until(lambda: count(pg_dsn, gaps) == 0, "the fill, while the POSTs wait", 15)
+    assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
 
 
 def test_a_gap_is_requested_when_it_falls_due_not_at_the_next_check(
