@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from confluent_kafka import KafkaException
@@ -30,7 +30,7 @@ from confluent_kafka import KafkaException
 from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder
 from projector.core.message import RawMessage
-from projector.runner.batch import Clock
+from projector.runner.batch import BatchApplier, Clock
 from projector.runner.compaction import Policies, kafka_policies, warn_if_compacted
 from projector.runner.daemon import collecting_less_often
 from projector.runner.merge_batch import MergeApplier
@@ -261,6 +261,8 @@ class Rebuilder:
 
     def _build(self, reader: PartitionReader, plan: RebuildPlan, report: RebuildReport) -> None:
         applier = build_applier(self.config, self._shadow(), self.store, self.clock)
+        if not plan.resume and isinstance(applier, BatchApplier):
+            self._carry_skips(applier)
         decoders = build_decoders(self.projection)
         for topic in self.history:  # events as on the projection's own topics
             decoders[topic] = decoders[self.projection.topics[0]]
@@ -305,6 +307,30 @@ class Rebuilder:
             report.old_dropped = self._drop_old()
             return
         report.status = "interrupted"
+
+    def _carry_skips(self, applier: BatchApplier) -> None:
+        """Record in the rebuild's state the ranges the live run gave up on (``on_give_up:
+        skip``, ``projector gaps skip``), so the rebuild steps over them as the live run did.
+        The topics hold nothing for them: without this, each such stream would stop before
+        its range in the rebuild, and the swap would show readers an older view."""
+        skipped = [g for g in self.store.list_gaps(self.projection.name) if g.state == "skipped"]
+        if not skipped:
+            return
+        shadow = self._shadow()
+        streams = sorted({g.stream for g in skipped})
+        # Written as gaps, then marked skipped, as the live run's skip does.
+        gaps = [replace(g, state="open") for g in skipped]
+        for attempt in transient_retries():
+            with attempt, self.store.batch(shadow.name, shadow.schema_name) as tx:
+                tx.lock_positions(streams, applier.rules)
+                tx.replace_gaps(streams, gaps)
+                for gap in gaps:
+                    tx.mark_skipped(gap)
+        log.info(
+            "rebuild %s: %d range(s) the live run skipped, skipped in the rebuild too",
+            self.projection.name,
+            len(skipped),
+        )
 
     def _shadow(self) -> ProjectionConfig:
         """The projection as the rebuild applies it: its state under the rebuild's name, its

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 import signal
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from projector import scenarios
 from projector.replay.responder import ReplayResponder
 from projector.runner.dead_letters import resolve
+from projector.runner.rebuild import rebuild
 from projector.store.connect import StoreSet
 from tests.conftest import unique
 from tests.integration.conftest import StoreUnderTest
@@ -233,6 +235,45 @@ def test_merge_tombstones_are_swept_after_the_retention(
         clock.advance(1900)  # past the retention, and past the next sweep's minute
         wait_until(lambda: store.views.merged("people") == 1, "the deleted document swept")
     assert store.views.documents("people") == {"person:2": {"id": 2, "ts": T1, "name": "kept"}}
+
+
+def test_a_rebuild_steps_over_the_ranges_the_live_run_skipped(
+    store: StoreUnderTest, new_topic: Callable[..., str]
+) -> None:
+    """Proves on both stores that a rebuild keeps what on_give_up: skip decided: the seq-2
+    rename of some customers never comes, the live run gives up on it and applies what
+    follows. The topic holds nothing for seq 2, so a rebuild that did not know of the skips
+    would stop those streams at seq 1 and, once swapped, show readers an older view. The
+    rebuilt view equals the live one, with nothing parked and no gap open."""
+    log = scenarios.customer_log(random.Random(5), 80)
+    length = Counter(str(w["stream"]) for w in log)
+    withheld = [
+        w
+        for w in log
+        if w["seq"] == 2 and w["type"] == "CUSTOMER_RENAMED" and length[str(w["stream"])] >= 3
+    ]
+    delivered = [w for w in log if w not in withheld]
+    assert len(withheld) >= 5
+    topic = new_topic()
+    publish(store.services.kafka, topic, delivered)
+    skip = {"gap_timeout": "10s", "give_up_after": "20s", "on_give_up": "skip"}
+    config = store.config([store.projection("people", [topic], ["customers"], **skip)])
+    clock = FakeClock()
+    with daemon_thread(config, clock):
+        wait_until(lambda: store.views.own("people").open_gaps == len(withheld), "the gaps")
+        clock.advance(10)  # the requests (no channel: only logged)
+        clock.advance(11)  # past give_up_after: skipped at the next check
+
+        def skipped_and_drained() -> bool:
+            own = store.views.own("people")
+            return (own.parked, own.open_gaps, own.checkpoint_sum) == (0, 0, len(delivered))
+
+        wait_until(skipped_and_drained, "the skips, and what followed them applied")
+    live = store.views.customers("people")
+    assert rebuild(config, "people").status == "swapped"
+    assert store.views.customers("people") == live
+    own = store.views.own("people")
+    assert (own.parked, own.open_gaps, own.dead_letters) == (0, 0, 0)
 
 
 def test_withheld_events_are_served_through_replay(
