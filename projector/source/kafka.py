@@ -155,6 +155,7 @@ class KafkaSource:
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self.assigned: set[TopicPartition] = set()
+        self._paused: set[TopicPartition] = set()
         # Next offset to read per assigned partition (None: from the beginning), for lag.
         self._next: dict[TopicPartition, int | None] = {}
         self._consumer.subscribe(
@@ -179,12 +180,14 @@ class KafkaSource:
         # partition fenced (and paused) here, or paused by back-pressure, and assigned back
         # would never be read again. It starts unpaused; back-pressure pauses it if it must.
         consumer.resume(partitions)
+        self._paused -= set(tps)
         log.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in sorted(tps)) or "nothing")
 
     def _revoke_cb(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self._send_commit(set(tps))
         self.assigned -= set(tps)
+        self._paused -= set(tps)
         for tp in tps:
             self._next.pop(tp, None)
         self._on_revoke(tps)
@@ -261,23 +264,28 @@ class KafkaSource:
         tps = [KafkaTopicPartition(t, p) for t, p in partitions]
         if tps:
             self._consumer.pause(tps)
+            self._paused |= {(tp.topic, tp.partition) for tp in tps}
 
     def resume(self, partitions: Iterable[TopicPartition]) -> None:
         tps = [KafkaTopicPartition(t, p) for t, p in partitions]
         if tps:
             self._consumer.resume(tps)
+            self._paused -= {(tp.topic, tp.partition) for tp in tps}
 
     def lag(self, cached: bool = True) -> dict[TopicPartition, int]:
         """Per assigned partition: end offset minus the next offset to read (0 when caught up).
         ``cached`` uses the end offsets of the last fetch responses (free); otherwise the broker
         is asked, which waits behind an in-flight fetch (up to fetch.wait.max.ms) per partition.
-        A partition not fetched yet is always asked about."""
+        A partition not fetched yet is always asked about, and so is a paused one: it is not
+        fetched, so its last fetch's end offset would hide what arrived since."""
         out: dict[TopicPartition, int] = {}
         tps = [KafkaTopicPartition(t, p) for t, p in sorted(self.assigned)]
         for tp in self._consumer.position(tps) if tps else []:
             key = (tp.topic, tp.partition)
             low, high = (
-                self._consumer.get_watermark_offsets(tp, cached=True) if cached else (-1, -1)
+                self._consumer.get_watermark_offsets(tp, cached=True)
+                if cached and key not in self._paused
+                else (-1, -1)
             )
             if high < 0:
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)

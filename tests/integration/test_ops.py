@@ -181,7 +181,9 @@ def test_lag_metric_equals_end_offset_minus_checkpoint_while_paused(
 ) -> None:
     """Proves the lag gauge while behind: with the source paused by back-pressure (max_parked)
     the per-partition lag in messages equals the partition's end offset minus the stored
-    checkpoint, the back-pressure gauge is 1, and the lag in seconds is positive."""
+    checkpoint, the back-pressure gauge is 1, and the lag in seconds is positive. Messages
+    published while the source stays paused count too: a paused partition is not fetched,
+    so the end offset its last fetch brought back would hide them."""
     _, delivered, _ = split_log(accounts=60, events=10, withheld_seqs={2})
     source, replay_topic = new_topic(), new_topic()
     publish(services.kafka, source, delivered)
@@ -196,7 +198,7 @@ def test_lag_metric_equals_end_offset_minus_checkpoint_while_paused(
             "back-pressure",
         )
 
-        def lag_matches() -> bool:
+        def lag_matches(end_offset: int) -> bool:
             [(checkpoint,)] = rows(
                 pg_dsn, "select next_offset from projector.checkpoints where topic = %s", (source,)
             )
@@ -207,9 +209,14 @@ def test_lag_metric_equals_end_offset_minus_checkpoint_while_paused(
                 topic=source,
                 partition="0",
             )
-            return lag is not None and lag > 0 and lag == len(delivered) - checkpoint
+            return lag is not None and lag > 0 and lag == end_offset - checkpoint
 
-        wait_until(lag_matches, "the lag gauge to equal end offset minus checkpoint")
+        wait_until(lambda: lag_matches(len(delivered)), "the lag gauge: end offset - checkpoint")
+        later = [{**w, "stream": f"later:{w['stream']}"} for w in delivered[:30]]
+        publish(services.kafka, source, later)
+        assert value(port, "projector_backpressure", projection="accounts") == 1
+        end = len(delivered) + len(later)
+        wait_until(lambda: lag_matches(end), "the lag gauge to count what came while paused")
         seconds = value(
             port,
             "projector_consumer_lag_seconds",
