@@ -262,6 +262,30 @@ def test_fail_policy_stops_the_projection_loudly(
     assert restarted["code"] == 1
 
 
+def test_max_parked_only_alerts_when_replays_come_back_on_the_source_topic(
+    services: Services, pg_dsn: str, new_topic: Callable[..., str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Proves the bound's other branch: with no replay topic, replays come back on the source
+    topic, so pausing it would block the fill it waits for. Past max_parked the daemon says so
+    and reads on: the whole topic is read, far more than max_parked is parked, and the
+    withheld events, published on the source topic, fill every gap."""
+    caplog.set_level(logging.INFO, logger="projector")
+    log, delivered, withheld = split_log(accounts=100, events=10, withheld_seqs={2})
+    source = new_topic()
+    publish(services.kafka, source, delivered)
+    config = gap_config(services, pg_dsn, [source], max_parked=100, batch_max_messages=50)
+    consumed = "select coalesce(sum(next_offset), 0) from projector.checkpoints"
+    with daemon_thread(config, FakeClock()):
+        wait_until(lambda: count(pg_dsn, consumed) == len(delivered), "the whole topic read")
+        assert count(pg_dsn, "select count(*) from projector.holding") == 100 * 8
+        publish(services.kafka, source, withheld)
+        wait_until(lambda: count(pg_dsn, "select count(*) from projector.holding") == 0, "the fill")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("reached max_parked 100; not pausing" in m for m in messages), messages
+    assert not any("pausing the source partitions until gaps fill" in m for m in messages)
+    assert account_rows(pg_dsn) == scenarios.accounts_oracle(log)
+
+
 def test_max_parked_pauses_the_source_and_resumes_when_gaps_fill(
     services: Services, pg_dsn: str, new_topic: Callable[..., str], caplog: pytest.LogCaptureFixture
 ) -> None:
