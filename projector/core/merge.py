@@ -134,9 +134,9 @@ class DocState:
 @dataclass(frozen=True, slots=True)
 class MergeRules:
     """``delete_types``: event types that remove the whole document (Debezium's op ``d``,
-    decoded as ``delete``, removes it whatever they are); ``removed_field``: the data field that lists removed field paths
-    (``None``: no such field). The timestamp is ``Event.ts``; the decoder decides where it
-    comes from."""
+    decoded as ``delete``, removes it whatever they are); ``removed_field``: the data field
+    that lists removed field paths (``None``: no such field). The timestamp is ``Event.ts``;
+    the decoder decides where it comes from."""
 
     delete_types: frozenset[str] = frozenset({"delete"})
     removed_field: str | None = "$removed"
