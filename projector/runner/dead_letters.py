@@ -67,20 +67,21 @@ def resolve(
         for letter_id in ids:
             for attempt in transient_retries():
                 with attempt, store.batch(proj.name, proj.schema_name) as tx:
-                    outcome = _resolve_one(applier, decoders, tx, letter_id, action)
+                    outcome = resolve_one(applier, decoders, tx, letter_id, action)
             outcomes.append(outcome)
     finally:
         stores.close()
     return outcomes
 
 
-def _resolve_one(
+def resolve_one(
     applier: Applier,
     decoders: Mapping[str, Decoder],
     tx: StoreBatch,
     letter_id: int,
     action: str,
 ) -> Outcome:
+    """Retry or skip one dead letter of ``tx``'s projection, in ``tx``."""
     row = tx.lock_dead_letter(letter_id)
     if row is None:
         return Outcome(letter_id, "not-found", f"no dead letter {letter_id} in {tx.projection}")

@@ -33,6 +33,7 @@ from projector.core.message import RawMessage
 from projector.runner.batch import BatchApplier, Clock
 from projector.runner.compaction import Policies, kafka_policies, warn_if_compacted
 from projector.runner.daemon import collecting_less_often
+from projector.runner.dead_letters import resolve_one
 from projector.runner.merge_batch import MergeApplier
 from projector.runner.worker import (
     IDLE_TICK_SECONDS,
@@ -42,7 +43,7 @@ from projector.runner.worker import (
     load_handlers,
 )
 from projector.source.kafka import PartitionReader, TopicPartition
-from projector.store.base import LivePartition, NotCaughtUp, Store
+from projector.store.base import DeadLetterRow, LivePartition, NotCaughtUp, Store
 from projector.store.connect import open_store, view_migrations
 from projector.store.errors import is_transient, transient_retries
 from projector.store.migrate import ViewMigrations, check_schema
@@ -284,6 +285,8 @@ class Rebuilder:
             history_left = any(batch.position(tp) < end for tp, end in history_ends.items())
             if applied or behind > slack or history_left:
                 continue
+            if self._skip_as_live_did(applier, decoders):
+                continue  # what the skips drained is applied: look again before swapping
             self.progress.update(report.read, report.read + behind, "swapping")
             try:
                 report.checkpoints = self.rebuild.swap(
@@ -332,6 +335,39 @@ class Rebuilder:
             len(skipped),
         )
 
+    def _skip_as_live_did(self, applier: Applier, decoders: Mapping[str, Decoder]) -> bool:
+        """Skip the rebuild's handler dead letters that the operator skipped in the live run
+        (``projector dead-letters skip``): their handler still fails, and without this the
+        rebuild would hold their streams there and the swap would show readers an older view.
+        True if it skipped any."""
+        if not isinstance(applier, BatchApplier):
+            return False
+        skipped = {
+            _event_key(row)
+            for row in self.store.list_dead_letters(self.projection.name, "skipped", _ALL)
+            if row.kind == "handler"
+        }
+        skipped.discard(None)
+        if not skipped:
+            return False
+        shadow = self._shadow()
+        again = [
+            row.id
+            for row in self.store.list_dead_letters(self.rebuild.name, "open", _ALL)
+            if row.kind == "handler" and _event_key(row) in skipped
+        ]
+        for letter_id in again:
+            for attempt in transient_retries():
+                with attempt, self.store.batch(shadow.name, shadow.schema_name) as tx:
+                    resolve_one(applier, decoders, tx, letter_id, "skip")
+        if again:
+            log.info(
+                "rebuild %s: %d dead letter(s) skipped, as they were in the live run",
+                self.projection.name,
+                len(again),
+            )
+        return bool(again)
+
     def _shadow(self) -> ProjectionConfig:
         """The projection as the rebuild applies it: its state under the rebuild's name, its
         views in the shadow schema, and its correlation under the live name (the prefix of
@@ -351,6 +387,14 @@ class Rebuilder:
             if self.rebuild.drop_old(self.lock_timeout):
                 return True
         return False
+
+
+_ALL = 1_000_000  # dead letters listed at once: every one a rebuild may meet
+
+
+def _event_key(row: DeadLetterRow) -> tuple[str, int | None, str] | None:
+    """What tells one dead-lettered event from another across the live run and a rebuild."""
+    return None if row.event is None else (row.event.stream, row.event.seq, row.event.id)
 
 
 def idle_every(projection: ProjectionConfig) -> float:

@@ -91,7 +91,8 @@ def test_a_poison_event_halts_only_its_stream_and_skip_resumes_it(
     """Proves on both stores: an event the handler rejects becomes a dead letter with the
     handler's reason, its stream applies nothing after it (its successors are parked, not
     applied), every other stream reaches the oracle, and the daemon does not stop;
-    ``dead-letters skip`` then moves the stream past it and drains what was parked."""
+    ``dead-letters skip`` then moves the stream past it and drains what was parked, and a
+    rebuild skips it again."""
     log, bad = poisoned_log()
     delivered = log[:20] + bad + log[20:]
     topic = new_topic(partitions=2)
@@ -116,6 +117,12 @@ def test_a_poison_event_halts_only_its_stream_and_skip_resumes_it(
     assert outcome.status == "skipped"
     # Past the skipped rename: created at seq 2, renamed at seq 3, two events applied.
     resumed = {"id": "bad", "name": "Ada Okafor", "email": None, "version": 3, "applied_events": 2}
+    assert store.views.customers("people") == {**scenarios.customers_oracle(log), "bad": resumed}
+    assert store.views.own("people") == OwnState(0, 0, 0, len(delivered))
+
+    # A rebuild meets the poison again (its handler still fails) and skips it as the operator
+    # did: the rebuilt view is the live one, not the stream stopped before its poison.
+    assert rebuild(config, "people").status == "swapped"
     assert store.views.customers("people") == {**scenarios.customers_oracle(log), "bad": resumed}
     assert store.views.own("people") == OwnState(0, 0, 0, len(delivered))
 
