@@ -29,8 +29,9 @@ from confluent_kafka import KafkaException
 
 from projector.config import Config, ProjectionConfig
 from projector.core.decode import Decoder
+from projector.core.gaps import Gap
 from projector.core.message import RawMessage
-from projector.runner.batch import BatchApplier, Clock
+from projector.runner.batch import BatchApplier, BatchResult, Clock
 from projector.runner.compaction import Policies, kafka_policies, warn_if_compacted
 from projector.runner.daemon import collecting_less_often
 from projector.runner.dead_letters import resolve_one
@@ -336,12 +337,46 @@ class Rebuilder:
         )
 
     def _skip_as_live_did(self, applier: Applier, decoders: Mapping[str, Decoder]) -> bool:
-        """Skip the rebuild's handler dead letters that the operator skipped in the live run
-        (``projector dead-letters skip``): their handler still fails, and without this the
-        rebuild would hold their streams there and the swap would show readers an older view.
-        True if it skipped any."""
+        """Before the swap: skip in the rebuild what the live run skipped since the rebuild
+        began (gaps, :meth:`_carry_skips` having taken those skipped before), and the handler
+        dead letters the operator skipped (``projector dead-letters skip``; their handler
+        still fails). Without this the rebuild would hold those streams there, and the swap
+        would show readers an older view. True if it skipped anything."""
         if not isinstance(applier, BatchApplier):
             return False
+        gaps = self._skip_gaps_as_live_did(applier)
+        return self._skip_dead_letters_as_live_did(applier, decoders) or gaps
+
+    def _skip_gaps_as_live_did(self, applier: BatchApplier) -> bool:
+        live: dict[str, list[Gap]] = {}
+        for g in self.store.list_gaps(self.projection.name):
+            if g.state == "skipped":
+                live.setdefault(g.stream, []).append(g)
+        if not live:
+            return False
+        mine = [
+            (g, s)
+            for g in self.store.list_gaps(self.rebuild.name)
+            if g.state != "skipped"
+            for s in live.get(g.stream, ())
+            if g.from_seq <= s.to_seq and s.from_seq <= g.to_seq
+        ]
+        shadow = self._shadow()
+        for _gap, skipped in mine:
+            for attempt in transient_retries():
+                with attempt, self.store.batch(shadow.name, shadow.schema_name) as tx:
+                    applier.skip_gap(tx, skipped, BatchResult())
+        if mine:
+            log.info(
+                "rebuild %s: %d gap(s) skipped, as the live run skipped them meanwhile",
+                self.projection.name,
+                len(mine),
+            )
+        return bool(mine)
+
+    def _skip_dead_letters_as_live_did(
+        self, applier: BatchApplier, decoders: Mapping[str, Decoder]
+    ) -> bool:
         skipped = {
             _event_key(row)
             for row in self.store.list_dead_letters(self.projection.name, "skipped", _ALL)
