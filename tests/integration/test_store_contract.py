@@ -288,6 +288,49 @@ def test_a_rebuild_steps_over_the_ranges_the_live_run_skipped(
     assert (own.parked, own.open_gaps, own.dead_letters) == (0, 0, 0)
 
 
+def test_an_event_that_comes_after_its_gap_was_skipped_is_a_dead_letter(
+    store: StoreUnderTest, new_topic: Callable[..., str]
+) -> None:
+    """Proves on both stores the skip policy's late event: once the live run gave up on a
+    customer's seq-2 rename and applied what follows, the rename arriving at last is counted
+    and dead-lettered (kind ``skipped``, naming the skipped range), never applied over the
+    newer state, and its stream goes on."""
+    log = scenarios.customer_log(random.Random(5), 80)
+    length = Counter(str(w["stream"]) for w in log)
+    late = [
+        w
+        for w in log
+        if w["seq"] == 2 and w["type"] == "CUSTOMER_RENAMED" and length[str(w["stream"])] >= 3
+    ][:3]
+    topic = new_topic()
+    publish(store.services.kafka, topic, [w for w in log if w not in late])
+    skip = {"gap_timeout": "10s", "give_up_after": "20s", "on_give_up": "skip"}
+    config = store.config([store.projection("people", [topic], ["customers"], **skip)])
+    clock = FakeClock()
+    with daemon_thread(config, clock):
+        wait_until(lambda: store.views.own("people").open_gaps == len(late), "the gaps")
+        clock.advance(10)
+        clock.advance(11)
+        wait_until(lambda: store.views.own("people").open_gaps == 0, "the skips")
+        wait_until(lambda: store.views.own("people").parked == 0, "what followed applied")
+        before = store.views.customers("people")
+        publish(store.services.kafka, topic, late)
+        wait_until(lambda: store.views.own("people").dead_letters == len(late), "the late ones")
+        assert store.views.customers("people") == before
+    stores = StoreSet(config)
+    try:
+        letters = stores.of("people").list_dead_letters("people", "open", 10)
+    finally:
+        stores.close()
+    assert sorted(str(letter.stream) for letter in letters) == sorted(
+        str(w["stream"]) for w in late
+    )
+    assert all(
+        letter.kind == "skipped" and "arrived after its gap 2-2 was skipped" in letter.reason
+        for letter in letters
+    )
+
+
 def stopped() -> threading.Event:
     """A stop signal already given: a rebuild started with it stops before reading."""
     stop = threading.Event()
