@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import psycopg
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -81,6 +83,22 @@ class PostgresConfig(_Strict):
     # The server ends a daemon's session whose transaction waits this long for its client (a
     # frozen or partitioned instance): its locks go, so the partitions' new owner goes on.
     idle_in_transaction_timeout: Duration = Field(30.0, gt=0)
+
+    @field_validator("dsn", "migrate_dsn")
+    @classmethod
+    def _readable_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        # libpq's own message quotes the part it could not read, which may be the password:
+        # it must not reach a log, so the reason is given without it.
+        if value is not None:
+            try:
+                conninfo_to_dict(value.get_secret_value())
+            except psycopg.ProgrammingError:
+                raise ValueError(
+                    "is not a connection string libpq can read: percent-encode special"
+                    " characters in a URL's password ('%' as %25), or quote a key=value"
+                    " password that holds spaces ('pass word')"
+                ) from None
+        return value
 
     @property
     def migrator_dsn(self) -> str:
@@ -569,8 +587,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
 def redact(dsn: str) -> str:
     """A DSN or URL with its password replaced, for logs and messages (postgresql://,
     redis://, rediss://: ``user:password@`` or ``:password@``, or ``password=``)."""
-    # Up to the last "@" of the authority, as redis-py (urllib) reads it: a password with an
-    # unencoded "@" is hidden whole.
-    dsn = re.sub(r"(://[^:/@]*:)[^/?#]*@", r"\1***@", dsn)
+    # Up to the last "@" before the path, as redis-py (urllib) reads it: a password with an
+    # unencoded "@", "?" or "#" (libpq takes those too) is hidden whole.
+    dsn = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", dsn)
     dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
     return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", dsn)

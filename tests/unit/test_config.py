@@ -750,6 +750,8 @@ def test_durations_in_the_config_are_seconds() -> None:
         (f"host=db password={SECRET}", "host=db password=***"),
         ("postgresql://app@db/app", "postgresql://app@db/app"),
         ("host=db user=app", "host=db user=app"),
+        # Unencoded "#" and "?" in the password: libpq takes them as part of it.
+        ("postgresql://app:Xy7#Qp?2Secret@db:5432/app", "postgresql://app:***@db:5432/app"),
     ],
 )
 def test_redact_hides_passwords(dsn: str, redacted: str) -> None:
@@ -1166,3 +1168,21 @@ def test_an_outbox_topic_is_somewhere_for_business_events_to_go() -> None:
     nowhere = parse_config(config_with(rows_only(None)), env={})
     with pytest.raises(ValueError, match=r"or set correlation\.outbox\.topic"):
         load_handlers(nowhere.projections[0])
+
+
+@pytest.mark.parametrize(
+    ("key", "dsn"),
+    [
+        ("dsn", "postgresql://app:Pa%zzS3cret@db/app"),  # '%' not followed by two hex digits
+        ("migrate_dsn", "host=db password=my S3cret user=app"),  # a space, unquoted
+    ],
+)
+def test_a_dsn_libpq_cannot_read_is_refused_naming_the_key_not_the_password(
+    key: str, dsn: str
+) -> None:
+    """Proves a malformed PostgreSQL DSN is a configuration error at start that names the key
+    and the fix, and never quotes the DSN: libpq's own message quotes the unreadable part,
+    here the password, which went to stderr (and the logs) with a traceback."""
+    message = error_of(config_with(lambda d: d["postgres"].update({key: dsn})))
+    assert f"postgres.{key}" in message and "percent-encode" in message
+    assert "S3cret" not in message
