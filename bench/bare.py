@@ -21,7 +21,8 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as StartSignal
 from typing import Any
@@ -214,31 +215,27 @@ def _process(share: Share, start: StartSignal, done: multiprocessing.Queue[Any])
     consumer.close()
 
 
-class _writer:
+@contextmanager
+def _writer(share: Share) -> Iterator[WriteBatch]:
     """The store side of one process: a ``WriteBatch`` on its own connection."""
+    if share.store == "redis":
+        client = redis.Redis.from_url(share.svc.redis_url)
+        script = client.register_script(_LUA)
+        base, checkpoints = f"{share.target}:account:", f"{share.target}:checkpoints"
 
-    def __init__(self, share: Share) -> None:
-        self._share = share
-        self._close: Callable[[], None] = lambda: None
+        def write_redis(changes: list[Change], offsets: Offsets) -> None:
+            keys = [base + c[0] for c in changes] + [checkpoints]
+            args: list[Any] = [v for c in changes for v in (c[2], c[5], c[1] or "")]
+            args += [v for p, o in offsets.items() for v in (p, o)]
+            script(keys=keys, args=args, client=client)
 
-    def __enter__(self) -> WriteBatch:
-        share = self._share
-        if share.store == "redis":
-            client = redis.Redis.from_url(share.svc.redis_url)
-            script = client.register_script(_LUA)
-            base, checkpoints = f"{share.target}:account:", f"{share.target}:checkpoints"
-            self._close = client.close
-
-            def write_redis(changes: list[Change], offsets: Offsets) -> None:
-                keys = [base + c[0] for c in changes] + [checkpoints]
-                args: list[Any] = [v for c in changes for v in (c[2], c[5], c[1] or "")]
-                args += [v for p, o in offsets.items() for v in (p, o)]
-                script(keys=keys, args=args, client=client)
-
-            return write_redis
-        conn = psycopg.connect(share.target, autocommit=True)
+        try:
+            yield write_redis
+        finally:
+            client.close()
+        return
+    with psycopg.connect(share.target, autocommit=True) as conn:
         conn.execute(STAGE)
-        self._close = conn.close
 
         def write_pg(changes: list[Change], offsets: Offsets) -> None:
             with conn.transaction():
@@ -248,7 +245,4 @@ class _writer:
                         _SAVE_CHECKPOINT, [(share.topic, p, o) for p, o in offsets.items()]
                     )
 
-        return write_pg
-
-    def __exit__(self, *_exc: object) -> None:
-        self._close()
+        yield write_pg
